@@ -1,0 +1,29 @@
+"""Error codes that travel on the wire (``ReplyEvent.error.code`` and ``DeadLetterEvent.error.code``).
+
+Codes are stable strings: clients in any language branch on them, so a code is never renamed.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Machine-readable reason for a failed request or a dead-lettered event."""
+
+    # The event itself could not be read (dead-letter topic).
+    INVALID_ENCODING = "invalid_encoding"  # value is not UTF-8
+    INVALID_JSON = "invalid_json"  # value is not a JSON object
+    INVALID_EVENT = "invalid_event"  # JSON, but not a valid RequestEvent envelope
+    # The envelope was fine; the request could not be served (error reply).
+    UNKNOWN_TASK = "unknown_task"
+    INVALID_INPUT = "invalid_input"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    CLAIM_CHECK_MISSING = "claim_check_missing"
+    MODEL_NOT_CONFIGURED = "model_not_configured"
+    MODEL_ERROR = "model_error"
+    INTERNAL = "internal"
+    # Edge-side only (HTTP).
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"

@@ -1,0 +1,106 @@
+"""Event envelopes: what a request, a reply and a dead letter look like on Kafka.
+
+The contract (docs/wire-format.md) in short:
+
+* request topic ``{prefix}.{service}.requests``: key = request id (UTF-8), value = JSON ``RequestEvent``;
+* replies go to the request's ``reply_to`` topic, or to ``{prefix}.{service}.results`` when it names none;
+* events that cannot be read go to ``{prefix}.{service}.dlq`` as ``DeadLetterEvent``.
+
+Unknown fields in a request are ignored, so producers may add their own metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+Service = Literal["llm", "vision", "nlp", "data"]
+SERVICES: tuple[Service, ...] = ("llm", "vision", "nlp", "data")
+
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+# Kafka's own rule for topic names: at most 249 of [a-zA-Z0-9._-].
+TopicName = Annotated[str, StringConstraints(min_length=1, max_length=249, pattern=r"^[a-zA-Z0-9._-]+$")]
+JsonObject = dict[str, object]
+
+
+class RequestEvent(BaseModel):
+    """A request for one service, produced to ``{prefix}.{service}.requests`` with key = ``id``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: RequestId = Field(description="Request id, chosen by the producer; also the Kafka key.")
+    task: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
+        description="The service's task, e.g. 'analyze', 'sentiment', 'completion'."
+    )
+    input: JsonObject = Field(description="Task input; its shape is given per service and task.")
+    reply_to: TopicName | None = Field(
+        default=None, description="Topic for the reply; null sends it to the service's results topic."
+    )
+    deadline_ms: int | None = Field(
+        default=None,
+        ge=0,
+        description="Epoch milliseconds after which the request is answered deadline_exceeded unrun.",
+    )
+    cache: bool | None = Field(
+        default=None,
+        description=(
+            "true: read and write the result cache; false: bypass it; null/absent: the service's "
+            "policy (cache everything reproducible; the LLM caches only temperature 0 or seeded requests)."
+        ),
+    )
+
+
+class ErrorInfo(BaseModel):
+    """Why a request failed or an event was dead-lettered."""
+
+    model_config = ConfigDict(frozen=True)
+
+    code: str = Field(description="A stable code from schemas.errors.ErrorCode.")
+    message: str = Field(description="Human-readable detail, naming the offending field where known.")
+
+
+class ReplyEvent(BaseModel):
+    """The answer to one request; key = request id."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: RequestId
+    service: Service
+    task: str
+    ok: bool
+    output: JsonObject | None = None
+    error: ErrorInfo | None = None
+    cached: bool = False
+    model: str | None = Field(default=None, description="Model name and version that produced the output.")
+    timings_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "queue_ms (produced to picked up), inference_ms (the batch's model call), batch_size, "
+            "total_ms (picked up to reply produced)."
+        ),
+    )
+
+
+class DeadLetterSource(BaseModel):
+    """Where a dead-lettered event was read from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class DeadLetterEvent(BaseModel):
+    """An event that could not be processed, with the reason and the original bytes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    service: Service
+    error: ErrorInfo
+    source: DeadLetterSource
+    key: str | None = Field(default=None, description="The original key, decoded as UTF-8 (lossy).")
+    payload: str = Field(description="The original value, as text or base64 (see payload_encoding).")
+    payload_encoding: Literal["utf-8", "base64"]
+    ts_ms: int = Field(description="When the event was dead-lettered, epoch milliseconds.")

@@ -1,0 +1,60 @@
+"""LLM service (``llm``): text completion.
+
+Task ``completion``: input ``{"prompt", "max_tokens", "temperature", "top_p", "seed", "stop"}``,
+output ``{"text", "tokens", "finish_reason"}``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+LLM_TASKS = ("completion",)
+MAX_PROMPT_CHARS = 16_000
+MAX_NEW_TOKENS = 1024
+
+
+class CompletionInput(BaseModel):
+    """Input of the ``completion`` task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    max_tokens: int = Field(default=100, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: list[str] | None = Field(default=None, max_length=4)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not s for s in value):
+            raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+    @property
+    def reproducible(self) -> bool:
+        """Greedy decoding or an explicit seed gives the same text for the same input."""
+        return self.temperature == 0.0 or self.seed is not None
+
+
+class CompletionOutput(BaseModel):
+    text: str
+    tokens: int = Field(description="Generated tokens (the stop sequence included when it was hit).")
+    finish_reason: Literal["stop", "length"]
+
+
+class LlmCompletionRequest(CompletionInput):
+    """HTTP body of ``POST /ai/llm/completion``."""
+
+    cache: bool | None = None
+
+    def to_input(self) -> dict[str, object]:
+        return self.model_dump(exclude={"cache"}, exclude_none=True)

@@ -1,0 +1,1 @@
+"""Kafka and Redis plumbing that knows no model: settings, topics, batching, replies, cache, runtime."""

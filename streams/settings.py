@@ -1,0 +1,97 @@
+"""Process settings, read from ``AISEMBLE_*`` environment variables (pydantic-settings).
+
+Nested per-service settings use a double underscore: ``AISEMBLE_NLP__MAX_BATCH=32``.
+``get_settings()`` caches one instance per process; tests build their own ``Settings(...)`` and pass it
+down explicitly, so nothing reads the environment behind their back.
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas import Service
+
+
+class ServiceSettings(BaseModel):
+    """Settings every service has."""
+
+    max_batch: int = Field(default=16, ge=1, le=4096, description="Most events in one micro-batch.")
+    max_wait_ms: int = Field(default=20, ge=0, le=60_000, description="Longest wait to fill a batch.")
+    cache_ttl_s: int = Field(default=3600, ge=1, description="TTL of cached results.")
+    threads: int | None = Field(default=None, ge=1, description="Torch/OpenCV threads; None = library default.")
+
+
+class DataSettings(ServiceSettings):
+    max_records: int = Field(default=200_000, ge=1)
+
+
+class NlpSettings(ServiceSettings):
+    max_batch: int = 32
+    embed_model: str = Field(default="", description="HF model name or path; empty = shipped all-MiniLM-L6-v2.")
+    sentiment_model: str = Field(
+        default="", description="HF text-classification model name or path; empty = built-in VADER lexicon."
+    )
+
+
+class LlmSettings(ServiceSettings):
+    max_batch: int = 8
+    max_wait_ms: int = 50
+    model: str = Field(default="", description="HF causal LM name or path; empty = shipped SmolLM2-135M-Instruct.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    compile: bool = Field(default=False, description="torch.compile the model (slow start, faster steps).")
+    max_prompt_tokens: int = Field(default=1024, ge=16)
+    chat_template: bool = Field(default=True, description="Wrap prompts in the model's chat template.")
+
+
+class VisionSettings(ServiceSettings):
+    max_batch: int = 16
+    classify_model: str = Field(default="", description="HF image-classification model; empty = none.")
+    max_pixels: int = Field(default=40_000_000, ge=1, description="Decoded images above this are refused.")
+    formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+    inline_max_bytes: int = Field(default=512 * 1024, ge=1024, description="Larger images go by claim check.")
+    claim_ttl_s: int = Field(default=600, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything a process of aisemble needs to know; one instance per process."""
+
+    model_config = SettingsConfigDict(env_prefix="AISEMBLE_", env_nested_delimiter="__", extra="ignore")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    topic_prefix: str = Field(default="aisemble", pattern=r"^[a-zA-Z0-9_-][a-zA-Z0-9._-]*$")
+    partitions: int = Field(default=4, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1)
+    edge_host: str = "127.0.0.1"
+    edge_port: int = 8080
+    edge_id: str = Field(default_factory=lambda: socket.gethostname().replace(".", "-"))
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_event_bytes: int = Field(default=1024 * 1024, ge=1024, description="Producer max_request_size.")
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=10.0, gt=0)
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "aisemble")
+    log_level: str = "INFO"
+
+    data: DataSettings = DataSettings()
+    nlp: NlpSettings = NlpSettings()
+    llm: LlmSettings = LlmSettings()
+    vision: VisionSettings = VisionSettings()
+
+    def service(self, name: Service) -> ServiceSettings:
+        """The settings of one service."""
+        settings: ServiceSettings = getattr(self, name)
+        return settings
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()
