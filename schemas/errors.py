@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     CLAIM_CHECK_MISSING = "claim_check_missing"
     MODEL_NOT_CONFIGURED = "model_not_configured"
     MODEL_ERROR = "model_error"
+    REPLY_UNDELIVERABLE = "reply_undeliverable"  # reply_to topic refused the reply (dead letter)
     INTERNAL = "internal"
     # Edge-side only (HTTP).
     TIMEOUT = "timeout"

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas import Service
+from schemas import SERVICES, Service
 
 
 class ServiceSettings(BaseModel):
@@ -55,6 +55,7 @@ class VisionSettings(ServiceSettings):
     classify_model: str = Field(default="", description="HF image-classification model; empty = none.")
     max_pixels: int = Field(default=40_000_000, ge=1, description="Decoded images above this are refused.")
     formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="HTTP body limit for images.")
     inline_max_bytes: int = Field(default=512 * 1024, ge=1024, description="Larger images go by claim check.")
     claim_ttl_s: int = Field(default=600, ge=1)
 
@@ -79,6 +80,9 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: float = Field(default=10.0, gt=0)
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "aisemble")
     log_level: str = "INFO"
+    services: list[Service] = Field(
+        default_factory=lambda: list(SERVICES), description="Services this deployment runs (health, run)."
+    )
 
     data: DataSettings = DataSettings()
     nlp: NlpSettings = NlpSettings()

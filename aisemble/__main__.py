@@ -1,0 +1,3 @@
+from aisemble.cli import main
+
+main()

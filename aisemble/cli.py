@@ -1,0 +1,171 @@
+"""The ``aisemble`` command: parses arguments and calls into the packages; no logic of its own.
+
+    aisemble run                  Kafka, Redis, every agent and the edge, in the foreground
+    aisemble edge                 the REST edge (127.0.0.1:8080 by default)
+    aisemble agent SERVICE        one service's agent (data, nlp, llm, vision)
+    aisemble infra up|down|status the local Kafka (KRaft) and Redis
+    aisemble schemas export|check the JSON Schema files of the wire contract
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from schemas import SERVICES
+from streams.settings import get_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kafka-native AI inference pipeline.")
+infra_app = typer.Typer(no_args_is_help=True, help="Local Kafka (KRaft) and Redis on 127.0.0.1.")
+schemas_app = typer.Typer(no_args_is_help=True, help="JSON Schema files of the wire contract.")
+app.add_typer(infra_app, name="infra")
+app.add_typer(schemas_app, name="schemas")
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=get_settings().log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _check_service(service: str) -> str:
+    if service not in SERVICES:
+        raise typer.BadParameter(f"unknown service {service!r}; expected one of {', '.join(SERVICES)}")
+    return service
+
+
+@app.command()
+def edge(
+    host: Annotated[str | None, typer.Option(help="Bind address (default AISEMBLE_EDGE_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default AISEMBLE_EDGE_PORT).")] = None,
+) -> None:
+    """Run the REST edge."""
+    import uvicorn
+
+    from api.app import create_app
+
+    _logging()
+    settings = get_settings()
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.edge_host,
+        port=port or settings.edge_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+
+
+@app.command()
+def agent(service: Annotated[str, typer.Argument(callback=_check_service, help="data, nlp, llm or vision")]) -> None:
+    """Run one service's agent."""
+    from agents.worker import run_agent
+
+    _logging()
+    run_agent(service, get_settings())  # type: ignore[arg-type]
+
+
+@infra_app.command("up")
+def infra_up() -> None:
+    """Start Kafka and Redis on 127.0.0.1 unless they already answer (they keep running)."""
+    from infra import local
+
+    _logging()
+    settings = get_settings()
+    status = local.up(settings.kafka_bootstrap, settings.redis_url, detach=True)
+    typer.echo(status)
+
+
+@infra_app.command("down")
+def infra_down() -> None:
+    """Stop the Kafka and Redis that ``infra up`` started."""
+    from infra import local
+
+    _logging()
+    local.down(get_settings().redis_url)
+
+
+@infra_app.command("status")
+def infra_status() -> None:
+    """Say whether Kafka and Redis answer."""
+    from infra import local
+
+    settings = get_settings()
+    status = local.status(settings.kafka_bootstrap, settings.redis_url)
+    typer.echo(status)
+    raise typer.Exit(0 if all(v.get("answers") for v in status.values()) else 1)
+
+
+@schemas_app.command("export")
+def schemas_export() -> None:
+    """Regenerate schemas/jsonschema/*.json from the pydantic models."""
+    from schemas.export import export
+
+    for path in export():
+        typer.echo(path)
+
+
+@schemas_app.command("check")
+def schemas_check() -> None:
+    """Exit 1 when the schema files are stale."""
+    from schemas.export import stale
+
+    names = stale()
+    if names:
+        typer.echo(f"stale: {', '.join(names)}; run 'aisemble schemas export'", err=True)
+        raise typer.Exit(1)
+    typer.echo("schemas up to date")
+
+
+@app.command()
+def run(
+    services: Annotated[
+        str | None, typer.Option(help="Comma-separated services to run (default AISEMBLE_SERVICES, all four).")
+    ] = None,
+) -> None:
+    """Kafka, Redis, the agents and the edge in the foreground; Ctrl-C stops them all."""
+    from infra import local
+
+    _logging()
+    settings = get_settings()
+    chosen = [_check_service(s.strip()) for s in services.split(",")] if services else list(settings.services)
+    infra = local.up(settings.kafka_bootstrap, settings.redis_url, detach=False)
+    env = dict(os.environ)
+    if services:
+        env["AISEMBLE_SERVICES"] = json.dumps(chosen)
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        for service in chosen:
+            children.append(subprocess.Popen([sys.executable, "-m", "aisemble", "agent", service], env=env))
+        edge_proc = subprocess.Popen([sys.executable, "-m", "aisemble", "edge"], env=env)
+        children.append(edge_proc)
+        typer.echo(f"aisemble: edge on http://{settings.edge_host}:{settings.edge_port}, agents: {', '.join(chosen)}")
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        failed = [c.args for c in children if c.poll() is not None]
+        typer.echo(f"aisemble: a process exited ({failed}); stopping the rest", err=True)
+    except KeyboardInterrupt:
+        typer.echo("aisemble: stopping")
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for child in children:
+            try:
+                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.kill()
+        infra.stop()
+
+
+def main() -> None:
+    app()

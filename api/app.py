@@ -1,0 +1,89 @@
+"""The edge application: its lifespan owns the Kafka producer, the reply listener and Redis.
+
+Start-up: topics exist (the services' and this edge's reply topic) -> producer started -> reply
+listener assigned and positioned at the end -> agent registry read -> serve. Shutdown reverses it and
+fails whatever still waits. The app binds nothing itself; ``aisemble edge`` runs it on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiokafka import AIOKafkaProducer
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
+from redis.asyncio import Redis
+
+from api.edge import Edge
+from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
+from api.routes import data, health, llm, nlp, vision
+from streams.replies import ReplyListener, ReplyRouter
+from streams.settings import Settings, get_settings
+from streams.topics import edge_reply_topic, ensure_service_topics, ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+async def _refresh_models_forever(edge: Edge, interval_s: float) -> None:
+    while True:
+        await edge.refresh_models()
+        await asyncio.sleep(interval_s)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The edge app; ``settings`` defaults to the environment's."""
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reply_topic = edge_reply_topic(settings.topic_prefix, settings.edge_id)
+        await ensure_service_topics(settings)
+        await ensure_topics(settings, [(reply_topic, 1)])
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            client_id=f"aisemble-edge-{settings.edge_id}",
+            acks="all",
+            linger_ms=1,
+            max_request_size=settings.max_event_bytes,
+        )
+        redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        router = ReplyRouter()
+        listener = ReplyListener(settings.kafka_bootstrap, reply_topic, router)
+        await producer.start()
+        await listener.start()
+        edge = Edge(settings, producer, redis, router, reply_topic)
+        await edge.refresh_models()
+        refresher = asyncio.create_task(_refresh_models_forever(edge, settings.heartbeat_interval_s))
+        app.state.edge = edge
+        app.state.listener = listener
+        log.info("edge %s ready; replies on %s", settings.edge_id, reply_topic)
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            router.fail_all(RuntimeError("edge shutting down"))
+            await listener.stop()
+            await producer.stop()
+            await redis.aclose()
+
+    app = FastAPI(
+        title="aisemble edge",
+        version="0.1.0",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    vision_limit = max(settings.vision.max_upload_bytes, settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        limit_for=lambda path: vision_limit if path.startswith("/ai/vision") else settings.max_body_bytes,
+    )
+    install_error_handlers(app)
+    for module in (health, data, nlp, llm, vision):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,81 @@
+"""``POST /ai/vision/analyze`` (JSON, base64 image) and ``/ai/vision/analyze/upload`` (multipart).
+
+Images above ``vision.inline_max_bytes`` travel by claim check (see ``streams.claimcheck``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Literal
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi.responses import ORJSONResponse
+
+from api.deps import get_edge, request_id
+from api.edge import Edge
+from api.errors import InvalidInputError, PayloadTooLargeError, reply_response
+from schemas.vision import VisionRequest, VisionTask
+from streams.claimcheck import put_claim
+
+router = APIRouter(tags=["vision"])
+
+
+async def _analyze(
+    edge: Edge, task: str, image: bytes, params: dict[str, object], cache: bool | None, rid: str | None
+) -> ORJSONResponse:
+    settings = edge.settings.vision
+    if not image:
+        raise InvalidInputError("image is empty", service="vision", task=task)
+    if len(image) > settings.max_upload_bytes:
+        raise PayloadTooLargeError(
+            f"image of {len(image)} bytes exceeds the limit of {settings.max_upload_bytes}", service="vision", task=task
+        )
+    payload = {k: v for k, v in params.items() if v is not None}
+    if len(image) > settings.inline_max_bytes:
+        payload["image_ref"] = await put_claim(edge.redis, edge.settings.topic_prefix, image, settings.claim_ttl_s)
+        cache = False  # a claim key is unique per upload: caching it could never hit
+    else:
+        payload["image_b64"] = base64.b64encode(image).decode("ascii")
+    reply = await edge.call("vision", task, payload, cache=cache, request_id=rid)
+    return reply_response(reply)
+
+
+@router.post("/ai/vision/analyze")
+async def analyze(
+    body: VisionRequest, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
+) -> ORJSONResponse:
+    """Analyse a base64-encoded image; the body of a 200 is the reply event."""
+    try:
+        image = base64.b64decode(body.image_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInputError(f"image_b64: not valid base64 ({exc})", service="vision", task=body.task) from exc
+    params = body.model_dump(exclude={"task", "image_b64", "cache"})
+    return await _analyze(edge, body.task, image, params, body.cache, rid)
+
+
+@router.post("/ai/vision/analyze/upload")
+async def analyze_upload(
+    task: VisionTask = Form(...),
+    file: UploadFile = File(...),
+    max_size: int = Form(1024, ge=8, le=8192),
+    width: int | None = Form(None, ge=1, le=8192),
+    height: int | None = Form(None, ge=1, le=8192),
+    format: Literal["png", "jpeg", "webp"] = Form("png"),
+    top_k: int = Form(5, ge=1, le=100),
+    min_face_size: int = Form(30, ge=8, le=4096),
+    cache: bool | None = Form(None),
+    edge: Edge = Depends(get_edge),
+    rid: str | None = Depends(request_id),
+) -> ORJSONResponse:
+    """Analyse an uploaded image file (multipart/form-data)."""
+    image = await file.read()
+    params: dict[str, object] = {
+        "max_size": max_size,
+        "width": width,
+        "height": height,
+        "format": format,
+        "top_k": top_k,
+        "min_face_size": min_face_size,
+    }
+    return await _analyze(edge, task, image, params, cache, rid)

@@ -1,0 +1,55 @@
+"""The Faust app factory: one app (= one consumer group) per service.
+
+Faust is used as the agent runtime only: consumer-group membership, partition assignment, fetching,
+micro-batching (``Stream.take_events``) and offset commits of acknowledged events. The app has no web
+server, no tables and no autodiscovery; values stay raw bytes and are decoded by our codec, so a
+malformed event never reaches Faust's deserialiser (which would drop it silently).
+"""
+
+from __future__ import annotations
+
+import faust
+
+from schemas import Service
+from streams.settings import Settings
+from streams.topics import consumer_group, service_topics
+
+
+def broker_urls(bootstrap: str) -> list[str]:
+    """Faust's broker URLs from a Kafka bootstrap list (``h1:9092,h2:9092``)."""
+    return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
+
+
+def create_app(settings: Settings, service: Service) -> faust.App:
+    """A Faust app for one service's agents."""
+    return faust.App(
+        consumer_group(settings.topic_prefix, service),
+        broker=broker_urls(settings.kafka_bootstrap),
+        web_enabled=False,
+        autodiscover=False,
+        store="memory://",
+        datadir=str(settings.cache_dir / "faust" / f"{settings.topic_prefix}-{service}"),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        broker_commit_every=1000,
+        producer_acks=-1,
+        producer_max_request_size=settings.max_event_bytes,
+        producer_linger_ms=1,
+        stream_wait_empty=False,
+        logging_config=None,
+    )
+
+
+def request_topic(app: faust.App, settings: Settings, service: Service) -> faust.TopicT:
+    """The service's request topic, read as raw bytes."""
+    return app.topic(
+        service_topics(settings.topic_prefix, service).requests,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+    )

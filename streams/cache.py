@@ -1,0 +1,87 @@
+"""The Redis result cache: keys, policy and a small async wrapper that degrades to a miss.
+
+* Key: ``{prefix}:cache:{service}:{sha256(canonical JSON of [service, task, model, input])}``. The model
+  name carries its version, so a new model never serves an old model's results.
+* Value: the successful ``ReplyEvent`` as JSON (orjson), never pickle; error replies are not cached.
+* Policy (``wants_cache``): ``cache: false`` bypasses, ``cache: true`` always uses it, and absent means
+  "cache what is reproducible": everything except sampled LLM completions without a seed.
+* A Redis failure is logged and treated as a miss (read) or skipped (write): the cache speeds requests
+  up, it never fails them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+
+import orjson
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from schemas import ReplyEvent, Service
+from schemas.llm import CompletionInput
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(prefix: str, service: str, task: str, model: str, payload: Mapping[str, object]) -> str:
+    """The cache key of one request; equal inputs give equal keys whatever their field order."""
+    canonical = orjson.dumps([service, task, model, payload], option=orjson.OPT_SORT_KEYS)
+    return f"{prefix}:cache:{service}:{hashlib.sha256(canonical).hexdigest()}"
+
+
+def wants_cache(service: Service, task: str, payload: Mapping[str, object], flag: bool | None) -> bool:
+    """Whether a request may be answered from, and written to, the cache."""
+    if flag is not None:
+        return flag
+    if service == "llm":
+        try:
+            return CompletionInput.model_validate(payload).reproducible
+        except ValidationError:
+            return False
+    return True
+
+
+class ResultCache:
+    """Cached replies in Redis; every method swallows Redis errors (logged) and reports a miss."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self._redis = redis
+        self.prefix = prefix
+
+    def key(self, service: str, task: str, model: str, payload: Mapping[str, object]) -> str:
+        return cache_key(self.prefix, service, task, model, payload)
+
+    async def get_many(self, keys: Sequence[str]) -> list[ReplyEvent | None]:
+        """The cached replies of ``keys``, None for a miss (or for any Redis error)."""
+        if not keys:
+            return []
+        try:
+            raw = await self._redis.mget(list(keys))
+        except RedisError as exc:
+            log.warning("cache read failed, treating as miss: %s", exc)
+            return [None] * len(keys)
+        out: list[ReplyEvent | None] = []
+        for value in raw:
+            try:
+                out.append(ReplyEvent.model_validate_json(value) if value is not None else None)
+            except ValidationError:
+                out.append(None)  # written by an older schema: a miss, overwritten on the next write
+        return out
+
+    async def get(self, key: str) -> ReplyEvent | None:
+        return (await self.get_many([key]))[0]
+
+    async def put_many(self, entries: Sequence[tuple[str, ReplyEvent, int]]) -> None:
+        """Store ``(key, reply, ttl_s)`` entries in one round trip; a failure is logged, not raised."""
+        if not entries:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, reply, ttl in entries:
+                    pipe.set(key, orjson.dumps(reply.model_dump(mode="json")), ex=ttl)
+                await pipe.execute()
+        except RedisError as exc:
+            log.warning("cache write failed, continuing without it: %s", exc)

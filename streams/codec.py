@@ -1,0 +1,92 @@
+"""Reading and writing events as bytes, with the reason when an event cannot be read.
+
+``decode_request`` never raises: it returns the ``RequestEvent`` or a ``BadEvent`` saying why the bytes
+are not one (the reason becomes the dead-letter event). JSON goes through orjson; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from schemas import DeadLetterEvent, DeadLetterSource, ErrorCode, ErrorInfo, RequestEvent, Service
+
+
+@dataclass(frozen=True, slots=True)
+class BadEvent:
+    """Why a record's value is not a readable request."""
+
+    code: ErrorCode
+    message: str
+
+
+def decode_request(value: bytes | None) -> RequestEvent | BadEvent:
+    """Parse a request topic record's value."""
+    if value is None:
+        return BadEvent(ErrorCode.INVALID_EVENT, "value is null (tombstone)")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadEvent(ErrorCode.INVALID_ENCODING, f"value is not UTF-8: {exc.reason} at byte {exc.start}")
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return BadEvent(ErrorCode.INVALID_JSON, f"value is not JSON: {exc}")
+    if not isinstance(data, dict):
+        return BadEvent(ErrorCode.INVALID_JSON, f"value is JSON {type(data).__name__}, not an object")
+    try:
+        return RequestEvent.model_validate(data)
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        return BadEvent(ErrorCode.INVALID_EVENT, f"not a request event: {details}")
+
+
+def encode(model: BaseModel) -> bytes:
+    """A model as compact UTF-8 JSON."""
+    return orjson.dumps(model.model_dump(mode="json"))
+
+
+def dead_letter(
+    service: Service,
+    reason: BadEvent | ErrorInfo,
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+) -> DeadLetterEvent:
+    """The dead-letter event for a record, carrying its original bytes (text when UTF-8, else base64)."""
+    raw = value or b""
+    try:
+        payload, encoding = raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        payload, encoding = base64.b64encode(raw).decode("ascii"), "base64"
+    error = reason if isinstance(reason, ErrorInfo) else ErrorInfo(code=reason.code, message=reason.message)
+    return DeadLetterEvent(
+        service=service,
+        error=error,
+        source=DeadLetterSource(topic=topic, partition=partition, offset=offset),
+        key=key.decode("utf-8", "replace") if key is not None else None,
+        payload=payload,
+        payload_encoding=encoding,  # type: ignore[arg-type]
+        ts_ms=int(time.time() * 1000),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed Kafka record, independent of the client library that read it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int

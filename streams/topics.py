@@ -1,0 +1,79 @@
+"""Topic names and topic creation.
+
+Names (``prefix`` from settings, default ``aisemble``):
+
+* ``{prefix}.{service}.requests``: partitioned request topic, consumed by the service's agents;
+* ``{prefix}.{service}.results``: replies to requests that named no ``reply_to``;
+* ``{prefix}.{service}.dlq``: events that could not be read, with the reason;
+* ``{prefix}.edge.{edge_id}.replies``: one reply topic per edge instance.
+
+``ensure_topics`` is idempotent: a topic that exists is left as it is (its partition count included).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from schemas import SERVICES, Service
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTopics:
+    """The three topics of one service."""
+
+    requests: str
+    results: str
+    dlq: str
+
+
+def service_topics(prefix: str, service: Service) -> ServiceTopics:
+    base = f"{prefix}.{service}"
+    return ServiceTopics(requests=f"{base}.requests", results=f"{base}.results", dlq=f"{base}.dlq")
+
+
+def edge_reply_topic(prefix: str, edge_id: str) -> str:
+    return f"{prefix}.edge.{edge_id}.replies"
+
+
+def consumer_group(prefix: str, service: Service) -> str:
+    """The consumer group shared by all agents of a service."""
+    return f"{prefix}-{service}-agents"
+
+
+async def ensure_topics(settings: Settings, names_partitions: Iterable[tuple[str, int]]) -> list[str]:
+    """Create the topics that do not exist yet; return the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="aisemble-admin")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(name=name, num_partitions=partitions, replication_factor=settings.replication_factor)
+            for name, partitions in names_partitions
+            if name not in existing
+        ]
+        if not wanted:
+            return []
+        try:
+            await admin.create_topics(wanted)
+        except TopicAlreadyExistsError:
+            log.debug("topics created concurrently by another process")
+        return [t.name for t in wanted]
+    finally:
+        await admin.close()
+
+
+async def ensure_service_topics(settings: Settings, services: Iterable[Service] = SERVICES) -> list[str]:
+    """Create every service's request, results and dead-letter topics."""
+    wanted: list[tuple[str, int]] = []
+    for service in services:
+        topics = service_topics(settings.topic_prefix, service)
+        wanted += [(topics.requests, settings.partitions), (topics.results, 1), (topics.dlq, 1)]
+    return await ensure_topics(settings, wanted)
