@@ -23,7 +23,7 @@ from api.limits import BodySizeLimit
 from api.routes import data, health, llm, nlp, vision
 from streams.replies import ReplyListener, ReplyRouter
 from streams.settings import Settings, get_settings
-from streams.topics import edge_reply_topic, ensure_service_topics, ensure_topics
+from streams.topics import edge_reply_topic, ensure_service_topics, ensure_topics, partitions_of
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         router = ReplyRouter()
         listener = ReplyListener(settings.kafka_bootstrap, reply_topic, router)
         await producer.start()
-        await listener.start()
+        await listener.start(await partitions_of(settings, reply_topic))
         edge = Edge(settings, producer, redis, router, reply_topic)
         await edge.refresh_models()
         refresher = asyncio.create_task(_refresh_models_forever(edge, settings.heartbeat_interval_s))

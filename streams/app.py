@@ -22,13 +22,15 @@ def broker_urls(bootstrap: str) -> list[str]:
 
 def create_app(settings: Settings, service: Service) -> faust.App:
     """A Faust app for one service's agents."""
+    datadir = settings.cache_dir / "faust" / f"{settings.topic_prefix}-{service}"
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     return faust.App(
         consumer_group(settings.topic_prefix, service),
         broker=broker_urls(settings.kafka_bootstrap),
         web_enabled=False,
         autodiscover=False,
         store="memory://",
-        datadir=str(settings.cache_dir / "faust" / f"{settings.topic_prefix}-{service}"),
+        datadir=str(datadir),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         topic_allow_declare=True,

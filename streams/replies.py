@@ -85,19 +85,12 @@ class ReplyListener:
         )
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        """Assign every partition of the topic and seek to its end; returns once positioned."""
-        await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self._topic)
-        for _ in range(50):
-            if partitions:
-                break
-            await asyncio.sleep(0.1)
-            await self._consumer.topics()  # refreshes metadata: the topic may have just been created
-            partitions = self._consumer.partitions_for_topic(self._topic)
+    async def start(self, partitions: list[int]) -> None:
+        """Assign ``partitions`` of the topic and seek to their end; returns once positioned."""
         if not partitions:
-            raise RuntimeError(f"reply topic {self._topic} has no partitions")
-        assignment = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+            raise ValueError(f"reply topic {self._topic} has no partitions")
+        await self._consumer.start()
+        assignment = [TopicPartition(self._topic, p) for p in partitions]
         self._consumer.assign(assignment)
         await self._consumer.seek_to_end(*assignment)
         for tp in assignment:  # resolve the end offsets now, not lazily on the first fetch

@@ -77,3 +77,16 @@ async def ensure_service_topics(settings: Settings, services: Iterable[Service] 
         topics = service_topics(settings.topic_prefix, service)
         wanted += [(topics.requests, settings.partitions), (topics.results, 1), (topics.dlq, 1)]
     return await ensure_topics(settings, wanted)
+
+
+async def partitions_of(settings: Settings, topic: str) -> list[int]:
+    """The partition ids of an existing topic (empty when it does not exist)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="aisemble-admin")
+    await admin.start()
+    try:
+        (description,) = await admin.describe_topics([topic])
+        if description["error_code"] != 0:
+            return []
+        return sorted(p["partition"] for p in description["partitions"])
+    finally:
+        await admin.close()
