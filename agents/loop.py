@@ -3,7 +3,8 @@
 For each batch (``BatchProcessor.process``):
 
 1. decode every record; one that is not a request event goes to the dead-letter topic with its reason;
-2. a request past its ``deadline_ms`` is answered ``deadline_exceeded`` without running;
+2. a request past its ``deadline_ms`` is answered ``deadline_exceeded`` without running, and one for a
+   task the service does not have is answered ``unknown_task``;
 3. requests that may use the cache are looked up in Redis in one round trip; hits are answered at once;
 4. the rest run through the service's runner in ONE ``run_batch`` call, on a dedicated worker thread
    so the event loop (Kafka heartbeats, other agents) keeps running;
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agents.errors import DeliveryError
-from agents.runner import Failure, Item, ModelRunner, Outcome
+from agents.runner import Failure, Item, ModelRunner, Outcome, unknown_task
 from schemas import ErrorCode, ErrorInfo, ReplyEvent, RequestEvent, Service
 from streams.cache import ResultCache, wants_cache
 from streams.codec import BadEvent, Record, dead_letter, decode_request, encode
@@ -118,11 +119,21 @@ class BatchProcessor:
                 acks.append(await self._dead_letter(record, event))
                 continue
             if event.deadline_ms is not None and event.deadline_ms < picked_ms:
-                reply = self._error_reply(event, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before the run")
+                reply = self._error_reply(
+                    event, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before the run"
+                )
                 acks.append(await self._send_reply(record, event, reply))
                 continue
+            if event.task not in self.runner.tasks:
+                failure = unknown_task(event.task, self.runner.tasks)
+                acks.append(
+                    await self._send_reply(
+                        record, event, self._error_reply(event, failure.code, failure.message)
+                    )
+                )
+                continue
             key = None
-            if self._cache is not None and event.task in self.runner.tasks:
+            if self._cache is not None:
                 if wants_cache(self.service, event.task, event.input, event.cache):
                     key = self._cache.key(
                         self.service, event.task, self.runner.model_for(event.task), event.input
@@ -205,7 +216,7 @@ class BatchProcessor:
         loop = asyncio.get_running_loop()
         try:
             outcomes = await loop.run_in_executor(self._executor, self.runner.run_batch, items)
-        except Exception as exc:  # the failure policy: a runner crash fails its batch's items, not the agent
+        except Exception as exc:  # noqa: BLE001  (policy: a runner crash fails its items, not the agent)
             log.exception("%s runner failed on a batch of %d", self.service, len(items))
             return [Failure(ErrorCode.MODEL_ERROR, f"{type(exc).__name__}: {exc}")] * len(items)
         if len(outcomes) != len(items):
@@ -244,7 +255,7 @@ class BatchProcessor:
         """Enqueue one record; a failure to enqueue becomes a failed ack, handled with the others."""
         try:
             return await self._sink.send(topic, key, value)
-        except Exception as exc:  # enqueue failed (metadata timeout, size); judged in _await_acks
+        except Exception as exc:  # noqa: BLE001  (enqueue failed: metadata timeout, size; judged later)
             failed: asyncio.Future[object] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
             return failed
@@ -276,7 +287,9 @@ class BatchProcessor:
                 continue
             if delivery.record is None:
                 raise DeliveryError(f"send failed: {result!r}") from result
-            reason = ErrorInfo(code=ErrorCode.REPLY_UNDELIVERABLE, message=f"reply_to refused the reply: {result!r}")
+            reason = ErrorInfo(
+                code=ErrorCode.REPLY_UNDELIVERABLE, message=f"reply_to refused the reply: {result!r}"
+            )
             retry.append(await self._dead_letter(delivery.record, reason))
         if retry:
             await self._await_acks(retry)

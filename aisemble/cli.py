@@ -1,10 +1,10 @@
 """The ``aisemble`` command: parses arguments and calls into the packages; no logic of its own.
 
-    aisemble run                  Kafka, Redis, every agent and the edge, in the foreground
-    aisemble edge                 the REST edge (127.0.0.1:8080 by default)
-    aisemble agent SERVICE        one service's agent (data, nlp, llm, vision)
-    aisemble infra up|down|status the local Kafka (KRaft) and Redis
-    aisemble schemas export|check the JSON Schema files of the wire contract
+aisemble run                  Kafka, Redis, every agent and the edge, in the foreground
+aisemble edge                 the REST edge (127.0.0.1:8080 by default)
+aisemble agent SERVICE        one service's agent (data, nlp, llm, vision)
+aisemble infra up|down|status the local Kafka (KRaft) and Redis
+aisemble schemas export|check the JSON Schema files of the wire contract
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def edge(
 
 
 @app.command()
-def agent(service: Annotated[str, typer.Argument(callback=_check_service, help="data, nlp, llm or vision")]) -> None:
+def agent(
+    service: Annotated[str, typer.Argument(callback=_check_service, help="data, nlp, llm or vision")],
+) -> None:
     """Run one service's agent."""
     from agents.worker import run_agent
 
@@ -76,31 +78,31 @@ def agent(service: Annotated[str, typer.Argument(callback=_check_service, help="
 @infra_app.command("up")
 def infra_up() -> None:
     """Start Kafka and Redis on 127.0.0.1 unless they already answer (they keep running)."""
-    from infra import local
+    import infra
 
     _logging()
-    settings = get_settings()
-    status = local.up(settings.kafka_bootstrap, settings.redis_url, detach=True)
-    typer.echo(status)
+    started = infra.start_local(get_settings())
+    typer.echo(f"kafka: {started.kafka_bootstrap} ({'started' if started.kafka else 'already running'})")
+    typer.echo(f"redis: {started.redis_url} ({'started' if started.redis else 'already running'})")
 
 
 @infra_app.command("down")
 def infra_down() -> None:
     """Stop the Kafka and Redis that ``infra up`` started."""
-    from infra import local
+    import infra
 
     _logging()
-    local.down(get_settings().redis_url)
+    typer.echo(infra.stop_local(get_settings()))
 
 
 @infra_app.command("status")
 def infra_status() -> None:
     """Say whether Kafka and Redis answer."""
-    from infra import local
+    import infra
 
-    settings = get_settings()
-    status = local.status(settings.kafka_bootstrap, settings.redis_url)
-    typer.echo(status)
+    status = infra.local_status(get_settings())
+    for name, values in status.items():
+        typer.echo(f"{name}: {values}")
     raise typer.Exit(0 if all(v.get("answers") for v in status.values()) else 1)
 
 
@@ -128,16 +130,17 @@ def schemas_check() -> None:
 @app.command()
 def run(
     services: Annotated[
-        str | None, typer.Option(help="Comma-separated services to run (default AISEMBLE_SERVICES, all four).")
+        str | None,
+        typer.Option(help="Comma-separated services to run (default AISEMBLE_SERVICES, all four)."),
     ] = None,
 ) -> None:
     """Kafka, Redis, the agents and the edge in the foreground; Ctrl-C stops them all."""
-    from infra import local
+    import infra
 
     _logging()
     settings = get_settings()
     chosen = [_check_service(s.strip()) for s in services.split(",")] if services else list(settings.services)
-    infra = local.up(settings.kafka_bootstrap, settings.redis_url, detach=False)
+    local = infra.start_local(settings)
     env = dict(os.environ)
     if services:
         env["AISEMBLE_SERVICES"] = json.dumps(chosen)
@@ -147,7 +150,9 @@ def run(
             children.append(subprocess.Popen([sys.executable, "-m", "aisemble", "agent", service], env=env))
         edge_proc = subprocess.Popen([sys.executable, "-m", "aisemble", "edge"], env=env)
         children.append(edge_proc)
-        typer.echo(f"aisemble: edge on http://{settings.edge_host}:{settings.edge_port}, agents: {', '.join(chosen)}")
+        typer.echo(
+            f"aisemble: edge on http://{settings.edge_host}:{settings.edge_port}, agents: {', '.join(chosen)}"
+        )
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
         failed = [c.args for c in children if c.poll() is not None]
@@ -164,7 +169,7 @@ def run(
                 child.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 child.kill()
-        infra.stop()
+        local.stop()  # only what this command started
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from api.limits import BodySizeLimit
 from api.routes import data, health, llm, nlp, vision
 from streams.replies import ReplyListener, ReplyRouter
 from streams.settings import Settings, get_settings
-from streams.topics import edge_reply_topic, ensure_service_topics, ensure_topics, partitions_of
+from streams.topics import edge_reply_topic, ensure_service_topics, ensure_topics, wait_for_partitions
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +53,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         router = ReplyRouter()
         listener = ReplyListener(settings.kafka_bootstrap, reply_topic, router)
-        await producer.start()
-        await listener.start(await partitions_of(settings, reply_topic))
         edge = Edge(settings, producer, redis, router, reply_topic)
-        await edge.refresh_models()
-        refresher = asyncio.create_task(_refresh_models_forever(edge, settings.heartbeat_interval_s))
-        app.state.edge = edge
-        app.state.listener = listener
-        log.info("edge %s ready; replies on %s", settings.edge_id, reply_topic)
+        refresher: asyncio.Task[None] | None = None
         try:
+            await producer.start()
+            await listener.start(await wait_for_partitions(settings, reply_topic))
+            await edge.refresh_models()
+            refresher = asyncio.create_task(_refresh_models_forever(edge, settings.heartbeat_interval_s))
+            app.state.edge = edge
+            log.info("edge %s ready; replies on %s", settings.edge_id, reply_topic)
             yield
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            if refresher is not None:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
             router.fail_all(RuntimeError("edge shutting down"))
             await listener.stop()
             await producer.stop()

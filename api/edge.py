@@ -57,7 +57,9 @@ class Edge:
         if models:
             self.models = models
 
-    def cache_key(self, service: Service, task: str, payload: dict[str, object], flag: bool | None) -> str | None:
+    def cache_key(
+        self, service: Service, task: str, payload: dict[str, object], flag: bool | None
+    ) -> str | None:
         model = self.models.get(service, {}).get(task)
         if model is None or not wants_cache(service, task, payload, flag):
             return None
@@ -81,7 +83,9 @@ class Edge:
             hit = await self.cache.get(key)
             if hit is not None:
                 elapsed = (time.perf_counter() - started) * 1000.0
-                return hit.model_copy(update={"id": request_id, "cached": True, "timings_ms": {"edge_ms": elapsed}})
+                return hit.model_copy(
+                    update={"id": request_id, "cached": True, "timings_ms": {"edge_ms": elapsed}}
+                )
 
         timeout_s = timeout_s or self.settings.request_timeout_s
         event = RequestEvent(
@@ -104,7 +108,10 @@ class Edge:
                 )
             except (KafkaError, TimeoutError) as exc:
                 raise UnavailableError(
-                    f"could not produce the request to Kafka: {exc!r}", request_id=request_id, service=service, task=task
+                    f"could not produce the request to Kafka: {exc!r}",
+                    request_id=request_id,
+                    service=service,
+                    task=task,
                 ) from exc
             remaining = timeout_s - (time.perf_counter() - started)
             try:
@@ -120,4 +127,3 @@ class Edge:
             self.router.forget(request_id)
         elapsed = (time.perf_counter() - started) * 1000.0
         return reply.model_copy(update={"timings_ms": {**reply.timings_ms, "edge_ms": round(elapsed, 3)}})
-

@@ -66,7 +66,9 @@ class InvalidInputError(EdgeError):
 def reply_response(reply: ReplyEvent) -> ORJSONResponse:
     """A reply event as the HTTP response: 200 when ok, else the status its error code maps to."""
     status = 200 if reply.ok else STATUS_BY_CODE.get(reply.error.code if reply.error else "", 500)
-    return ORJSONResponse(reply.model_dump(mode="json"), status_code=status, headers={"X-Request-Id": reply.id})
+    return ORJSONResponse(
+        reply.model_dump(mode="json"), status_code=status, headers={"X-Request-Id": reply.id}
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -24,7 +24,9 @@ class ServiceSettings(BaseModel):
     max_batch: int = Field(default=16, ge=1, le=4096, description="Most events in one micro-batch.")
     max_wait_ms: int = Field(default=20, ge=0, le=60_000, description="Longest wait to fill a batch.")
     cache_ttl_s: int = Field(default=3600, ge=1, description="TTL of cached results.")
-    threads: int | None = Field(default=None, ge=1, description="Torch/OpenCV threads; None = library default.")
+    threads: int | None = Field(
+        default=None, ge=1, description="Torch/OpenCV threads; None = library default."
+    )
 
 
 class DataSettings(ServiceSettings):
@@ -33,7 +35,9 @@ class DataSettings(ServiceSettings):
 
 class NlpSettings(ServiceSettings):
     max_batch: int = 32
-    embed_model: str = Field(default="", description="HF model name or path; empty = shipped all-MiniLM-L6-v2.")
+    embed_model: str = Field(
+        default="", description="HF model name or path; empty = shipped all-MiniLM-L6-v2."
+    )
     sentiment_model: str = Field(
         default="", description="HF text-classification model name or path; empty = built-in VADER lexicon."
     )
@@ -42,7 +46,9 @@ class NlpSettings(ServiceSettings):
 class LlmSettings(ServiceSettings):
     max_batch: int = 8
     max_wait_ms: int = 50
-    model: str = Field(default="", description="HF causal LM name or path; empty = shipped SmolLM2-135M-Instruct.")
+    model: str = Field(
+        default="", description="HF causal LM name or path; empty = shipped SmolLM2-135M-Instruct."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     compile: bool = Field(default=False, description="torch.compile the model (slow start, faster steps).")
@@ -55,7 +61,9 @@ class VisionSettings(ServiceSettings):
     classify_model: str = Field(default="", description="HF image-classification model; empty = none.")
     max_pixels: int = Field(default=40_000_000, ge=1, description="Decoded images above this are refused.")
     formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
-    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="HTTP body limit for images.")
+    max_upload_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1024, description="HTTP body limit for images."
+    )
     inline_max_bytes: int = Field(default=512 * 1024, ge=1024, description="Larger images go by claim check.")
     claim_ttl_s: int = Field(default=600, ge=1)
 

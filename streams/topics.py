@@ -12,6 +12,7 @@ Names (``prefix`` from settings, default ``aisemble``):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -90,3 +91,13 @@ async def partitions_of(settings: Settings, topic: str) -> list[int]:
         return sorted(p["partition"] for p in description["partitions"])
     finally:
         await admin.close()
+
+
+async def wait_for_partitions(settings: Settings, topic: str, timeout_s: float = 15.0) -> list[int]:
+    """The partitions of ``topic``, waiting while a just-created topic's metadata propagates."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        partitions = await partitions_of(settings, topic)
+        if partitions or asyncio.get_running_loop().time() > deadline:
+            return partitions
+        await asyncio.sleep(0.2)

@@ -29,11 +29,15 @@ async def _analyze(
         raise InvalidInputError("image is empty", service="vision", task=task)
     if len(image) > settings.max_upload_bytes:
         raise PayloadTooLargeError(
-            f"image of {len(image)} bytes exceeds the limit of {settings.max_upload_bytes}", service="vision", task=task
+            f"image of {len(image)} bytes exceeds the limit of {settings.max_upload_bytes}",
+            service="vision",
+            task=task,
         )
     payload = {k: v for k, v in params.items() if v is not None}
     if len(image) > settings.inline_max_bytes:
-        payload["image_ref"] = await put_claim(edge.redis, edge.settings.topic_prefix, image, settings.claim_ttl_s)
+        payload["image_ref"] = await put_claim(
+            edge.redis, edge.settings.topic_prefix, image, settings.claim_ttl_s
+        )
         cache = False  # a claim key is unique per upload: caching it could never hit
     else:
         payload["image_b64"] = base64.b64encode(image).decode("ascii")
@@ -49,7 +53,9 @@ async def analyze(
     try:
         image = base64.b64decode(body.image_b64, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidInputError(f"image_b64: not valid base64 ({exc})", service="vision", task=body.task) from exc
+        raise InvalidInputError(
+            f"image_b64: not valid base64 ({exc})", service="vision", task=body.task
+        ) from exc
     params = body.model_dump(exclude={"task", "image_b64", "cache"})
     return await _analyze(edge, body.task, image, params, body.cache, rid)
 

@@ -1,0 +1,59 @@
+"""A plain aiokafka client for tests: what a producer in any language does, without the edge."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from streams.settings import Settings
+from streams.topics import ensure_topics, wait_for_partitions
+
+
+class RawClient:
+    """Produces raw bytes to any topic and reads a topic of its own from the beginning."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        self.reply_topic = f"{settings.topic_prefix}.client.{uuid.uuid4().hex[:8]}"
+
+    async def __aenter__(self) -> RawClient:
+        await ensure_topics(self.settings, [(self.reply_topic, 1)])
+        await self.producer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.producer.stop()
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        await self.producer.send_and_wait(topic, value, key=key)
+
+    async def send_request(self, service: str, event: dict[str, object]) -> None:
+        await self.send(
+            f"{self.settings.topic_prefix}.{service}.requests",
+            orjson.dumps(event),
+            key=str(event["id"]).encode(),
+        )
+
+    async def read(self, topic: str, count: int, timeout_s: float = 60.0) -> list[dict[str, object]]:
+        """The first ``count`` JSON records of ``topic`` (all partitions, from the start)."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            partitions = await wait_for_partitions(self.settings, topic)
+            consumer.assign([TopicPartition(topic, p) for p in partitions])
+            out: list[dict[str, object]] = []
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout_s
+            while len(out) < count and loop.time() < deadline:
+                batch = await consumer.getmany(timeout_ms=500)
+                for records in batch.values():
+                    out += [orjson.loads(r.value) for r in records]
+            return out
+        finally:
+            await consumer.stop()
