@@ -133,11 +133,8 @@ class BatchProcessor:
                 )
                 continue
             key = None
-            if self._cache is not None:
-                if wants_cache(self.service, event.task, event.input, event.cache):
-                    key = self._cache.key(
-                        self.service, event.task, self.runner.model_for(event.task), event.input
-                    )
+            if self._cache is not None and wants_cache(self.service, event.task, event.input, event.cache):
+                key = self._cache.key(self.service, event.task, self.runner.model_for(event.task), event.input)
             pending.append(_Pending(record, event, key))
 
         to_run = await self._answer_from_cache(pending, picked_ms, acks)
@@ -216,7 +213,7 @@ class BatchProcessor:
         loop = asyncio.get_running_loop()
         try:
             outcomes = await loop.run_in_executor(self._executor, self.runner.run_batch, items)
-        except Exception as exc:  # noqa: BLE001  (policy: a runner crash fails its items, not the agent)
+        except Exception as exc:  # policy: a runner crash fails its items, not the agent
             log.exception("%s runner failed on a batch of %d", self.service, len(items))
             return [Failure(ErrorCode.MODEL_ERROR, f"{type(exc).__name__}: {exc}")] * len(items)
         if len(outcomes) != len(items):
