@@ -9,12 +9,7 @@ aisemble schemas export|check the JSON Schema files of the wire contract
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
 from typing import Annotated
 
@@ -130,45 +125,29 @@ def schemas_check() -> None:
 @app.command()
 def run(
     services: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated services to run (default AISEMBLE_SERVICES, all four)."),
+        str | None, typer.Option(help="Comma-separated services to run (default AISEMBLE_SERVICES, all four).")
     ] = None,
 ) -> None:
     """Kafka, Redis, the agents and the edge in the foreground; Ctrl-C stops them all."""
     import infra
+    from aisemble.pipeline import Pipeline
 
     _logging()
     settings = get_settings()
     chosen = [_check_service(s.strip()) for s in services.split(",")] if services else list(settings.services)
     local = infra.start_local(settings)
-    env = dict(os.environ)
-    if services:
-        env["AISEMBLE_SERVICES"] = json.dumps(chosen)
-    children: list[subprocess.Popen[bytes]] = []
+    pipeline = Pipeline(settings, chosen)
     try:
-        for service in chosen:
-            children.append(subprocess.Popen([sys.executable, "-m", "aisemble", "agent", service], env=env))
-        edge_proc = subprocess.Popen([sys.executable, "-m", "aisemble", "edge"], env=env)
-        children.append(edge_proc)
-        typer.echo(
-            f"aisemble: edge on http://{settings.edge_host}:{settings.edge_port}, agents: {', '.join(chosen)}"
-        )
-        while all(child.poll() is None for child in children):
+        pipeline.start()
+        typer.echo(f"aisemble: ready on {pipeline.url} with agents {', '.join(chosen)}; Ctrl-C stops")
+        while not pipeline.exited():
             time.sleep(0.5)
-        failed = [c.args for c in children if c.poll() is not None]
-        typer.echo(f"aisemble: a process exited ({failed}); stopping the rest", err=True)
+        typer.echo(f"aisemble: a process exited {pipeline.exited()}; stopping the rest", err=True)
+        raise typer.Exit(1)
     except KeyboardInterrupt:
         typer.echo("aisemble: stopping")
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for child in children:
-            try:
-                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                child.kill()
+        pipeline.stop()
         local.stop()  # only what this command started
 
 

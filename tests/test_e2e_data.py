@@ -10,10 +10,10 @@ import httpx
 import numpy as np
 import pytest
 
+from aisemble.pipeline import Pipeline
 from schemas import DeadLetterEvent, ErrorCode, ReplyEvent
 from streams.settings import Settings
 from tests.kafka_client import RawClient
-from tests.pipeline import Pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ BRIEF_PAYLOAD = {
 @pytest.fixture(scope="module")
 def pipeline(infra_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     logs = Path(tmp_path_factory.mktemp("logs"))
-    p = Pipeline(
+    p = Pipeline.isolated(
         infra_settings, ["data"], logs, AISEMBLE_MAX_BODY_BYTES="65536", AISEMBLE_REQUEST_TIMEOUT_S="4"
     ).start()
     yield p

@@ -1,8 +1,9 @@
-"""Test harness: the real pipeline (edge + agents as subprocesses) on a unique topic prefix.
+"""The pipeline as processes: ``aisemble edge`` and one ``aisemble agent <service>`` per service.
 
-Each ``Pipeline`` runs ``aisemble edge`` and ``aisemble agent <service>`` exactly as production does,
-against the real Kafka and Redis, with its own topic prefix, consumer groups, edge id and port, so tests
-never see each other's events. Processes are stopped by PID (SIGTERM, then SIGKILL) on ``stop``.
+Used by ``aisemble run``, the tests and the benchmarks, so all three run exactly what production runs.
+``Pipeline.isolated`` gives a unique topic prefix, consumer groups, edge id and port, so concurrent test
+modules and benchmarks never see each other's events. ``start`` returns once ``/health`` says 200 (every
+agent has loaded its model and sent a heartbeat); processes are stopped by PID (SIGTERM, then SIGKILL).
 """
 
 from __future__ import annotations
@@ -31,42 +32,60 @@ def free_port() -> int:
 class Pipeline:
     """An edge and a set of agents for one test module."""
 
-    def __init__(self, base: Settings, services: list[str], log_dir: Path, **env: str) -> None:
-        self.prefix = f"t{uuid.uuid4().hex[:10]}"
-        self.port = free_port()
+    def __init__(self, settings: Settings, services: list[str], log_dir: Path | None = None, **env: str) -> None:
+        """Processes for ``services`` plus an edge, configured by ``settings`` and extra ``AISEMBLE_*`` env.
+
+        With ``log_dir`` each process logs to ``<log_dir>/<prefix>-<name>.log``; without, to this terminal.
+        """
+        self.settings = settings
+        self.prefix = settings.topic_prefix
+        self.port = settings.edge_port
         self.services = services
         self.log_dir = log_dir
         self.env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "AISEMBLE_KAFKA_BOOTSTRAP": base.kafka_bootstrap,
-            "AISEMBLE_REDIS_URL": base.redis_url,
-            "AISEMBLE_TOPIC_PREFIX": self.prefix,
-            "AISEMBLE_EDGE_ID": f"{self.prefix}-edge",
-            "AISEMBLE_EDGE_PORT": str(self.port),
+            "AISEMBLE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "AISEMBLE_REDIS_URL": settings.redis_url,
+            "AISEMBLE_TOPIC_PREFIX": settings.topic_prefix,
+            "AISEMBLE_EDGE_ID": settings.edge_id,
+            "AISEMBLE_EDGE_PORT": str(settings.edge_port),
             "AISEMBLE_SERVICES": json.dumps(services),
-            "AISEMBLE_HEARTBEAT_INTERVAL_S": "1",
             **env,
         }
-        self.settings = Settings(
-            kafka_bootstrap=base.kafka_bootstrap,
-            redis_url=base.redis_url,
-            topic_prefix=self.prefix,
-            edge_id=f"{self.prefix}-edge",
-            edge_port=self.port,
-        )
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, args: list[str]) -> None:
-        log = (self.log_dir / f"{self.prefix}-{name}.log").open("wb")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "aisemble", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
+    @classmethod
+    def isolated(cls, base: Settings, services: list[str], log_dir: Path | None = None, **env: str) -> Pipeline:
+        """A pipeline on a fresh topic prefix and a free port, sharing ``base``'s Kafka and Redis."""
+        prefix = f"t{uuid.uuid4().hex[:10]}"
+        settings = base.model_copy(
+            update={"topic_prefix": prefix, "edge_id": f"{prefix}-edge", "edge_port": free_port()}
+        )
+        return cls(
+            settings,
+            services,
+            log_dir,
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            AISEMBLE_HEARTBEAT_INTERVAL_S="1",
+            **env,
         )
 
-    def start(self, timeout_s: float = 240.0) -> Pipeline:
+    def _spawn(self, name: str, args: list[str]) -> None:
+        out = None
+        if self.log_dir is not None:
+            out = (self.log_dir / f"{self.prefix}-{name}.log").open("wb")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "aisemble", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+    def exited(self) -> dict[str, int]:
+        """Processes that have exited, with their exit codes."""
+        return {name: code for name, proc in self.procs.items() if (code := proc.poll()) is not None}
+
+    def start(self, timeout_s: float = 300.0) -> Pipeline:
         for service in self.services:
             self._spawn(service, ["agent", service])
         self._spawn("edge", ["edge"])
@@ -89,6 +108,8 @@ class Pipeline:
         raise TimeoutError(f"pipeline not healthy after {timeout_s}s: {last}")
 
     def log_tail(self, name: str, chars: int = 4000) -> str:
+        if self.log_dir is None:
+            return ""
         path = self.log_dir / f"{self.prefix}-{name}.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
