@@ -30,6 +30,7 @@ class ServiceSettings(BaseModel):
 
 
 class DataSettings(ServiceSettings):
+    max_wait_ms: int = 5  # the analysis is cheap per item: waiting to fill a batch buys nothing
     max_records: int = Field(default=200_000, ge=1)
 
 

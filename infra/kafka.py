@@ -1,0 +1,420 @@
+"""A local single-node Apache Kafka 4.x broker (KRaft, broker and controller in one JVM) on 127.0.0.1.
+
+Use ``ensure_kafka(bootstrap)`` to get a broker at an address: it starts nothing when one already answers
+there. ``start_kafka`` always starts one; ``stop_kafka(data_dir)`` stops one through its pid file (also
+from another process, e.g. ``aisemble infra down``); ``kafka_status`` reports.
+
+A data dir (default ``<cache_dir>/run/kafka-<port>``) holds::
+
+    server.properties      rendered by ``broker_config``; rewritten on every start
+    aisemble-kafka.json    cluster id and controller port chosen when the storage was formatted
+    kraft/                 log.dirs: the metadata log and the topics' data (kept across restarts)
+    logs/server.log        the broker's log4j2 log (size-rolled, see infra/log4j2.yaml)
+    kafka.out              the JVM's stdout/stderr (warnings, JVM crashes)
+    kafka.pid              while it runs
+    .lock                  held by ensure_kafka while it starts one (concurrent callers take turns)
+
+Guarantees: every listener binds 127.0.0.1 only; every internal topic has replication factor 1; storage
+is formatted once (``kraft/meta.properties`` present means formatted) and reused after; a returned
+handle's broker has answered a metadata request; a start that fails stops the JVM it started and raises
+:class:`StartFailed` carrying the tail of the broker's log.
+
+What can go wrong: no Java 17+ or Maven (:class:`ToolMissing`), the port or controller port taken
+(:class:`PortInUse`), a data dir formatted for another controller port (:class:`InfraError`; use
+another data dir), a broker that is still starting from another process (it is not started twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from infra.addresses import local_kafka_port, parse_bootstrap
+from infra.errors import InfraError, PortInUse, StartFailed
+from infra.kafka_jars import fetch_jars, find_java, resolve_version
+from infra.process import (
+    cache_root,
+    dir_lock,
+    free_port,
+    owned_pid,
+    port_free,
+    run_coroutine,
+    stop_by_pid_file,
+    tail,
+    tcp_open,
+    terminate,
+    write_pid,
+)
+
+log = logging.getLogger(__name__)
+
+LOG4J_CONFIG = Path(__file__).with_name("log4j2.yaml")
+START_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 30.0
+PID_FILE = "kafka.pid"
+STATE_FILE = "aisemble-kafka.json"
+MAIN_CLASS = "kafka.Kafka"
+
+__all__ = [
+    "KafkaHandle",
+    "broker_config",
+    "default_data_dir",
+    "ensure_kafka",
+    "fetch_jars",
+    "kafka_answers",
+    "kafka_status",
+    "new_cluster_id",
+    "render_properties",
+    "start_kafka",
+    "stop_kafka",
+]
+
+
+def default_data_dir(port: int, cache_dir: str | Path | None = None) -> Path:
+    """Where a broker on ``port`` keeps its state unless told otherwise: ``<cache_dir>/run/kafka-<port>``."""
+    return cache_root(cache_dir) / "run" / f"kafka-{port}"
+
+
+def broker_config(
+    port: int, controller_port: int, log_dir: Path, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The server.properties of a single-node combined broker+controller on 127.0.0.1 (pure)."""
+    config = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.bootstrap.servers": f"127.0.0.1:{controller_port}",
+        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "log.dirs": str(log_dir),
+        "num.partitions": "4",
+        "default.replication.factor": "1",
+        "min.insync.replicas": "1",
+        "auto.create.topics.enable": "true",
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "10",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.num.partitions": "10",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        "log.retention.hours": "24",
+    }
+    config.update(extra or {})
+    return config
+
+
+def render_properties(config: dict[str, str]) -> str:
+    """A Java properties file for ``config`` (backslashes and line breaks escaped; pure)."""
+    lines = ["# Written by aisemble infra/kafka.py; rewritten on every start."]
+    for key, value in config.items():
+        escaped = value.replace("\\", "\\\\").replace("\n", "\\n")
+        lines.append(f"{key}={escaped}")
+    return "\n".join(lines) + "\n"
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id, as ``kafka-storage random-uuid`` makes one (22 chars of URL-safe base64)."""
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):  # Kafka's Uuid.randomUuid avoids ids that read as CLI flags
+            return text
+
+
+async def _describe_cluster(bootstrap: str, within_s: float) -> int:
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=max(1, int(within_s * 1000)),
+        client_id="aisemble-infra",
+    )
+    try:
+        async with asyncio.timeout(within_s):
+            await admin.start()
+            cluster = await admin.describe_cluster()
+    finally:
+        await admin.close()
+    brokers = cluster.get("brokers") or []
+    return len(brokers)
+
+
+def kafka_answers(bootstrap: str, timeout: float = 3.0) -> bool:
+    """True when a broker at ``bootstrap`` answers a metadata request (with at least one broker) in time.
+
+    A TCP check comes first, so nothing is logged by aiokafka when no one listens.
+    """
+    try:
+        hosts = parse_bootstrap(bootstrap)
+    except ValueError:
+        return False
+    if not any(tcp_open(host, port, timeout=min(timeout, 1.0)) for host, port in hosts):
+        return False
+    try:
+        return run_coroutine(lambda: _describe_cluster(bootstrap, timeout)) > 0
+    except (KafkaError, OSError, TimeoutError, asyncio.CancelledError) as exc:
+        log.debug("no metadata from %s: %r", bootstrap, exc)
+        return False
+
+
+@dataclass
+class KafkaHandle:
+    """A broker this process started; ``stop()`` stops it (idempotent)."""
+
+    bootstrap: str
+    pid: int
+    data_dir: Path
+    log_file: Path
+    _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / PID_FILE
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM, wait up to ``timeout`` s (a clean shutdown takes a few), SIGKILL; remove the pid file."""
+        if self._popen is not None and self._popen.poll() is None:
+            log.info("stopping Kafka at %s (pid %d)", self.bootstrap, self.pid)
+            if terminate(self.pid, timeout=timeout, popen=self._popen):
+                log.warning("Kafka pid %d was killed after %.0f s", self.pid, timeout)
+        if self._popen is not None and self.pid_file.exists() and owned_pid(self.pid_file, MAIN_CLASS) is None:
+            self.pid_file.unlink(missing_ok=True)
+
+
+def _read_state(data_dir: Path) -> dict[str, str | int]:
+    try:
+        state = json.loads((data_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _recorded_controller_port(data_dir: Path) -> int | None:
+    recorded = _read_state(data_dir).get("controller_port")
+    if recorded is not None:
+        return int(recorded)
+    try:  # formatted by an older run or by hand: trust the server.properties it used
+        text = (data_dir / "server.properties").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("controller.quorum.bootstrap.servers="):
+            return int(line.rsplit(":", 1)[1])
+    return None
+
+
+def _choose_controller_port(port: int, asked: int | None, data_dir: Path, formatted: bool) -> int:
+    recorded = _recorded_controller_port(data_dir) if formatted else None
+    if asked is not None:
+        if recorded is not None and int(recorded) != asked:
+            raise InfraError(
+                f"{data_dir} was formatted for controller port {recorded}, not {asked}: "
+                f"use that port, or another data dir"
+            )
+        return asked
+    if recorded is not None:
+        return int(recorded)
+    return port + 1 if port < 65535 and port_free(port + 1) else free_port()
+
+
+def _java_command(java: str, libs: Path, heap: str, data_dir: Path, main: list[str]) -> list[str]:
+    return [
+        java, f"-Xmx{heap}", f"-Xms{heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+        "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", f"-Dkafka.logs.dir={data_dir / 'logs'}",
+        "-cp", f"{libs}/*", *main,
+    ]  # fmt: skip
+
+
+def _format_storage(java: str, libs: Path, data_dir: Path, props: Path, controller_port: int) -> None:
+    cluster_id = new_cluster_id()
+    cmd = _java_command(
+        java, libs, "256m", data_dir,
+        ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), "--standalone"],
+    )  # fmt: skip
+    log.info("formatting KRaft storage in %s (cluster id %s)", data_dir / "kraft", cluster_id)
+    try:
+        out = subprocess.run(cmd, cwd=data_dir, capture_output=True, text=True, timeout=120, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise StartFailed("kafka-storage format did not finish within 120 s") from exc
+    if out.returncode != 0:
+        raise StartFailed(f"kafka-storage format failed (exit {out.returncode})", (out.stdout + out.stderr)[-4000:])
+    state = {"cluster_id": cluster_id, "controller_port": controller_port}
+    (data_dir / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+
+
+def start_kafka(
+    port: int = 9092,
+    controller_port: int | None = None,
+    data_dir: str | Path | None = None,
+    heap: str = "512m",
+    *,
+    version: str | None = None,
+    cache_dir: str | Path | None = None,
+    timeout: float = START_TIMEOUT_S,
+    extra_config: dict[str, str] | None = None,
+) -> KafkaHandle:
+    """Start a broker on ``127.0.0.1:port`` and return once it answers a metadata request.
+
+    Args:
+        port: the PLAINTEXT listener (clients' bootstrap).
+        controller_port: the CONTROLLER listener; default: the one recorded when ``data_dir`` was
+            formatted, else ``port + 1`` when free, else any free port.
+        data_dir: state, logs and pid file; default ``<cache_dir>/run/kafka-<port>``. Pass a fresh
+            temporary folder for a broker with no topics.
+        heap: the JVM's ``-Xmx``/``-Xms``.
+        version: Kafka version (default ``$AISEMBLE_KAFKA_VERSION`` or 4.1.1).
+        cache_dir: jar cache root (default ``$AISEMBLE_CACHE_DIR`` or ``~/.cache/aisemble``).
+        timeout: seconds to wait for the first metadata answer.
+        extra_config: server.properties entries that override the defaults.
+
+    Raises:
+        ToolMissing, PortInUse, StartFailed, InfraError: see the module docstring.
+    """
+    data = Path(data_dir) if data_dir is not None else default_data_dir(port, cache_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    bootstrap = f"127.0.0.1:{port}"
+    pid_file = data / PID_FILE
+    running = owned_pid(pid_file, MAIN_CLASS)
+    if running is not None:
+        raise InfraError(
+            f"a broker from {data} already runs (pid {running}) and does not answer at {bootstrap}: "
+            f"wait for it, or stop it (aisemble infra down)",
+            retriable=True,
+        )
+    pid_file.unlink(missing_ok=True)
+    if not port_free(port):
+        raise PortInUse(port, "Kafka broker")
+    kraft = data / "kraft"
+    formatted = (kraft / "meta.properties").is_file()
+    ctrl = _choose_controller_port(port, controller_port, data, formatted)
+    if not port_free(ctrl):
+        raise PortInUse(ctrl, "Kafka controller", "pass another controller_port (and a fresh data dir)")
+
+    java = find_java()
+    libs = fetch_jars(version, cache_dir)
+    props = data / "server.properties"
+    props.write_text(render_properties(broker_config(port, ctrl, kraft, extra_config)))
+    if not formatted:
+        _format_storage(java, libs, data, props, ctrl)
+
+    out_file = data / "kafka.out"
+    log_file = data / "logs" / "server.log"
+    cmd = _java_command(java, libs, heap, data, [MAIN_CLASS, str(props)])
+    log.info("starting Kafka %s at %s (data %s)", resolve_version(version), bootstrap, data)
+    started = time.monotonic()
+    with out_file.open("ab") as out:
+        popen = subprocess.Popen(
+            cmd,
+            cwd=data,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    write_pid(pid_file, popen.pid)
+    handle = KafkaHandle(bootstrap=bootstrap, pid=popen.pid, data_dir=data, log_file=log_file, _popen=popen)
+    try:
+        _wait_until_answers(handle, popen, port, timeout)
+    except BaseException:
+        handle.stop(timeout=10.0)
+        raise
+    log.info("Kafka answers at %s after %.1f s (pid %d)", bootstrap, time.monotonic() - started, popen.pid)
+    return handle
+
+
+def _log_tail(handle: KafkaHandle) -> str:
+    parts = [tail(handle.log_file, 30), tail(handle.data_dir / "kafka.out", 15)]
+    return "\n".join(p for p in parts if p)
+
+
+def _wait_until_answers(handle: KafkaHandle, popen: subprocess.Popen[bytes], port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if popen.poll() is not None:
+            raise StartFailed(f"Kafka exited with status {popen.returncode} while starting", _log_tail(handle))
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise StartFailed(f"Kafka did not answer at {handle.bootstrap} within {timeout:g} s", _log_tail(handle))
+        if tcp_open("127.0.0.1", port, timeout=0.5) and kafka_answers(
+            handle.bootstrap, timeout=max(0.5, min(5.0, remaining))
+        ):
+            return
+        time.sleep(0.25)
+
+
+def ensure_kafka(
+    bootstrap: str,
+    *,
+    data_dir: str | Path | None = None,
+    controller_port: int | None = None,
+    heap: str = "512m",
+    version: str | None = None,
+    cache_dir: str | Path | None = None,
+    timeout: float = START_TIMEOUT_S,
+) -> KafkaHandle | None:
+    """A broker at ``bootstrap``: None when one already answers there, else the handle of a started one.
+
+    Only starts a broker for a ``127.0.0.1``/``localhost`` address (its first entry's port).
+
+    Raises:
+        NotLoopback: nothing answers and the address is not local.
+        ToolMissing, PortInUse, StartFailed, InfraError: from ``start_kafka``.
+    """
+    if kafka_answers(bootstrap):
+        log.info("Kafka already answers at %s; starting none", bootstrap)
+        return None
+    port = local_kafka_port(bootstrap)
+    data = Path(data_dir) if data_dir is not None else default_data_dir(port, cache_dir)
+    with dir_lock(data):  # a second process ensuring the same broker waits here, then finds it
+        if kafka_answers(bootstrap):
+            log.info("Kafka answers at %s (started by another process); starting none", bootstrap)
+            return None
+        return start_kafka(
+            port,
+            controller_port,
+            data,
+            heap,
+            version=version,
+            cache_dir=cache_dir,
+            timeout=timeout,
+        )
+
+
+def stop_kafka(data_dir: str | Path, timeout: float = STOP_TIMEOUT_S) -> bool:
+    """Stop the broker whose pid file is in ``data_dir`` (from any process). True when one was running."""
+    return stop_by_pid_file(Path(data_dir) / PID_FILE, MAIN_CLASS, timeout=timeout)
+
+
+def kafka_status(
+    bootstrap: str, data_dir: str | Path | None = None, cache_dir: str | Path | None = None
+) -> dict[str, str | int | bool | None]:
+    """``{"bootstrap", "answers", "pid", "data_dir", "log"}``; pid is that of a broker infra started.
+
+    ``data_dir`` defaults to the default one for the bootstrap's port (when that port is local).
+    """
+    data: Path | None = Path(data_dir) if data_dir is not None else None
+    if data is None:
+        try:
+            data = default_data_dir(local_kafka_port(bootstrap), cache_dir)
+        except (InfraError, ValueError):
+            data = None
+    pid = owned_pid(data / PID_FILE, MAIN_CLASS) if data is not None else None
+    return {
+        "bootstrap": bootstrap,
+        "answers": kafka_answers(bootstrap),
+        "pid": pid,
+        "data_dir": str(data) if data is not None else None,
+        "log": str(data / "logs" / "server.log") if data is not None else None,
+    }
