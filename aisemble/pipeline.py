@@ -81,6 +81,12 @@ class Pipeline:
             [sys.executable, "-m", "aisemble", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
         )
 
+    def add_agent(self, service: str) -> str:
+        """Start one more agent process for ``service`` (joins the same consumer group); returns its name."""
+        name = f"{service}-{sum(1 for n in self.procs if n.startswith(service))}"
+        self._spawn(name, ["agent", service])
+        return name
+
     def exited(self) -> dict[str, int]:
         """Processes that have exited, with their exit codes."""
         return {name: code for name, proc in self.procs.items() if (code := proc.poll()) is not None}

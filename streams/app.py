@@ -36,6 +36,8 @@ def create_app(settings: Settings, service: Service) -> faust.App:
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.session_timeout_s / 3,
         broker_commit_every=1000,
         producer_acks=-1,
         producer_max_request_size=settings.max_event_bytes,

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=30.0, gt=0)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024, description="Producer max_request_size.")
+    session_timeout_s: float = Field(
+        default=10.0, ge=6.0, description="Kafka group session timeout: how soon a dead agent's partitions move."
+    )
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_ttl_s: float = Field(default=10.0, gt=0)
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "aisemble")

@@ -38,8 +38,14 @@ class RawClient:
             key=str(event["id"]).encode(),
         )
 
-    async def read(self, topic: str, count: int, timeout_s: float = 60.0) -> list[dict[str, object]]:
-        """The first ``count`` JSON records of ``topic`` (all partitions, from the start)."""
+    async def read(
+        self, topic: str, count: int, timeout_s: float = 60.0, *, distinct: str | None = None
+    ) -> list[dict[str, object]]:
+        """JSON records of ``topic`` from the start (all partitions) until ``count`` are read.
+
+        With ``distinct``, reads until ``count`` distinct values of that field are seen (duplicates, as
+        at-least-once delivery makes, are returned but not counted).
+        """
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap, auto_offset_reset="earliest"
         )
@@ -50,10 +56,19 @@ class RawClient:
             out: list[dict[str, object]] = []
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout_s
-            while len(out) < count and loop.time() < deadline:
+            seen: set[object] = set()
+
+            def enough() -> bool:
+                return (len(seen) if distinct else len(out)) >= count
+
+            while not enough() and loop.time() < deadline:
                 batch = await consumer.getmany(timeout_ms=500)
                 for records in batch.values():
-                    out += [orjson.loads(r.value) for r in records]
+                    for r in records:
+                        value = orjson.loads(r.value)
+                        out.append(value)
+                        if distinct:
+                            seen.add(value.get(distinct))
             return out
         finally:
             await consumer.stop()
