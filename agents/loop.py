@@ -119,17 +119,13 @@ class BatchProcessor:
                 acks.append(await self._dead_letter(record, event))
                 continue
             if event.deadline_ms is not None and event.deadline_ms < picked_ms:
-                reply = self._error_reply(
-                    event, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before the run"
-                )
+                reply = self._error_reply(event, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before the run")
                 acks.append(await self._send_reply(record, event, reply))
                 continue
             if event.task not in self.runner.tasks:
                 failure = unknown_task(event.task, self.runner.tasks)
                 acks.append(
-                    await self._send_reply(
-                        record, event, self._error_reply(event, failure.code, failure.message)
-                    )
+                    await self._send_reply(record, event, self._error_reply(event, failure.code, failure.message))
                 )
                 continue
             key = None
@@ -284,9 +280,7 @@ class BatchProcessor:
                 continue
             if delivery.record is None:
                 raise DeliveryError(f"send failed: {result!r}") from result
-            reason = ErrorInfo(
-                code=ErrorCode.REPLY_UNDELIVERABLE, message=f"reply_to refused the reply: {result!r}"
-            )
+            reason = ErrorInfo(code=ErrorCode.REPLY_UNDELIVERABLE, message=f"reply_to refused the reply: {result!r}")
             retry.append(await self._dead_letter(delivery.record, reason))
         if retry:
             await self._await_acks(retry)
