@@ -18,7 +18,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 import faust
 from redis.asyncio import Redis
@@ -58,11 +58,8 @@ class FaustSink:
     def __init__(self, app: faust.App) -> None:
         self._app = app
 
-    async def send(self, topic: str, key: bytes, value: bytes) -> asyncio.Future[object]:
-        future: asyncio.Future[object] = await self._app.producer.send(
-            topic, key, value, partition=None, timestamp=None, headers=None
-        )
-        return future
+    async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]:
+        return await self._app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
 
 
 def _record(event: faust.EventT) -> Record:
@@ -116,7 +113,8 @@ def create_agent_app(service: Service, settings: Settings, runner: ModelRunner) 
 
     @app.agent(topic, name=f"{service}-agent", concurrency=1)
     async def serve(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(conf.max_batch, within=conf.max_wait_ms / 1000.0):
+        batches = stream.take_events(conf.max_batch, within=conf.max_wait_ms / 1000.0)  # type: ignore[attr-defined]
+        async for events in batches:
             await handle(events)
 
     @app.timer(interval=settings.heartbeat_interval_s)

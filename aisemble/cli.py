@@ -134,7 +134,7 @@ def run(
 
     _logging()
     settings = get_settings()
-    chosen = [_check_service(s.strip()) for s in services.split(",")] if services else list(settings.services)
+    chosen: list[str] = [_check_service(s.strip()) for s in services.split(",")] if services else [*settings.services]
     local = infra.start_local(settings)
     pipeline = Pipeline(settings, chosen)
     try:

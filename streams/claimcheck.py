@@ -33,5 +33,6 @@ def is_claim_key(prefix: str, key: str) -> bool:
 async def get_claims(redis: Redis, prefix: str, keys: list[str]) -> list[bytes | None]:
     """The stored bytes of each key (None when missing or not a claim key), in one round trip."""
     valid = [k for k in keys if is_claim_key(prefix, k)]
-    found = dict(zip(valid, await redis.mget(valid), strict=True)) if valid else {}
+    values: list[bytes | None] = await redis.mget(valid) if valid else []  # type: ignore[assignment]  # bytes
+    found = dict(zip(valid, values, strict=True))
     return [found.get(k) for k in keys]
