@@ -17,7 +17,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import running_pipeline, summary_ms, write_result  # noqa: E402
+from bench.common import running_pipeline, summary_ms, write_result
 
 REQUESTS = {
     "data": (

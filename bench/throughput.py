@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import statistics
 import sys
 import time
@@ -23,9 +24,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.runner import Failure, Item  # noqa: E402
-from agents.worker import build_runner  # noqa: E402
-from bench.common import base_settings, running_pipeline, summary_ms, write_result  # noqa: E402
+from agents.runner import Failure, Item
+from agents.worker import build_runner
+from bench.common import base_settings, running_pipeline, summary_ms, write_result
+from bench.random_models import random_vit_base
 
 
 def model_alone(service: str, items: list[Item], batch: int) -> dict[str, object]:
@@ -106,10 +108,21 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None, help="items (default per service)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument(
+        "--vision-classify",
+        action="store_true",
+        help="vision: benchmark `classify` on a random ViT-Base/16 (no download) instead of the task mix",
+    )
     args = parser.parse_args()
     n = args.n or {"data": 256, "nlp": 512, "llm": 32, "vision": 256}[args.service]
     samples = importlib.import_module(f"bench.samples_{args.service}")
     items: list[Item] = samples.sample_items(n)
+    name = f"throughput_{args.service}"
+    if args.vision_classify:
+        model = random_vit_base(Path(base_settings().cache_dir) / "bench-models")
+        os.environ["AISEMBLE_VISION__CLASSIFY_MODEL"] = str(model)  # read by the runner and the agent
+        items = [Item("classify", {k: v for k, v in i.input.items() if k == "image_b64"}) for i in items]
+        name += "_classify"
     batch = base_settings().service(args.service).max_batch
 
     result: dict[str, object] = {"service": args.service, "configured_max_batch": batch}
@@ -119,7 +132,7 @@ def main() -> None:
         with running_pipeline([args.service]) as pipeline:
             result["pipeline"] = asyncio.run(through_pipeline(pipeline.url, args.service, items, args.concurrency))
         print(f"{args.service} pipeline: {result['pipeline']}")
-    print(write_result(f"throughput_{args.service}", result))
+    print(write_result(name, result))
 
 
 if __name__ == "__main__":
