@@ -1,0 +1,403 @@
+"""LLM service (``llm``): the ``completion`` model runner over a Hugging Face causal LM.
+
+One ``run_batch`` call validates every item, splits the valid ones into generation groups and runs
+``model.generate`` once per group, left-padded, with ``max_new_tokens`` = the group's largest
+``max_tokens``. Each row is then cut at its own ``max_tokens``, at EOS, or at its first stop string.
+
+Grouping rule (``plan_groups``), which is what makes outputs reproducible:
+- greedy requests (``temperature == 0``) share one group whatever their other fields: greedy decoding
+  draws no random numbers, so a row's text depends only on its prompt (up to float rounding in padded
+  batched matmuls; see ``tests/test_llm_runner.py`` for the check);
+- seeded sampled requests each run ALONE, under ``torch.manual_seed(seed)`` inside ``fork_rng``: in a
+  shared batch the rows would consume one random stream, so a row's text would depend on its
+  neighbours. Alone, the same request gives the same text in any batch;
+- unseeded sampled requests are grouped by ``(temperature, top_p)``; they promise nothing.
+Groups are split to at most ``settings.llm.max_batch`` rows. Sampling uses exactly ``temperature``
+and ``top_p`` (top-k is switched off); other generation defaults of the model (e.g. a repetition
+penalty in a hub model's ``generation_config.json``) still apply. The seeded path draws from torch's
+global generator: a second thread sampling in the same process at the same moment would break it
+(the agent runs one batch at a time).
+
+Finished rows: ``generate`` stops when every row has hit EOS; ``RowStops`` additionally marks a row
+done at its own ``max_tokens`` or stop string, so ``generate`` pads it from then on and the whole
+group ends as soon as its last row does.
+
+``tokens`` counts generated tokens up to the cut: the EOS token when it ended the row, the tokens
+that spell the stop string when one did (the stop string itself is cut from ``text``).
+
+Per-item failures: invalid input -> ``invalid_input`` (naming the field); unknown task ->
+``unknown_task``; a ``generate`` failure -> ``model_error`` for that group's items only. With
+``settings.llm.compile`` the model's ``forward`` is ``torch.compile``d (``dynamic=True``; compiling the
+module object would leave ``generate``'s own calls eager); any failure while compiled (at warm-up or
+in a batch) is logged, the runner falls back to eager for good and the group is retried once.
+
+Device and dtype: see ``agents.llm_model`` (CUDA when available, bf16 or fp16 there, fp32 on CPU).
+``settings.llm.threads`` sets torch's CPU threads at load and again in whichever thread runs a batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from agents.llm_model import LoadedModel, ModelSpec, ensure_local, load_model, model_spec
+from agents.runner import Failure, Item, Outcome, parse_input, unknown_task
+from schemas import ErrorCode
+from schemas.llm import LLM_TASKS, CompletionInput
+from streams.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+WARMUP_PROMPT = "Hello"
+_STOP_WINDOW_SLACK = 2  # tokens decoded beyond 4 per stop-string character (UTF-8 is <= 4 bytes/char)
+
+
+def group_key(request: CompletionInput, index: int) -> tuple[object, ...]:
+    """The generation group of one request (see the module docstring for the rule)."""
+    if request.temperature == 0.0:
+        return ("greedy",)
+    if request.seed is not None:
+        return ("seeded", index)
+    return ("sample", request.temperature, request.top_p)
+
+
+def plan_groups(requests: Sequence[CompletionInput], max_batch: int) -> list[list[int]]:
+    """Indices of ``requests`` split into generation groups of at most ``max_batch``, in first-seen order."""
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(group_key(request, index), []).append(index)
+    planned: list[list[int]] = []
+    for members in groups.values():
+        planned.extend(members[i : i + max_batch] for i in range(0, len(members), max_batch))
+    return planned
+
+
+class RowStops(StoppingCriteria):
+    """Per-row stopping: a row is done at its own ``max_tokens`` or once its output holds a stop string.
+
+    Returns a bool tensor with one entry per row (transformers >= 4.39), so ``generate`` pads finished
+    rows and ends when all are done. Only rows with stop strings decode, and only a tail window long
+    enough to hold the longest one.
+    """
+
+    def __init__(
+        self,
+        prompt_len: int,
+        max_tokens: Sequence[int],
+        stops: Sequence[Sequence[str]],
+        decode: _Decode,
+    ) -> None:
+        self._prompt_len = prompt_len
+        self._max_tokens = list(max_tokens)
+        self._stops = [list(s) for s in stops]
+        self._windows = [4 * max((len(s) for s in row), default=0) + _STOP_WINDOW_SLACK for row in stops]
+        self._decode = decode
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs: object
+    ) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self._prompt_len
+        done = [generated >= limit for limit in self._max_tokens]
+        for row, stops in enumerate(self._stops):
+            if stops and not done[row] and generated > 0:
+                start = max(self._prompt_len, input_ids.shape[1] - self._windows[row])
+                tail = self._decode(input_ids[row, start:].tolist())
+                done[row] = any(stop in tail for stop in stops)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
+class _Decode:
+    """``tokenizer.decode`` without special tokens (a typed callable for ``RowStops``)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self._tokenizer = loaded.tokenizer
+
+    def __call__(self, ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    index: int
+    request: CompletionInput
+    ids: list[int]
+
+
+class LlmRunner:
+    """``ModelRunner`` for the ``llm`` service; build it with ``build_runner``."""
+
+    service = "llm"
+    tasks: tuple[str, ...] = LLM_TASKS
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._llm = settings.llm
+        self._lock = threading.Lock()
+        self._spec: ModelSpec | None = None
+        self._loaded: LoadedModel | None = None
+        self._decode: _Decode | None = None
+        self._eos_ids: frozenset[int] = frozenset()
+        self._use_template = False
+        self._compiled = False
+        self.load_seconds: float | None = None
+
+    # -- ModelRunner ------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Resolve, convert (first time only), load, optionally compile, and warm up. Idempotent."""
+        with self._lock:
+            if self._loaded is not None:
+                return
+            started = time.perf_counter()
+            if self._llm.threads is not None:
+                torch.set_num_threads(self._llm.threads)
+            spec = self._resolve_spec()
+            loaded = load_model(ensure_local(spec), self._llm)
+            self._decode = _Decode(loaded)
+            self._eos_ids = _eos_ids(loaded)
+            self._use_template = self._llm.chat_template and bool(loaded.tokenizer.chat_template)
+            if self._llm.chat_template and not self._use_template:
+                logger.warning("%s has no chat template; prompts are sent raw", spec.label)
+            self._loaded = loaded
+            if self._llm.compile:
+                self._compile()
+            self._warm_up()
+            self.load_seconds = time.perf_counter() - started
+            logger.info(
+                "llm model %s on %s/%s ready in %.1fs (compile=%s)",
+                spec.label,
+                loaded.device,
+                loaded.dtype,
+                self.load_seconds,
+                self._compiled,
+            )
+
+    def model_for(self, task: str) -> str:
+        return self._resolve_spec().label
+
+    @property
+    def compiled(self) -> bool:
+        """Whether batches run through the ``torch.compile``d forward (false after a fallback)."""
+        return self._compiled
+
+    def run_batch(self, items: Sequence[Item]) -> list[Outcome]:
+        loaded = self._ready()
+        outcomes: list[Outcome | None] = [None] * len(items)
+        rows: list[_Row] = []
+        for index, item in enumerate(items):
+            if item.task not in self.tasks:
+                outcomes[index] = unknown_task(item.task, self.tasks)
+                continue
+            parsed = parse_input(CompletionInput, item.input)
+            if isinstance(parsed, Failure):
+                outcomes[index] = parsed
+                continue
+            try:
+                ids = self._encode(loaded, parsed)
+            except Exception as exc:
+                logger.exception("could not tokenise item %d", index)
+                outcomes[index] = Failure(ErrorCode.MODEL_ERROR, f"tokenisation failed: {type(exc).__name__}")
+                continue
+            rows.append(_Row(index, parsed, ids))
+        for group in plan_groups([row.request for row in rows], self._llm.max_batch):
+            members = [rows[i] for i in group]
+            for row, outcome in zip(members, self._run_group(members), strict=True):
+                outcomes[row.index] = outcome
+        if any(outcome is None for outcome in outcomes):
+            raise RuntimeError("llm runner left an item without an outcome")
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _resolve_spec(self) -> ModelSpec:
+        if self._spec is None:
+            self._spec = model_spec(self._settings)
+        return self._spec
+
+    def _ready(self) -> LoadedModel:
+        if self._loaded is None:
+            self.load()
+        assert self._loaded is not None
+        threads = self._llm.threads
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)  # OpenMP keeps the count per thread: apply it in this one too
+        return self._loaded
+
+    def _encode(self, loaded: LoadedModel, request: CompletionInput) -> list[int]:
+        tokenizer = loaded.tokenizer
+        if self._use_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": request.prompt}], tokenize=False, add_generation_prompt=True
+            )
+            ids = list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+        else:
+            ids = list(tokenizer(request.prompt)["input_ids"])
+        limit = self._llm.max_prompt_tokens
+        positions = getattr(loaded.model.config, "max_position_embeddings", None)
+        if isinstance(positions, int):
+            limit = max(1, min(limit, positions - request.max_tokens))
+        return ids[-limit:]  # keep the end: the question and the assistant header
+
+    def _run_group(self, rows: list[_Row]) -> list[Outcome]:
+        try:
+            return self._generate(rows)
+        except Exception as exc:
+            if self._compiled:
+                logger.exception("compiled generate failed; falling back to eager and retrying")
+                self._uncompile()
+                return self._run_group(rows)
+            logger.exception("generate failed for a group of %d", len(rows))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # after an out-of-memory error, let the next group start clean
+            message = f"generation failed: {type(exc).__name__}: {exc}"[:500]
+            return [Failure(ErrorCode.MODEL_ERROR, message) for _ in rows]
+
+    def _generate(self, rows: list[_Row]) -> list[Outcome]:
+        loaded = self._ready()
+        assert self._decode is not None
+        pad_id = int(loaded.tokenizer.pad_token_id)
+        width = max(len(row.ids) for row in rows)
+        input_ids = torch.tensor([[pad_id] * (width - len(r.ids)) + r.ids for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], dtype=torch.long)
+        first = rows[0].request
+        stops = RowStops(
+            width, [r.request.max_tokens for r in rows], [r.request.stop or [] for r in rows], self._decode
+        )
+        config = self._generation_config(loaded, first, max(r.request.max_tokens for r in rows))
+        seed = first.seed if first.temperature > 0.0 and len(rows) == 1 else None
+        with torch.inference_mode(), _seeded(seed, loaded.device):
+            output = loaded.model.generate(  # type: ignore[operator]  # nn.Module attribute typing
+                input_ids=input_ids.to(loaded.device),
+                attention_mask=mask.to(loaded.device),
+                generation_config=config,
+                stopping_criteria=StoppingCriteriaList([stops]),
+            )
+        generated = output[:, width:].tolist()
+        return [self._finish(ids, row.request) for ids, row in zip(generated, rows, strict=True)]
+
+    def _generation_config(self, loaded: LoadedModel, request: CompletionInput, max_new: int) -> GenerationConfig:
+        config = copy.deepcopy(loaded.model.generation_config)
+        config.max_new_tokens = max_new
+        config.max_length = None
+        config.min_new_tokens = None
+        config.min_length = 0
+        config.pad_token_id = loaded.tokenizer.pad_token_id
+        config.eos_token_id = sorted(self._eos_ids) or None
+        config.num_beams = 1
+        if request.temperature == 0.0:
+            config.do_sample = False
+            config.temperature = None
+            config.top_p = None
+            config.top_k = None
+        else:
+            config.do_sample = True
+            config.temperature = request.temperature
+            config.top_p = request.top_p
+            config.top_k = 0  # 0 switches top-k off; None would bring back the library default of 50
+        return config
+
+    def _finish(self, ids: list[int], request: CompletionInput) -> dict[str, object]:
+        assert self._decode is not None
+        kept = ids[: request.max_tokens]
+        finish = "length"
+        body = kept
+        for position, token in enumerate(kept):
+            if token in self._eos_ids:
+                kept, body, finish = kept[: position + 1], kept[:position], "stop"
+                break
+        text = self._decode(body)
+        tokens = len(kept)
+        hit = _first_stop(text, request.stop or [])
+        if hit is not None:
+            start, end = hit
+            tokens = _tokens_to_cover(body, text[:end], self._decode)
+            text, finish = text[:start], "stop"
+        return {"text": text, "tokens": tokens, "finish_reason": finish}
+
+    def _compile(self) -> None:
+        assert self._loaded is not None
+        model = self._loaded.model
+        try:
+            model.forward = torch.compile(model.forward, dynamic=True)  # type: ignore[method-assign]
+            self._compiled = True
+        except Exception:
+            logger.exception("torch.compile unavailable; running eager")
+
+    def _uncompile(self) -> None:
+        assert self._loaded is not None
+        model = self._loaded.model
+        if "forward" in vars(model):
+            del model.forward
+        self._compiled = False
+
+    def _warm_up(self) -> None:
+        assert self._loaded is not None
+        request = CompletionInput(prompt=WARMUP_PROMPT, max_tokens=2, temperature=0.0)
+        row = _Row(0, request, self._encode(self._loaded, request))
+        try:
+            self._generate([row])
+        except Exception:
+            if not self._compiled:
+                raise
+            logger.exception("compiled warm-up failed; falling back to eager")
+            self._uncompile()
+            self._generate([row])
+
+
+def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    configured = loaded.model.generation_config.eos_token_id
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list):
+        ids.update(i for i in configured if isinstance(i, int))
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(int(loaded.tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
+    """``(start, end)`` of the earliest stop string in ``text``, or ``None``."""
+    best: tuple[int, int] | None = None
+    for stop in stops:
+        at = text.find(stop)
+        if at >= 0 and (best is None or at < best[0]):
+            best = (at, at + len(stop))
+    return best
+
+
+def _tokens_to_cover(ids: list[int], prefix: str, decode: _Decode) -> int:
+    """Fewest leading tokens of ``ids`` whose text starts with ``prefix`` (binary search)."""
+    low, high = 1, len(ids)
+    while low < high:
+        middle = (low + high) // 2
+        if decode(ids[:middle]).startswith(prefix):
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
+@contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Run under ``seed`` without disturbing the process's random state; a no-op for ``None``."""
+    if seed is None:
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_runner(settings: Settings | None = None) -> LlmRunner:
+    """The ``llm`` service's runner; cheap: ``load()`` does the work."""
+    return LlmRunner(settings if settings is not None else get_settings())
