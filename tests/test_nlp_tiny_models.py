@@ -105,7 +105,8 @@ def tiny_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def loaded(embed_model: Path, sentiment_model: Path | None = None) -> NlpRunner:
     settings = Settings(
-        nlp=NlpSettings(embed_model=str(embed_model), sentiment_model=str(sentiment_model or ""), threads=1)
+        cache_dir=embed_model.parent / "cache",  # the sentiment head trained on the tiny encoder goes here
+        nlp=NlpSettings(embed_model=str(embed_model), sentiment_model=str(sentiment_model or ""), threads=1),
     )
     runner = build_runner(settings)
     runner.load()
@@ -115,8 +116,12 @@ def loaded(embed_model: Path, sentiment_model: Path | None = None) -> NlpRunner:
 def test_custom_embed_model_is_loaded_from_its_path(tiny_encoder_path: Path) -> None:
     runner = loaded(tiny_encoder_path)
     assert re.fullmatch(r"tiny-bert@[0-9a-f]{12}", runner.model_for("embed"))
-    # Without the shipped MiniLM there is no embedding vote: VADER (with the review lexicon) alone.
-    assert re.fullmatch(r"vader@3\.3\.2\+reviews\.[0-9a-f]{8}", runner.model_for("sentiment"))
+    # The default sentiment head is trained at load time on whichever encoder is configured.
+    assert re.fullmatch(
+        r"head\.[0-9a-f]{8}\.[0-9a-f]{8}\+tiny-bert@[0-9a-f]{12}\+vader@3\.3\.2\+reviews\.[0-9a-f]{8}",
+        runner.model_for("sentiment"),
+    )
+    assert list((tiny_encoder_path.parent / "cache" / "models").glob("sentiment-head-*.npz"))
 
     long_text = "the delivery was fast " * 200  # far past the 64 positions: truncated, not refused
     outcomes = runner.run_batch(
