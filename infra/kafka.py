@@ -21,7 +21,9 @@ handle's broker has answered a metadata request; a start that fails stops the JV
 
 What can go wrong: no Java 17+ or Maven (:class:`ToolMissing`), the port or controller port taken
 (:class:`PortInUse`), a data dir formatted for another controller port (:class:`InfraError`; use
-another data dir), a broker that is still starting from another process (it is not started twice).
+another data dir), a broker that is still starting from another process (:class:`InfraError`,
+retriable: it is not started twice), a broker that exits or does not answer in time
+(:class:`StartFailed`).
 """
 
 from __future__ import annotations
@@ -40,20 +42,25 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from infra.addresses import local_kafka_port, parse_bootstrap
-from infra.errors import InfraError, PortInUse, StartFailed
+from infra.errors import InfraError, StartFailed
 from infra.kafka_jars import fetch_jars, find_java, resolve_version
 from infra.process import (
     cache_root,
+    claim_pid_file,
     dir_lock,
     free_port,
     owned_pid,
     port_free,
+    require_port_free,
     run_coroutine,
+    spawn_detached,
+    status_data_dir,
     stop_by_pid_file,
+    stop_started,
+    stopped_on_failure,
     tail,
     tcp_open,
-    terminate,
-    write_pid,
+    wait_until_ready,
 )
 
 log = logging.getLogger(__name__)
@@ -184,12 +191,9 @@ class KafkaHandle:
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM, wait up to ``timeout`` s (a clean shutdown takes a few), SIGKILL; remove the pid file."""
-        if self._popen is not None and self._popen.poll() is None:
-            log.info("stopping Kafka at %s (pid %d)", self.bootstrap, self.pid)
-            if terminate(self.pid, timeout=timeout, popen=self._popen):
-                log.warning("Kafka pid %d was killed after %.0f s", self.pid, timeout)
-        if self._popen is not None and self.pid_file.exists() and owned_pid(self.pid_file, MAIN_CLASS) is None:
-            self.pid_file.unlink(missing_ok=True)
+        label = f"Kafka at {self.bootstrap}"
+        if stop_started(self._popen, self.pid, self.pid_file, MAIN_CLASS, timeout=timeout, logger=log, label=label):
+            log.warning("Kafka pid %d was killed after %.0f s", self.pid, timeout)
 
 
 def _read_state(data_dir: Path) -> dict[str, str | int]:
@@ -286,21 +290,20 @@ def start_kafka(
     data.mkdir(parents=True, exist_ok=True)
     bootstrap = f"127.0.0.1:{port}"
     pid_file = data / PID_FILE
-    running = owned_pid(pid_file, MAIN_CLASS)
-    if running is not None:
-        raise InfraError(
+    claim_pid_file(
+        pid_file,
+        MAIN_CLASS,
+        lambda running: InfraError(
             f"a broker from {data} already runs (pid {running}) and does not answer at {bootstrap}: "
             f"wait for it, or stop it (aisemble infra down)",
             retriable=True,
-        )
-    pid_file.unlink(missing_ok=True)
-    if not port_free(port):
-        raise PortInUse(port, "Kafka broker")
+        ),
+    )
+    require_port_free(port, "Kafka broker")
     kraft = data / "kraft"
     formatted = (kraft / "meta.properties").is_file()
     ctrl = _choose_controller_port(port, controller_port, data, formatted)
-    if not port_free(ctrl):
-        raise PortInUse(ctrl, "Kafka controller", "pass another controller_port (and a fresh data dir)")
+    require_port_free(ctrl, "Kafka controller", "pass another controller_port (and a fresh data dir)")
 
     java = find_java()
     libs = fetch_jars(version, cache_dir)
@@ -314,22 +317,21 @@ def start_kafka(
     cmd = _java_command(java, libs, heap, data, [MAIN_CLASS, str(props)])
     log.info("starting Kafka %s at %s (data %s)", resolve_version(version), bootstrap, data)
     started = time.monotonic()
-    with out_file.open("ab") as out:
-        popen = subprocess.Popen(
-            cmd,
-            cwd=data,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    write_pid(pid_file, popen.pid)
+    popen = spawn_detached(cmd, cwd=data, out_path=out_file, pid_file=pid_file)
     handle = KafkaHandle(bootstrap=bootstrap, pid=popen.pid, data_dir=data, log_file=log_file, _popen=popen)
-    try:
-        _wait_until_answers(handle, popen, port, timeout)
-    except BaseException:
-        handle.stop(timeout=10.0)
-        raise
+    with stopped_on_failure(lambda: handle.stop(timeout=10.0)):
+        wait_until_ready(
+            popen,
+            lambda remaining: (
+                tcp_open("127.0.0.1", port, timeout=0.5)
+                and kafka_answers(bootstrap, timeout=max(0.5, min(5.0, remaining)))
+            ),
+            timeout=timeout,
+            interval=0.25,
+            exited=lambda status: f"Kafka exited with status {status} while starting",
+            timed_out=f"Kafka did not answer at {bootstrap} within {timeout:g} s",
+            log_tail=lambda: _log_tail(handle),
+        )
     log.info("Kafka answers at %s after %.1f s (pid %d)", bootstrap, time.monotonic() - started, popen.pid)
     return handle
 
@@ -337,21 +339,6 @@ def start_kafka(
 def _log_tail(handle: KafkaHandle) -> str:
     parts = [tail(handle.log_file, 30), tail(handle.data_dir / "kafka.out", 15)]
     return "\n".join(p for p in parts if p)
-
-
-def _wait_until_answers(handle: KafkaHandle, popen: subprocess.Popen[bytes], port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if popen.poll() is not None:
-            raise StartFailed(f"Kafka exited with status {popen.returncode} while starting", _log_tail(handle))
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise StartFailed(f"Kafka did not answer at {handle.bootstrap} within {timeout:g} s", _log_tail(handle))
-        if tcp_open("127.0.0.1", port, timeout=0.5) and kafka_answers(
-            handle.bootstrap, timeout=max(0.5, min(5.0, remaining))
-        ):
-            return
-        time.sleep(0.25)
 
 
 def ensure_kafka(
@@ -404,12 +391,7 @@ def kafka_status(
 
     ``data_dir`` defaults to the default one for the bootstrap's port (when that port is local).
     """
-    data: Path | None = Path(data_dir) if data_dir is not None else None
-    if data is None:
-        try:
-            data = default_data_dir(local_kafka_port(bootstrap), cache_dir)
-        except (InfraError, ValueError):
-            data = None
+    data = status_data_dir(data_dir, lambda: default_data_dir(local_kafka_port(bootstrap), cache_dir))
     pid = owned_pid(data / PID_FILE, MAIN_CLASS) if data is not None else None
     return {
         "bootstrap": bootstrap,

@@ -1,15 +1,33 @@
-"""Process and port plumbing shared by the Kafka and Redis starters: pid files, ports, stopping, log tails.
+"""Process and port plumbing shared by the Kafka and Redis starters: pid files, ports, spawning, waiting
+for a server to answer, stopping, log tails.
+
+A starter runs these steps in order: ``claim_pid_file`` (refuse when our server from this data dir still
+runs, drop a stale pid file), ``require_port_free``, ``spawn_detached`` (start the server and write its
+pid file), ``wait_until_ready`` inside ``stopped_on_failure``; a handle's ``stop()`` is
+``stop_started``, and ``stop_by_pid_file`` / ``owned_pid`` serve other processes (``infra down``,
+``status``).
 
 Guarantees:
 - A server is stopped with SIGTERM, waited for up to a deadline, then SIGKILLed; ``terminate`` returns
   only once the process is gone (or was never there).
-- ``stop_by_pid_file`` only signals a pid whose command line (``/proc/<pid>/cmdline``, where there is a
-  /proc) still contains the marker given, so a pid file left behind never kills a recycled pid.
+- ``stop_by_pid_file``, ``owned_pid`` and ``claim_pid_file`` only trust a pid whose command line
+  (``/proc/<pid>/cmdline``, where there is a /proc) still contains the marker given, so a pid file left
+  behind never kills, nor blocks a start on, a recycled pid.
+- ``spawn_detached`` starts the server in its own session (a Ctrl-C to the caller's terminal does not
+  reach it), with stdin from /dev/null and stdout and stderr appended to one file, and writes its pid
+  file (atomically) before returning.
+- ``wait_until_ready`` checks, in this order, that the process still runs, that the deadline has not
+  passed, and whether it answers; it returns only once it answers, and otherwise raises
+  :class:`StartFailed` carrying the log tail. A block under ``stopped_on_failure`` stops what was
+  started when any exception (KeyboardInterrupt included) escapes it, then re-raises that exception.
 - ``run_coroutine`` runs a short coroutine from synchronous code even when the calling thread already
   runs an event loop (it then uses a helper thread), so the sync API is safe in async test fixtures.
 
-What can go wrong: permissions (signalling another user's process raises ``PermissionError``), and the
-inherent race between checking that a port is free and the server binding it.
+What can go wrong: :class:`InfraError` (the caller's own message) when our server still runs from the
+data dir, :class:`PortInUse`, :class:`StartFailed`; ``OSError`` when the command cannot be executed or
+the data dir is not writable; permissions (signalling another user's process raises
+``PermissionError``); and the inherent race between checking that a port is free and the server
+binding it.
 """
 
 from __future__ import annotations
@@ -24,10 +42,12 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
+
+from infra.errors import InfraError, PortInUse, StartFailed
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +198,117 @@ def owned_pid(pid_file: Path, marker: str) -> int | None:
     if line is not None and marker not in line:
         return None
     return pid
+
+
+def status_data_dir(data_dir: str | Path | None, default: Callable[[], Path]) -> Path | None:
+    """``data_dir`` as a Path; when None, ``default()``, or None when that raises :class:`InfraError` or
+    ``ValueError`` (the address is not local or malformed, so there is no default data dir)."""
+    if data_dir is not None:
+        return Path(data_dir)
+    try:
+        return default()
+    except (InfraError, ValueError):
+        return None
+
+
+def claim_pid_file(pid_file: Path, marker: str, already_runs: Callable[[int], InfraError]) -> None:
+    """Make way for a new server's ``pid_file``: raise ``already_runs(pid)`` when the pid it names is alive
+    and ours (see ``owned_pid``); otherwise remove it (left by a server that is gone, or by another)."""
+    running = owned_pid(pid_file, marker)
+    if running is not None:
+        raise already_runs(running)
+    pid_file.unlink(missing_ok=True)
+
+
+def require_port_free(port: int, what: str, detail: str = "") -> None:
+    """Raise :class:`PortInUse` (naming ``what``, with ``detail``) unless ``127.0.0.1:port`` can be bound now."""
+    if not port_free(port):
+        raise PortInUse(port, what, detail)
+
+
+def spawn_detached(cmd: Sequence[str], *, cwd: Path, out_path: Path, pid_file: Path) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in ``cwd`` in a session of its own (stdin from /dev/null, stdout and stderr appended to
+    ``out_path``), then write its pid to ``pid_file``."""
+    with out_path.open("ab") as out:
+        popen = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    write_pid(pid_file, popen.pid)
+    return popen
+
+
+def wait_until_ready(
+    popen: subprocess.Popen[bytes],
+    ready: Callable[[float], bool],
+    *,
+    timeout: float,
+    interval: float,
+    exited: Callable[[int], str],
+    timed_out: str,
+    log_tail: Callable[[], str],
+    since: float | None = None,
+) -> None:
+    """Return once ``ready(seconds_left)`` is True, polling every ``interval`` s.
+
+    Each round checks first that the process still runs, then the deadline (``timeout`` s after
+    ``since``, a ``time.monotonic()`` value; default: now), then ``ready``.
+
+    Raises:
+        StartFailed: message ``exited(status)`` when the process exits first, ``timed_out`` when the
+            deadline passes first; either carrying ``log_tail()``.
+    """
+    deadline = (time.monotonic() if since is None else since) + timeout
+    while True:
+        if popen.poll() is not None:
+            raise StartFailed(exited(popen.returncode), log_tail())
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise StartFailed(timed_out, log_tail())
+        if ready(remaining):
+            return
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def stopped_on_failure(stop: Callable[[], object]) -> Iterator[None]:
+    """Run the block; when anything escapes it (KeyboardInterrupt included), call ``stop()``, then re-raise."""
+    try:
+        yield
+    except BaseException:
+        stop()
+        raise
+
+
+def stop_started(
+    popen: subprocess.Popen[bytes] | None,
+    pid: int,
+    pid_file: Path,
+    marker: str,
+    *,
+    timeout: float,
+    logger: logging.Logger,
+    label: str,
+) -> bool:
+    """Stop server ``pid`` that this process spawned as ``popen`` (see ``terminate``) and remove its
+    ``pid_file`` unless that names another live server of ours. Idempotent.
+
+    Without a ``popen`` (a server this process did not spawn) it does nothing. Logs ``stopping <label>
+    (pid N)`` on ``logger`` when the server was running. True when it had to be SIGKILLed.
+    """
+    if popen is None:
+        return False
+    killed = False
+    if popen.poll() is None:
+        logger.info("stopping %s (pid %d)", label, pid)
+        killed = terminate(pid, timeout=timeout, popen=popen)
+    if owned_pid(pid_file, marker) is None:
+        pid_file.unlink(missing_ok=True)
+    return killed
 
 
 @contextlib.contextmanager

@@ -13,7 +13,9 @@ returned handle's server has answered PING; a start that fails stops what it sta
 :class:`StartFailed` with the tail of ``redis.log``.
 
 What can go wrong: ``redis-server`` missing and not installable (:class:`ToolMissing`), the port taken
-by something that is not Redis (:class:`PortInUse`), a non-local or TLS URL (:class:`NotLoopback` /
+by something that is not Redis (:class:`PortInUse`), a Redis started from the same data dir that still
+runs but does not answer (:class:`InfraError`, retriable: it is not started twice), a server that exits
+or does not answer in time (:class:`StartFailed`), a non-local or TLS URL (:class:`NotLoopback` /
 ``ValueError``).
 """
 
@@ -31,17 +33,21 @@ import redis as redis_client
 from redis.exceptions import RedisError
 
 from infra.addresses import local_redis_port, parse_redis_url
-from infra.errors import InfraError, PortInUse, StartFailed, ToolMissing
+from infra.errors import InfraError, ToolMissing
 from infra.process import (
     cache_root,
+    claim_pid_file,
     dir_lock,
     owned_pid,
-    port_free,
+    require_port_free,
+    spawn_detached,
+    status_data_dir,
     stop_by_pid_file,
+    stop_started,
+    stopped_on_failure,
     tail,
     tcp_open,
-    terminate,
-    write_pid,
+    wait_until_ready,
 )
 
 log = logging.getLogger(__name__)
@@ -135,11 +141,9 @@ class RedisHandle:
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM, wait up to ``timeout`` s, SIGKILL; remove the pid file."""
-        if self._popen is not None and self._popen.poll() is None:
-            log.info("stopping Redis at %s (pid %d)", self.url, self.pid)
-            terminate(self.pid, timeout=timeout, popen=self._popen)
-        if self._popen is not None and owned_pid(self.pid_file, MARKER) is None:
-            self.pid_file.unlink(missing_ok=True)
+        stop_started(
+            self._popen, self.pid, self.pid_file, MARKER, timeout=timeout, logger=log, label=f"Redis at {self.url}"
+        )
 
 
 def start_redis(
@@ -160,42 +164,33 @@ def start_redis(
     data.mkdir(parents=True, exist_ok=True)
     url = f"redis://127.0.0.1:{port}/{db}"
     pid_file = data / PID_FILE
-    running = owned_pid(pid_file, MARKER)
-    if running is not None:
-        raise InfraError(
+    claim_pid_file(
+        pid_file,
+        MARKER,
+        lambda running: InfraError(
             f"a Redis from {data} already runs (pid {running}) and does not answer at {url}: "
             f"stop it (aisemble infra down)",
             retriable=True,
-        )
-    pid_file.unlink(missing_ok=True)
-    if not port_free(port):
-        raise PortInUse(port, "Redis")
+        ),
+    )
+    require_port_free(port, "Redis")
     server = find_redis_server(install)
     log_file = data / "redis.log"
     log.info("starting Redis at %s (dir %s)", url, data)
     started = time.monotonic()
-    with log_file.open("ab") as out:
-        popen = subprocess.Popen(
-            redis_server_command(server, port, data),
-            cwd=data,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    write_pid(pid_file, popen.pid)
+    popen = spawn_detached(redis_server_command(server, port, data), cwd=data, out_path=log_file, pid_file=pid_file)
     handle = RedisHandle(url=url, pid=popen.pid, data_dir=data, log_file=log_file, _popen=popen)
-    try:
-        deadline = started + timeout
-        while not (tcp_open("127.0.0.1", port, 0.5) and redis_answers(url, timeout=1.0)):
-            if popen.poll() is not None:
-                raise StartFailed(f"redis-server exited with status {popen.returncode}", tail(log_file))
-            if time.monotonic() > deadline:
-                raise StartFailed(f"Redis did not answer at {url} within {timeout:g} s", tail(log_file))
-            time.sleep(0.05)
-    except BaseException:
-        handle.stop(timeout=5.0)
-        raise
+    with stopped_on_failure(lambda: handle.stop(timeout=5.0)):
+        wait_until_ready(
+            popen,
+            lambda _remaining: tcp_open("127.0.0.1", port, 0.5) and redis_answers(url, timeout=1.0),
+            timeout=timeout,
+            interval=0.05,
+            exited=lambda status: f"redis-server exited with status {status}",
+            timed_out=f"Redis did not answer at {url} within {timeout:g} s",
+            log_tail=lambda: tail(log_file),
+            since=started,
+        )
     log.info("Redis answers at %s after %.2f s (pid %d)", url, time.monotonic() - started, popen.pid)
     return handle
 
@@ -241,12 +236,7 @@ def redis_status(
     url: str, data_dir: str | Path | None = None, cache_dir: str | Path | None = None
 ) -> dict[str, str | int | bool | None]:
     """``{"url", "answers", "pid", "data_dir"}``; pid is that of a Redis infra started."""
-    data: Path | None = Path(data_dir) if data_dir is not None else None
-    if data is None:
-        try:
-            data = default_data_dir(local_redis_port(url), cache_dir)
-        except (InfraError, ValueError):
-            data = None
+    data = status_data_dir(data_dir, lambda: default_data_dir(local_redis_port(url), cache_dir))
     return {
         "url": url,
         "answers": redis_answers(url),

@@ -1,10 +1,13 @@
 """Unit tests of infra's pure parts: address parsing, the loopback rule, broker config rendering,
-version and jar-cache logic, pid-file safety and the shipped config files. No server is started."""
+version and jar-cache logic, pid-file safety, the shared start/stop steps (on short-lived Python
+processes) and the shipped config files. No server is started."""
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
+import socket
 import subprocess
 import sys
 import time
@@ -21,9 +24,22 @@ from infra.addresses import (
     parse_bootstrap,
     parse_redis_url,
 )
-from infra.errors import InfraError, NotLoopback, StartFailed, ToolMissing
+from infra.errors import InfraError, NotLoopback, PortInUse, StartFailed, ToolMissing
 from infra.kafka import broker_config, default_data_dir, new_cluster_id, render_properties
-from infra.process import cache_root, free_port, stop_by_pid_file, tail, write_pid
+from infra.process import (
+    cache_root,
+    claim_pid_file,
+    free_port,
+    require_port_free,
+    spawn_detached,
+    status_data_dir,
+    stop_by_pid_file,
+    stop_started,
+    stopped_on_failure,
+    tail,
+    wait_until_ready,
+    write_pid,
+)
 from infra.redis import find_redis_server, redis_server_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -378,6 +394,206 @@ def test_stale_pid_file_is_removed(tmp_path: Path) -> None:
     write_pid(tmp_path / "redis.pid", done.pid)
     assert infra.stop_redis(tmp_path) is False
     assert not (tmp_path / "redis.pid").exists()
+
+
+def _sleeper(*extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", *extra])
+
+
+def _already_runs(pid: int) -> InfraError:
+    return InfraError(f"already runs (pid {pid})", retriable=True)
+
+
+def test_claim_pid_file_refuses_while_our_server_runs(tmp_path: Path) -> None:
+    sleeper = _sleeper("redis-server")
+    try:
+        write_pid(tmp_path / "redis.pid", sleeper.pid)
+        with pytest.raises(InfraError, match=f"already runs \\(pid {sleeper.pid}\\)") as info:
+            claim_pid_file(tmp_path / "redis.pid", "redis-server", _already_runs)
+        assert info.value.retriable
+        assert (tmp_path / "redis.pid").exists()  # still names the running server
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    claim_pid_file(tmp_path / "redis.pid", "redis-server", _already_runs)  # gone now: stale, removed
+    assert not (tmp_path / "redis.pid").exists()
+
+
+def test_claim_pid_file_ignores_a_foreign_pid(tmp_path: Path) -> None:
+    sleeper = _sleeper()
+    try:
+        write_pid(tmp_path / "kafka.pid", sleeper.pid)
+        claim_pid_file(tmp_path / "kafka.pid", "kafka.Kafka", _already_runs)
+        assert not (tmp_path / "kafka.pid").exists()
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_require_port_free_names_the_server() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(PortInUse, match=f"port {port} .* not a working Kafka controller: pick another") as info:
+            require_port_free(port, "Kafka controller", "pick another")
+        assert info.value.port == port
+    require_port_free(free_port(), "Redis")
+
+
+def test_spawn_detached_appends_output_and_writes_the_pid_file(tmp_path: Path) -> None:
+    out = tmp_path / "server.out"
+    out.write_text("earlier run\n")
+    cmd = [sys.executable, "-c", "import os, sys; print(os.getsid(0), sys.stdin.read() == ''); sys.exit(3)"]
+    popen = spawn_detached(cmd, cwd=tmp_path, out_path=out, pid_file=tmp_path / "x.pid")
+    assert (tmp_path / "x.pid").read_text() == f"{popen.pid}\n"
+    assert popen.wait(timeout=10) == 3
+    assert out.read_text() == f"earlier run\n{popen.pid} True\n"  # own session, stdin empty
+
+
+def test_wait_until_ready_reports_an_exit_with_the_log_tail(tmp_path: Path) -> None:
+    out = tmp_path / "server.out"
+    cmd = [sys.executable, "-c", "import sys; print('bad config'); sys.exit(2)"]
+    popen = spawn_detached(cmd, cwd=tmp_path, out_path=out, pid_file=tmp_path / "x.pid")
+    popen.wait(timeout=10)
+    with pytest.raises(StartFailed, match="server exited with status 2") as info:
+        wait_until_ready(
+            popen,
+            lambda remaining: True,  # the exit is checked first: a dead server never counts as ready
+            timeout=5,
+            interval=0.01,
+            exited=lambda status: f"server exited with status {status}",
+            timed_out="never",
+            log_tail=lambda: tail(out),
+        )
+    assert info.value.log_tail == "bad config"
+
+
+def test_wait_until_ready_times_out_and_the_server_is_stopped(tmp_path: Path) -> None:
+    sleeper = _sleeper()
+    stopped: list[int] = []
+
+    def stop() -> None:
+        sleeper.kill()
+        stopped.append(sleeper.wait())
+
+    seen: list[float] = []
+
+    def never_ready(remaining: float) -> bool:
+        seen.append(remaining)
+        return False
+
+    started = time.monotonic()
+    with pytest.raises(StartFailed, match=r"did not answer within 0\.3 s"), stopped_on_failure(stop):
+        wait_until_ready(
+            sleeper,
+            never_ready,
+            timeout=0.3,
+            interval=0.02,
+            exited=lambda status: "exited",
+            timed_out="did not answer within 0.3 s",
+            log_tail=lambda: "",
+        )
+    assert 0.3 <= time.monotonic() - started < 5
+    assert len(stopped) == 1 and sleeper.poll() is not None
+    assert seen and all(0 < r <= 0.3 for r in seen) and seen == sorted(seen, reverse=True)
+
+
+def test_wait_until_ready_returns_once_ready_and_counts_from_since() -> None:
+    sleeper = _sleeper()
+    try:
+        answers = iter([False, False, True])
+        wait_until_ready(
+            sleeper,
+            lambda remaining: next(answers),
+            timeout=5,
+            interval=0.01,
+            exited=str,
+            timed_out="late",
+            log_tail=str,
+        )
+        with pytest.raises(StartFailed, match="late"):  # the deadline had passed before the first look
+            wait_until_ready(
+                sleeper,
+                lambda remaining: True,
+                timeout=1,
+                interval=0.01,
+                exited=str,
+                timed_out="late",
+                log_tail=str,
+                since=time.monotonic() - 2,
+            )
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_stopped_on_failure_stops_only_on_failure() -> None:
+    calls: list[str] = []
+    with stopped_on_failure(lambda: calls.append("stop")):
+        pass
+    assert calls == []
+    with pytest.raises(KeyboardInterrupt), stopped_on_failure(lambda: calls.append("stop")):
+        raise KeyboardInterrupt
+    assert calls == ["stop"]
+
+
+def test_stop_started_stops_our_child_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pid_file = tmp_path / "redis.pid"
+    sleeper = _sleeper("redis-server")
+    write_pid(pid_file, sleeper.pid)
+    logger = logging.getLogger("infra.test")
+    assert stop_started(None, sleeper.pid, pid_file, "redis-server", timeout=5, logger=logger, label="x") is False
+    assert sleeper.poll() is None and pid_file.exists()  # not spawned by us: left alone
+    with caplog.at_level(logging.INFO, logger="infra.test"):
+        killed = stop_started(sleeper, sleeper.pid, pid_file, "redis-server", timeout=5, logger=logger, label="R at u")
+        again = stop_started(sleeper, sleeper.pid, pid_file, "redis-server", timeout=5, logger=logger, label="R at u")
+    assert killed is False and again is False
+    assert sleeper.returncode is not None and not pid_file.exists()
+    assert [r.getMessage() for r in caplog.records] == [f"stopping R at u (pid {sleeper.pid})"]
+    assert {r.name for r in caplog.records} == {"infra.test"}
+
+
+def test_stop_started_keeps_a_pid_file_naming_another_live_server(tmp_path: Path) -> None:
+    pid_file = tmp_path / "kafka.pid"
+    ours, other = _sleeper("kafka.Kafka"), _sleeper("kafka.Kafka")
+    try:
+        write_pid(pid_file, other.pid)
+        stop_started(ours, ours.pid, pid_file, "kafka.Kafka", timeout=5, logger=logging.getLogger("t"), label="k")
+        assert ours.poll() is not None and other.poll() is None
+        assert pid_file.read_text() == f"{other.pid}\n"
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()
+
+
+def test_status_data_dir(tmp_path: Path) -> None:
+    def not_local() -> Path:
+        raise NotLoopback("kafka:9092", "Kafka")
+
+    def malformed() -> Path:
+        return tmp_path / str(local_kafka_port("h:x"))
+
+    assert status_data_dir(str(tmp_path), not_local) == tmp_path
+    assert status_data_dir(None, lambda: tmp_path / "d") == tmp_path / "d"
+    assert status_data_dir(None, not_local) is None
+    assert status_data_dir(None, malformed) is None
+
+
+def test_status_functions_report_the_owned_pid(tmp_path: Path) -> None:
+    sleeper = _sleeper("redis-server")
+    try:
+        write_pid(tmp_path / "redis.pid", sleeper.pid)
+        status = infra.redis_status(f"redis://127.0.0.1:{free_port()}/0", tmp_path)
+        assert status["pid"] == sleeper.pid and status["answers"] is False
+        assert status["data_dir"] == str(tmp_path)
+        assert infra.kafka_status("kafka:9092")["data_dir"] is None  # not local: no default data dir
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert (tmp_path / "redis.pid").exists()  # status never removes anything
 
 
 def test_tail(tmp_path: Path) -> None:
