@@ -23,6 +23,7 @@ test: install
 
 lint: install
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
 	$(PYTHON) -m aisemble schemas check
 
 schemas: install
