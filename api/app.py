@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         router = ReplyRouter()
         listener = ReplyListener(settings.kafka_bootstrap, reply_topic, router)
-        edge = Edge(settings, producer, redis, router, reply_topic)
+        edge = Edge(settings, producer, redis, router, listener, reply_topic)
         refresher: asyncio.Task[None] | None = None
         try:
             await producer.start()

@@ -25,7 +25,7 @@ from schemas import ReplyEvent, RequestEvent, Service
 from streams.cache import ResultCache, wants_cache
 from streams.codec import encode
 from streams.registry import models_by_service
-from streams.replies import DuplicateRequestIdError, ReplyRouter
+from streams.replies import DuplicateRequestIdError, ReplyListener, ReplyRouter
 from streams.settings import Settings
 from streams.topics import service_topics
 
@@ -41,12 +41,14 @@ class Edge:
         producer: AIOKafkaProducer,
         redis: Redis,
         router: ReplyRouter,
+        listener: ReplyListener,
         reply_topic: str,
     ) -> None:
         self.settings = settings
         self.producer = producer
         self.redis = redis
         self.router = router
+        self.listener = listener
         self.reply_topic = reply_topic
         self.cache = ResultCache(redis, settings.topic_prefix)
         self.models: dict[str, dict[str, str]] = {}

@@ -17,6 +17,7 @@ import contextlib
 import logging
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from schemas import ReplyEvent
@@ -98,8 +99,16 @@ class ReplyListener:
         self._task = asyncio.create_task(self._run(), name="reply-listener")
 
     async def _run(self) -> None:
+        delay = 0.1
         while True:
-            batches = await self._consumer.getmany(timeout_ms=500, max_records=1000)
+            try:
+                batches = await self._consumer.getmany(timeout_ms=500, max_records=1000)
+            except KafkaError as exc:  # the consumer reconnects by itself; keep listening meanwhile
+                log.warning("reply listener: %r; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
             for records in batches.values():
                 for record in records:
                     try:

@@ -108,7 +108,7 @@ def test_no_agent_means_504_with_the_request_id(http: httpx.Client) -> None:
 
 def test_health_reports_broker_redis_and_agent(http: httpx.Client) -> None:
     body = http.get("/health").json()
-    assert body["status"] == "ok" and body["kafka"]["ok"] and body["redis"]["ok"]
+    assert body["status"] == "ok" and body["kafka"]["ok"] and body["redis"]["ok"] and body["edge"]["listening"]
     (agent,) = body["services"]["data"]["agents"]
     assert agent["models"] == {"analyze": "aisemble-analyze@1"}
 

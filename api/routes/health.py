@@ -49,10 +49,16 @@ async def health(edge: Edge = Depends(get_edge)) -> ORJSONResponse:
                 }
             )
     services = {s: {"ok": bool(a), "agents": a} for s, a in agents.items()}
-    ok = bool(kafka["ok"]) and bool(redis["ok"]) and all(v["ok"] for v in services.values())
+    listening = edge.listener.running
+    ok = listening and bool(kafka["ok"]) and bool(redis["ok"]) and all(v["ok"] for v in services.values())
     body = {
         "status": "ok" if ok else "degraded",
-        "edge": {"id": edge.settings.edge_id, "reply_topic": edge.reply_topic, "waiting": len(edge.router)},
+        "edge": {
+            "id": edge.settings.edge_id,
+            "reply_topic": edge.reply_topic,
+            "listening": listening,
+            "waiting": len(edge.router),
+        },
         "kafka": kafka,
         "redis": redis,
         "services": services,
