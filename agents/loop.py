@@ -75,7 +75,10 @@ def _now_ms() -> float:
 
 
 class BatchProcessor:
-    """Turns micro-batches of request records into replies; see the module docstring."""
+    """Turns micro-batches of request records into replies; see the module docstring.
+
+    Build it after ``runner.load()``: the models serving each task are read once, here.
+    """
 
     def __init__(
         self,
@@ -99,13 +102,8 @@ class BatchProcessor:
         self._max_event_bytes = max_event_bytes
         self._topics = service_topics(topic_prefix, service)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{service}-model")
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def load(self) -> None:
-        """Load and warm up the runner on its worker thread."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.load)
+        # Read once: a model's name cannot change while the process runs (the runner is loaded by now).
+        self.models: dict[str, str] = {task: runner.model_for(task) for task in runner.tasks}
 
     async def process(self, records: Sequence[Record]) -> None:
         """Handle one micro-batch; returns once every reply is acknowledged by the broker."""
@@ -130,7 +128,7 @@ class BatchProcessor:
                 continue
             key = None
             if self._cache is not None and wants_cache(self.service, event.task, event.input, event.cache):
-                key = self._cache.key(self.service, event.task, self.runner.model_for(event.task), event.input)
+                key = self._cache.key(self.service, event.task, self.models[event.task], event.input)
             pending.append(_Pending(record, event, key))
 
         to_run = await self._answer_from_cache(pending, picked_ms, acks)
@@ -197,7 +195,7 @@ class BatchProcessor:
                     task=p.event.task,
                     ok=True,
                     output=outcome,
-                    model=self.runner.model_for(p.event.task),
+                    model=self.models[p.event.task],
                     timings_ms=timings,
                 )
                 if p.cache_key is not None:
@@ -226,7 +224,7 @@ class BatchProcessor:
             task=event.task,
             ok=False,
             error=ErrorInfo(code=code, message=message),
-            model=self.runner.model_for(event.task) if event.task in self.runner.tasks else None,
+            model=self.models.get(event.task),
             timings_ms=timings or {},
         )
 

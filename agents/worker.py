@@ -94,7 +94,7 @@ def create_agent_app(service: Service, settings: Settings, runner: ModelRunner) 
     info = AgentInfo(
         service=service,
         worker_id=worker_id,
-        models={task: runner.model_for(task) for task in runner.tasks},
+        models=processor.models,
         pid=os.getpid(),
         started_ms=int(time.time() * 1000),
     )
