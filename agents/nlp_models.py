@@ -32,7 +32,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from schemas.nlp import SentimentOutput
 
@@ -173,11 +174,18 @@ def _max_tokens(tokenizer: object, config: object, model_dir: Path | None) -> in
     return min(limits)
 
 
-def _by_length(texts: Sequence[str]) -> Iterator[list[int]]:
-    """Indices of ``texts`` in chunks of ``CHUNK``, longest first, so each chunk pads little."""
+def _tokenized_chunks(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int
+) -> Iterator[tuple[list[int], BatchEncoding]]:
+    """``texts`` in chunks of ``CHUNK``, longest first so each chunk pads little, tokenized for a forward
+    pass; yields each chunk's indices into ``texts`` with its encoding."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     for start in range(0, len(order), CHUNK):
-        yield order[start : start + CHUNK]
+        idx = order[start : start + CHUNK]
+        enc = tokenizer(
+            [texts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
+        )
+        yield idx, enc
 
 
 # --- encoder ---------------------------------------------------------------------------------------
@@ -200,14 +208,7 @@ class TransformerEncoder:
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for idx in _by_length(texts):
-            enc = self.tokenizer(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=self.max_tokens,
-                return_tensors="pt",
-            )
+        for idx, enc in _tokenized_chunks(self.tokenizer, texts, self.max_tokens):
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
@@ -334,14 +335,7 @@ class HfSentiment:
     @torch.inference_mode()
     def predict(self, texts: Sequence[str], unit_vectors: np.ndarray | None = None) -> list[SentimentOutput]:
         probs = np.zeros((len(texts), len(self.polarities)), dtype=np.float32)
-        for idx in _by_length(texts):
-            enc = self.tokenizer(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=self.max_tokens,
-                return_tensors="pt",
-            )
+        for idx, enc in _tokenized_chunks(self.tokenizer, texts, self.max_tokens):
             logits = self.model(**enc).logits
             probs[idx] = torch.softmax(logits.float(), dim=-1).numpy()
         if not np.isfinite(probs).all():
