@@ -19,10 +19,15 @@ from schemas import ErrorCode
 
 @dataclass(frozen=True, slots=True)
 class Item:
-    """One request as the runner sees it: a task name and its (unvalidated) JSON input."""
+    """One request as the runner sees it: a task name, its (unvalidated) JSON input and its deadline.
+
+    ``deadline_ms`` (epoch milliseconds, or None) lets a long-running runner (the LLM) stop work for a
+    request whose caller has given up.
+    """
 
     task: str
     input: dict[str, object]
+    deadline_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,21 @@ class Settings(BaseSettings):
         default_factory=lambda: list(SERVICES), description="Services this deployment runs (health, run)."
     )
 
+    # Reliability: shutdown, retries, overload, outages (issue 6).
+    shutdown_grace_s: float = Field(
+        default=20.0, ge=0, description="SIGTERM: finish the batch in hand within this, else exit uncommitted."
+    )
+    delivery_retry_s: float = Field(
+        default=60.0, gt=0, description="Retry a retriable send failure this long, then exit (redelivered)."
+    )
+    max_in_flight: int = Field(default=1000, ge=1, description="Requests the edge holds at once; past it 429.")
+    produce_timeout_s: float = Field(
+        default=1.0, gt=0, description="How long the edge waits for Kafka to take a request before 503."
+    )
+    redis_timeout_s: float = Field(default=0.5, gt=0, description="Socket timeout of every Redis call.")
+    redis_breaker_failures: int = Field(default=3, ge=1, description="Redis failures in a row that open the breaker.")
+    redis_breaker_reset_s: float = Field(default=5.0, gt=0, description="How long an open breaker skips Redis.")
+
     data: DataSettings = DataSettings()
     nlp: NlpSettings = NlpSettings()
     llm: LlmSettings = LlmSettings()
