@@ -1,15 +1,46 @@
 """Data service (``data``): tabular analysis of JSON records.
 
 Task ``analyze``: input ``{"records": [{...}, ...]}``; output the record count and per-field statistics.
+
+The contract caps the work one request may ask for: at most ``MAX_FIELDS`` distinct field names and
+``MAX_CELLS`` field occurrences over all records (``over_limits``); a body past them is invalid (422 at
+the edge). An agent may be configured tighter (``settings.data.max_fields`` / ``max_cells``), and
+answers ``payload_too_large`` past its own caps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DATA_TASKS = ("analyze",)
+MAX_FIELDS = 10_000  # distinct field names per request (contract ceiling)
+MAX_CELLS = 5_000_000  # field occurrences over all records per request (contract ceiling)
+
+
+def over_limits(
+    records: Sequence[object], *, max_fields: int, max_cells: int, max_records: int | None = None
+) -> str | None:
+    """Why ``records`` exceeds a cap, or ``None``. Non-object rows are skipped (they are invalid anyway).
+
+    Counting stops at the first cap passed, so the work is bounded by the caps, not by the input.
+    """
+    if max_records is not None and len(records) > max_records:
+        return f"records: {len(records):,} records exceed the limit of {max_records:,}"
+    cells = 0
+    names: set[str] = set()
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        cells += len(record)
+        if cells > max_cells:
+            return f"records: more than {max_cells:,} fields over all records (the limit)"
+        names.update(record)
+        if len(names) > max_fields:
+            return f"records: more than {max_fields:,} distinct field names (the limit)"
+    return None
 
 
 class AnalyzeInput(BaseModel):
@@ -18,6 +49,14 @@ class AnalyzeInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     records: list[dict[str, object]] = Field(description="Rows as JSON objects; fields may differ per row.")
+
+    @field_validator("records")
+    @classmethod
+    def _within_caps(cls, records: list[dict[str, object]]) -> list[dict[str, object]]:
+        problem = over_limits(records, max_fields=MAX_FIELDS, max_cells=MAX_CELLS)
+        if problem is not None:
+            raise ValueError(problem)
+        return records
 
 
 class FieldStats(BaseModel):

@@ -32,6 +32,8 @@ class ServiceSettings(BaseModel):
 class DataSettings(ServiceSettings):
     max_wait_ms: int = 5  # the analysis is cheap per item: waiting to fill a batch buys nothing
     max_records: int = Field(default=200_000, ge=1)
+    max_fields: int = Field(default=2_000, ge=1, description="Distinct field names per analyze request.")
+    max_cells: int = Field(default=1_000_000, ge=1, description="Field occurrences (all records) per request.")
 
 
 class NlpSettings(ServiceSettings):
