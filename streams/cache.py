@@ -5,8 +5,10 @@
 * Value: the successful ``ReplyEvent`` as JSON (orjson), never pickle; error replies are not cached.
 * Policy (``wants_cache``): ``cache: false`` bypasses, ``cache: true`` always uses it, and absent means
   "cache what is reproducible": everything except sampled LLM completions without a seed.
-* A Redis failure is logged and treated as a miss (read) or skipped (write): the cache speeds requests
-  up, it never fails them.
+* A Redis failure is treated as a miss (read) or skipped (write): the cache speeds requests up, it never
+  fails them. Every call goes through the client's circuit breaker (``streams.redis.guarded``): a hanging
+  Redis costs at most ``redis_breaker_failures`` socket timeouts, then calls are skipped at once until a
+  probe succeeds. Failures are logged by the breaker once per state change, not per request.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from redis.exceptions import RedisError
 
 from schemas import ReplyEvent, Service
 from schemas.llm import CompletionInput
+from streams.redis import guarded
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ def wants_cache(service: Service, task: str, payload: Mapping[str, object], flag
 
 
 class ResultCache:
-    """Cached replies in Redis; every method swallows Redis errors (logged) and reports a miss."""
+    """Cached replies in Redis; every method swallows Redis errors and reports a miss."""
 
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._redis = redis
@@ -59,9 +62,9 @@ class ResultCache:
         if not keys:
             return []
         try:
-            raw = await self._redis.mget(list(keys))
+            raw = await guarded(self._redis, lambda: self._redis.mget(list(keys)))
         except RedisError as exc:
-            log.warning("cache read failed, treating as miss: %s", exc)
+            log.debug("cache read failed, treating as miss: %s", exc)
             return [None] * len(keys)
         out: list[ReplyEvent | None] = []
         for value in raw:
@@ -78,10 +81,14 @@ class ResultCache:
         """Store ``(key, reply, ttl_s)`` entries in one round trip; a failure is logged, not raised."""
         if not entries:
             return
-        try:
+
+        async def write() -> None:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key, reply, ttl in entries:
-                    pipe.set(key, orjson.dumps(reply.model_dump(mode="json")), ex=ttl)
+                    pipe.set(key, orjson.dumps(reply.model_dump(mode="json")), ex=max(1, int(ttl)))
                 await pipe.execute()
+
+        try:
+            await guarded(self._redis, write)
         except RedisError as exc:
-            log.warning("cache write failed, continuing without it: %s", exc)
+            log.debug("cache write failed, continuing without it: %s", exc)

@@ -1,4 +1,19 @@
-"""``GET /health``: broker, Redis and agents, 200 when all are fine and 503 otherwise."""
+"""``GET /health``: the broker, Redis, the reply listener and every service's agents.
+
+The rule for the HTTP status (what a load balancer acts on):
+
+* **503, status "down"**: this edge cannot serve requests: Kafka does not answer, the reply listener is
+  not running, or a service this deployment runs has no live agent (read from the agent registry).
+* **200, status "degraded"**: requests are still served, but something is impaired: Redis is down or
+  hanging, or its circuit breaker is open (requests run without the cache; agents are then reported as
+  ``"unknown"``, not absent, since the registry lives in Redis), or a service's agents are retrying the
+  delivery of their replies (``delivery: "retrying"``).
+* **200, status "ok"**: everything answers.
+
+Redis is read once (the registry's ``HGETALL``, which doubles as the ping) through the client's circuit
+breaker, so /health never waits longer than one bounded Redis call, and never waits at all while the
+breaker is open. Kafka is asked for metadata with a 3 s bound.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +21,12 @@ import asyncio
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import ORJSONResponse
+from redis.exceptions import RedisError
 
 from api.deps import get_edge
 from api.edge import Edge
-from streams.registry import live_agents
+from streams.redis import breaker_of
+from streams.registry import AgentInfo, live_agents
 
 router = APIRouter(tags=["health"])
 
@@ -22,37 +39,54 @@ async def _check_kafka(edge: Edge) -> dict[str, object]:
         return {"ok": False, "error": repr(exc)}
 
 
-async def _check_redis(edge: Edge) -> dict[str, object]:
+async def _check_redis(edge: Edge) -> tuple[dict[str, object], list[AgentInfo] | None]:
+    """Redis's state and the live agents; agents are None (unknown) when Redis cannot be read."""
     try:
-        await asyncio.wait_for(edge.redis.ping(), 3.0)
-        return {"ok": True}
-    except Exception as exc:  # noqa: BLE001  (reported, not raised)
-        return {"ok": False, "error": repr(exc)}
+        agents = await live_agents(edge.redis, edge.settings.topic_prefix)
+    except RedisError as exc:
+        return {"ok": False, **breaker_of(edge.redis).snapshot(), "error": str(exc)}, None
+    return {"ok": True, **breaker_of(edge.redis).snapshot()}, agents
+
+
+def _agent_view(agent: AgentInfo) -> dict[str, object]:
+    return {
+        "worker_id": agent.worker_id,
+        "models": agent.models,
+        "seen_ms": agent.seen_ms,
+        "batches": agent.batches,
+        "items": agent.items,
+        "delivery": agent.delivery,
+        "last_error": agent.last_error,
+    }
+
+
+def _service_view(agents: list[AgentInfo] | None) -> dict[str, object]:
+    if agents is None:
+        return {"ok": None, "status": "unknown", "agents": "unknown"}
+    if not agents:
+        return {"ok": False, "status": "down", "agents": []}
+    status = "degraded" if any(a.delivery != "ok" for a in agents) else "ok"
+    return {"ok": status == "ok", "status": status, "agents": [_agent_view(a) for a in agents]}
 
 
 @router.get("/health")
 async def health(edge: Edge = Depends(get_edge)) -> ORJSONResponse:
-    """Report each dependency; 503 when the broker or Redis is down or a service has no live agent."""
-    kafka, redis = await asyncio.gather(_check_kafka(edge), _check_redis(edge))
-    agents: dict[str, list[dict[str, object]]] = {s: [] for s in edge.settings.services}
-    if redis["ok"]:
-        for agent in await live_agents(edge.redis, edge.settings.topic_prefix):
-            if agent.service not in agents:
-                continue
-            agents[agent.service].append(
-                {
-                    "worker_id": agent.worker_id,
-                    "models": agent.models,
-                    "seen_ms": agent.seen_ms,
-                    "batches": agent.batches,
-                    "items": agent.items,
-                }
-            )
-    services = {s: {"ok": bool(a), "agents": a} for s, a in agents.items()}
+    """Report each dependency; 503 only when requests cannot be served (see the module doc)."""
+    kafka, (redis, agents) = await asyncio.gather(_check_kafka(edge), _check_redis(edge))
+    by_service: dict[str, list[AgentInfo] | None] = {
+        s: None if agents is None else [a for a in agents if a.service == s] for s in edge.settings.services
+    }
+    services = {s: _service_view(a) for s, a in by_service.items()}
     listening = edge.listener.running
-    ok = listening and bool(kafka["ok"]) and bool(redis["ok"]) and all(v["ok"] for v in services.values())
+    statuses = {str(v["status"]) for v in services.values()}
+    if not (listening and kafka["ok"]) or "down" in statuses:
+        status, code = "down", 503
+    elif not redis["ok"] or statuses - {"ok"}:
+        status, code = "degraded", 200
+    else:
+        status, code = "ok", 200
     body = {
-        "status": "ok" if ok else "degraded",
+        "status": status,
         "edge": {
             "id": edge.settings.edge_id,
             "reply_topic": edge.reply_topic,
@@ -63,4 +97,4 @@ async def health(edge: Edge = Depends(get_edge)) -> ORJSONResponse:
         "redis": redis,
         "services": services,
     }
-    return ORJSONResponse(body, status_code=200 if ok else 503)
+    return ORJSONResponse(body, status_code=code)

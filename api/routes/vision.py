@@ -1,6 +1,9 @@
 """``POST /ai/vision/analyze`` (JSON, base64 image) and ``/ai/vision/analyze/upload`` (multipart).
 
-Images above ``vision.inline_max_bytes`` travel by claim check (see ``streams.claimcheck``).
+Images above ``vision.inline_max_bytes`` travel by claim check (see ``streams.claimcheck``). When the claim
+check cannot be written (Redis down, hanging, or its breaker open), the image travels inline if its base64
+form still fits one event (``max_event_bytes`` less ``ENVELOPE_ROOM``); otherwise the answer is 503
+``unavailable`` naming Redis and the claim check, never a raw 500.
 """
 
 from __future__ import annotations
@@ -11,14 +14,21 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.responses import ORJSONResponse
+from redis.exceptions import RedisError
 
 from api.deps import get_edge, request_id
 from api.edge import Edge
-from api.errors import InvalidInputError, PayloadTooLargeError, reply_response
+from api.errors import InvalidInputError, PayloadTooLargeError, UnavailableError, reply_response
 from schemas.vision import VisionRequest, VisionTask
 from streams.claimcheck import put_claim
 
 router = APIRouter(tags=["vision"])
+
+ENVELOPE_ROOM = 16 * 1024  # bytes of an event besides the image: id, task, params, reply_to, deadline
+
+
+def _b64_len(n: int) -> int:
+    return 4 * ((n + 2) // 3)
 
 
 async def _analyze(
@@ -34,10 +44,22 @@ async def _analyze(
             task=task,
         )
     payload = {k: v for k, v in params.items() if v is not None}
+    ref: str | None = None
     if len(image) > settings.inline_max_bytes:
-        payload["image_ref"] = await put_claim(
-            edge.redis, edge.settings.topic_prefix, image, settings.claim_ttl_s
-        )
+        try:
+            ref = await put_claim(edge.redis, edge.settings.topic_prefix, image, settings.claim_ttl_s)
+        except RedisError as exc:
+            room = edge.settings.max_event_bytes - ENVELOPE_ROOM
+            if _b64_len(len(image)) > room:
+                raise UnavailableError(
+                    f"Redis is unavailable, so the claim check for this {len(image)}-byte image could not be "
+                    f"stored, and the image is too large to send inline (limit {room * 3 // 4} bytes): {exc}",
+                    request_id=rid,
+                    service="vision",
+                    task=task,
+                ) from exc
+    if ref is not None:
+        payload["image_ref"] = ref
         cache = False  # a claim key is unique per upload: caching it could never hit
     else:
         payload["image_b64"] = base64.b64encode(image).decode("ascii")
@@ -45,7 +67,7 @@ async def _analyze(
     return reply_response(reply)
 
 
-@router.post("/ai/vision/analyze")
+@router.post("/ai/vision/analyze", responses=SERVICE_RESPONSES)
 async def analyze(
     body: VisionRequest, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
 ) -> ORJSONResponse:
@@ -60,7 +82,7 @@ async def analyze(
     return await _analyze(edge, body.task, image, params, body.cache, rid)
 
 
-@router.post("/ai/vision/analyze/upload")
+@router.post("/ai/vision/analyze/upload", responses=SERVICE_RESPONSES)
 async def analyze_upload(
     task: VisionTask = Form(...),
     file: UploadFile = File(...),
