@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await producer.start()
             await listener.start(await wait_for_partitions(settings, reply_topic))
             await edge.refresh_models()
+            await edge.start()  # the broker probe: 503 at once while Kafka is down
             refresher = asyncio.create_task(_refresh_models_forever(edge, settings.heartbeat_interval_s))
             app.state.edge = edge
             log.info("edge %s ready; replies on %s", settings.edge_id, reply_topic)
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 refresher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await refresher
+            await edge.stop()
             router.fail_all(RuntimeError("edge shutting down"))
             await listener.stop()
             await producer.stop()

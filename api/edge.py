@@ -6,12 +6,26 @@
 * otherwise the reply future is registered *before* the request is produced, the request carries this
   edge's reply topic and a deadline, and the caller waits at most ``request_timeout_s`` (504 with the
   request id after that; a late reply is then dropped);
-* each request id is answered once, whatever duplicates at-least-once delivery produces.
+* each request id is answered once, whatever duplicates at-least-once delivery produces;
+* at most ``max_in_flight`` requests are held at once (cache hits included: each holds its body and a
+  task while it waits, on Redis or on Kafka); past that ``call`` raises ``OverloadedError`` (429,
+  ``Retry-After``) at once, without awaiting anything, so the edge's memory stays bounded under any load;
+* Kafka is given ``produce_timeout_s`` to take a request (then 503, ``UnavailableError``), and while the
+  edge's broker view (``kafka_state``: every produce outcome plus a metadata probe every
+  ``PROBE_INTERVAL_S``) says the broker is down, a cache miss is answered 503 at once and nothing is
+  handed to the producer. Cache hits are still served while Kafka is down.
+
+What can go wrong: a request that timed out while producing may still reach the broker later (the
+producer keeps what it already accepted until its own timeout), so a 503 means "maybe not processed",
+never "processed": its reply, if any, is dropped. A caller that retries may get its request run twice
+(at-least-once). Between the broker's death and the first failed produce or probe, requests fail after
+``produce_timeout_s`` rather than at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -20,7 +34,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
-from api.errors import DuplicateIdError, ReplyTimeoutError, UnavailableError
+from api.errors import DuplicateIdError, OverloadedError, ReplyTimeoutError, UnavailableError
+from api.guards import BrokerState, InFlightLimit
 from schemas import ReplyEvent, RequestEvent, Service
 from streams.cache import ResultCache, wants_cache
 from streams.codec import encode
@@ -30,6 +45,14 @@ from streams.settings import Settings
 from streams.topics import service_topics
 
 log = logging.getLogger(__name__)
+
+PROBE_INTERVAL_S = 1.0  # how often the broker view is refreshed by a metadata request
+RETRY_AFTER_S = 1  # the Retry-After of a 429
+
+
+def _broker_failure(exc: BaseException) -> bool:
+    """Whether a produce failure says the broker is unreachable (not e.g. a record too large)."""
+    return isinstance(exc, TimeoutError) or (isinstance(exc, KafkaError) and exc.retriable)
 
 
 class Edge:
@@ -52,6 +75,60 @@ class Edge:
         self.reply_topic = reply_topic
         self.cache = ResultCache(redis, settings.topic_prefix)
         self.models: dict[str, dict[str, str]] = {}
+        self.in_flight = InFlightLimit(settings.max_in_flight)
+        self.broker = BrokerState()
+        self._probe_now = asyncio.Event()
+        self._probe_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the broker probe (the producer must be started)."""
+        await self.probe_kafka()
+        self._probe_task = asyncio.create_task(self._probe_forever(), name="kafka-probe")
+
+    async def stop(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+            self._probe_task = None
+
+    @property
+    def kafka_state(self) -> dict[str, object]:
+        """The edge's broker view for /health: ``status`` ("ok"/"down"), ``since`` (epoch s) and
+        ``last_error``, ``last_ok`` (epoch s of the last success), ``failures`` (in a row)."""
+        return self.broker.snapshot().as_dict()
+
+    @property
+    def load(self) -> dict[str, int]:
+        """Requests in flight now, the limit, the peak and how many were refused with 429."""
+        limit = self.in_flight
+        return {"in_flight": limit.count, "max_in_flight": limit.limit, "peak": limit.peak, "rejected": limit.rejected}
+
+    async def probe_kafka(self) -> bool:
+        """Ask the broker for cluster metadata within ``produce_timeout_s``; record and return the outcome."""
+        try:
+            await asyncio.wait_for(self.producer.client.fetch_all_metadata(), self.settings.produce_timeout_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            self._kafka_failed(f"metadata probe: {exc!r}")
+            return False
+        if self.broker.mark_ok():
+            log.warning("Kafka answers again: the edge takes requests")
+        return True
+
+    def _kafka_failed(self, error: str) -> None:
+        if self.broker.mark_down(error):
+            log.warning("Kafka is down (%s): the edge answers 503 until it answers again", error)
+            self._probe_now.set()
+
+    async def _probe_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe_now.wait(), PROBE_INTERVAL_S)
+            self._probe_now.clear()
+            try:
+                await self.probe_kafka()
+            except Exception:  # the probe must outlive any surprise; the next one retries
+                log.exception("kafka probe failed unexpectedly")
 
     async def refresh_models(self) -> None:
         """Read which model serves each task from the agents' heartbeats (for cache keys)."""
@@ -77,8 +154,36 @@ class Edge:
         request_id: str | None = None,
         timeout_s: float | None = None,
     ) -> ReplyEvent:
-        """Serve one request through the cache or the service's agents."""
+        """Serve one request through the cache or the service's agents.
+
+        Raises:
+            OverloadedError: ``max_in_flight`` requests are already held (429, at once).
+            UnavailableError: Kafka is down or did not take the request within ``produce_timeout_s`` (503).
+            ReplyTimeoutError: no reply within the timeout (504). DuplicateIdError: the id is in flight (409).
+        """
         request_id = request_id or uuid.uuid4().hex
+        if not self.in_flight.try_acquire():
+            raise OverloadedError(
+                f"the edge holds {self.in_flight.limit} requests already; retry after {RETRY_AFTER_S} s",
+                request_id=request_id,
+                service=service,
+                task=task,
+                retry_after_s=RETRY_AFTER_S,
+            )
+        try:
+            return await self._call(service, task, payload, cache, request_id, timeout_s)
+        finally:
+            self.in_flight.release()
+
+    async def _call(
+        self,
+        service: Service,
+        task: str,
+        payload: dict[str, object],
+        cache: bool | None,
+        request_id: str,
+        timeout_s: float | None,
+    ) -> ReplyEvent:
         started = time.perf_counter()
         key = self.cache_key(service, task, payload, cache)
         if key is not None:
@@ -89,6 +194,13 @@ class Edge:
                     update={"id": request_id, "cached": True, "timings_ms": {"edge_ms": elapsed}}
                 )
 
+        if self.broker.down:
+            raise UnavailableError(
+                f"Kafka is unavailable (down for {time.time() - self.broker.since:.1f} s): {self.broker.last_error}",
+                request_id=request_id,
+                service=service,
+                task=task,
+            )
         timeout_s = timeout_s or self.settings.request_timeout_s
         event = RequestEvent(
             id=request_id,
@@ -106,15 +218,19 @@ class Edge:
             topic = service_topics(self.settings.topic_prefix, service).requests
             try:
                 await asyncio.wait_for(
-                    self.producer.send_and_wait(topic, encode(event), key=request_id.encode()), timeout_s
+                    self.producer.send_and_wait(topic, encode(event), key=request_id.encode()),
+                    min(self.settings.produce_timeout_s, timeout_s),
                 )
             except (KafkaError, TimeoutError) as exc:
+                if _broker_failure(exc):
+                    self._kafka_failed(f"produce: {exc!r}")
                 raise UnavailableError(
                     f"could not produce the request to Kafka: {exc!r}",
                     request_id=request_id,
                     service=service,
                     task=task,
                 ) from exc
+            self.broker.mark_ok()
             remaining = timeout_s - (time.perf_counter() - started)
             try:
                 reply = await asyncio.wait_for(asyncio.shield(future), max(remaining, 0.001))

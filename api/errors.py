@@ -29,6 +29,7 @@ class EdgeError(Exception):
 
     status = 500
     code: str = ErrorCode.INTERNAL
+    headers: dict[str, str] = {}  # extra response headers (e.g. Retry-After)
 
     def __init__(self, message: str, *, request_id: str | None = None, service: str = "", task: str = ""):
         super().__init__(message)
@@ -46,6 +47,23 @@ class ReplyTimeoutError(EdgeError):
 class UnavailableError(EdgeError):
     status = 503
     code = ErrorCode.UNAVAILABLE
+
+
+class OverloadedError(EdgeError):
+    """The edge holds ``max_in_flight`` requests already: 429 at once, with ``Retry-After``.
+
+    The code stays ``unavailable`` (a temporary refusal, as 503); the status tells the two apart.
+    """
+
+    status = 429
+    code = ErrorCode.UNAVAILABLE
+
+    def __init__(
+        self, message: str, *, request_id: str | None = None, service: str = "", task: str = "", retry_after_s: int = 1
+    ) -> None:
+        super().__init__(message, request_id=request_id, service=service, task=task)
+        self.retry_after_s = retry_after_s
+        self.headers = {"Retry-After": str(retry_after_s)}
 
 
 class DuplicateIdError(EdgeError):
@@ -85,5 +103,5 @@ def install_error_handlers(app: FastAPI) -> None:
             "model": None,
             "timings_ms": {},
         }
-        headers = {"X-Request-Id": exc.request_id} if exc.request_id else None
+        headers = {**exc.headers, **({"X-Request-Id": exc.request_id} if exc.request_id else {})}
         return ORJSONResponse(body, status_code=exc.status, headers=headers)

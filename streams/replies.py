@@ -8,6 +8,13 @@ edge's) is dropped, so each request is answered once.
 ``ReplyListener`` consumes the reply topic with a plain aiokafka consumer and manual partition
 assignment (no consumer group, so no rebalance pauses), positioned at the end *before* the edge serves
 its first request: a reply can only come after its request, so nothing is missed.
+
+Broker outages: the listener never stops. Connection errors are absorbed by the consumer (it reconnects
+by itself); anything ``getmany`` raises is logged and retried with a bounded backoff (0.1 s doubling to
+``MAX_BACKOFF_S``). The position is never reset behind the edge's back (``auto_offset_reset="none"``):
+after an outage the listener continues from the offset it had reached, so replies produced while the
+broker recovered still reach their callers. Only a position the broker no longer has (the log was
+truncated or deleted) is moved, to the nearest offset that exists, and that is logged.
 """
 
 from __future__ import annotations
@@ -15,14 +22,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import OffsetOutOfRangeError
 from pydantic import ValidationError
 
 from schemas import ReplyEvent
 
 log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 2.0
 
 
 class DuplicateRequestIdError(ValueError):
@@ -81,10 +91,15 @@ class ReplyListener:
             client_id=client_id,
             group_id=None,
             enable_auto_commit=False,
-            auto_offset_reset="latest",
+            auto_offset_reset="none",  # never skip replies silently; see _recover_position
             fetch_max_wait_ms=100,
         )
         self._task: asyncio.Task[None] | None = None
+        self.positions: dict[int, int] = {}  # partition -> next offset to read (after the last reply read)
+        self.received = 0
+        self.errors = 0  # failed polls since start
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None  # epoch s
 
     async def start(self, partitions: list[int]) -> None:
         """Assign ``partitions`` of the topic and seek to their end; returns once positioned."""
@@ -103,20 +118,47 @@ class ReplyListener:
         while True:
             try:
                 batches = await self._consumer.getmany(timeout_ms=500, max_records=1000)
-            except KafkaError as exc:  # the consumer reconnects by itself; keep listening meanwhile
+            except OffsetOutOfRangeError as exc:
+                self._failed(exc)
+                await self._recover_position(exc)
+                continue
+            except Exception as exc:  # noqa: BLE001  (the listener must outlive any outage; retried, bounded)
+                self._failed(exc)
                 log.warning("reply listener: %r; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, MAX_BACKOFF_S)
                 continue
             delay = 0.1
-            for records in batches.values():
+            for tp, records in batches.items():
                 for record in records:
+                    self.positions[tp.partition] = record.offset + 1
+                    self.received += 1
                     try:
                         reply = ReplyEvent.model_validate_json(record.value or b"")
                     except ValidationError:
                         log.warning("dropping unreadable reply at %s:%s", record.partition, record.offset)
                         continue
                     self._router.resolve(reply)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.last_error = repr(exc)
+        self.last_error_at = time.time()
+
+    async def _recover_position(self, exc: OffsetOutOfRangeError) -> None:
+        """Move a partition whose offset the broker no longer has to the nearest offset that exists."""
+        wanted: dict[TopicPartition, int] = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+        try:
+            starts = await self._consumer.beginning_offsets(list(wanted))
+            ends = await self._consumer.end_offsets(list(wanted))
+        except Exception as err:  # noqa: BLE001  (the next poll raises again and we come back here)
+            log.warning("reply listener: cannot read the log bounds (%r); retrying", err)
+            await asyncio.sleep(MAX_BACKOFF_S)
+            return
+        for tp, offset in wanted.items():
+            target = ends[tp] if offset > ends[tp] else starts[tp]
+            log.error("reply listener: offset %d of %s is gone; continuing at %d", offset, tp, target)
+            self._consumer.seek(tp, target)
 
     @property
     def running(self) -> bool:
