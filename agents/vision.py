@@ -8,7 +8,9 @@ then go through the Hugging Face model in one batched forward pass.
 
 Guarantees: ``run_batch`` returns one outcome per item, in order, and a bad image (bad base64,
 truncated, not an image, an unsupported format, a decompression bomb) is a ``Failure`` for that item
-alone. An unexpected error in one item's work is logged and answered ``model_error`` for that item.
+alone. A ``resize`` or ``smart_crop`` whose output would pass ``max_pixels`` is refused
+(``payload_too_large``) before its output is allocated; a ``smart_crop`` target past it, before decoding.
+An unexpected error in one item's work is logged and answered ``model_error`` for that item.
 
 What can go wrong: ``load()`` raises if OpenCV's Haar cascade file is missing or the configured
 classification model cannot be loaded (no network and not cached, say). Without a configured model,
@@ -30,9 +32,18 @@ from typing import TYPE_CHECKING, TypeVar
 import cv2
 import numpy as np
 
-from agents.claims import make_prepare, make_release
+from agents.claims import make_prepare
 from agents.runner import Failure, Item, Outcome, parse_input, unknown_task
-from agents.vision_image import DecodedImage, b64_to_bytes, decode_image, encode_image, fit_within, smart_crop
+from agents.vision_image import (
+    DecodedImage,
+    b64_to_bytes,
+    decode_image,
+    encode_image,
+    fit_size,
+    fit_within,
+    output_too_large,
+    smart_crop,
+)
 from schemas import ErrorCode
 from schemas.vision import (
     VISION_TASKS,
@@ -176,6 +187,10 @@ class VisionRunner:
         if item.task == "smart_crop" and (params.width is None or params.height is None):
             missing = " and ".join(n for n in ("width", "height") if getattr(params, n) is None)
             return Failure(ErrorCode.INVALID_INPUT, f"smart_crop needs 'width' and 'height'; missing {missing}")
+        if item.task == "smart_crop" and params.width is not None and params.height is not None:
+            too_large = output_too_large(item.task, params.width, params.height, self._settings.max_pixels)
+            if too_large is not None:  # refused before the image is even decoded
+                return too_large
         return _Job(task=item.task, params=params, data=data)
 
     def _decode(self, job: _Job) -> DecodedImage | Failure:
@@ -198,10 +213,14 @@ class VisionRunner:
         if job.task == "describe":
             return describe(image).model_dump()
         if job.task == "resize":
-            out = fit_within(image.pixels, p.max_size)
+            size = fit_size(image.width, image.height, p.max_size)
         else:
             assert p.width is not None and p.height is not None  # checked in _prepare
-            out = smart_crop(image.pixels, p.width, p.height)
+            size = (p.width, p.height)
+        too_large = output_too_large(job.task, *size, self._settings.max_pixels)
+        if too_large is not None:  # never for resize today (it never upscales), kept for any future rule
+            return too_large
+        out = fit_within(image.pixels, p.max_size) if job.task == "resize" else smart_crop(image.pixels, *size)
         return ImageOutput(
             image_b64=base64.b64encode(encode_image(out, p.format)).decode("ascii"),
             width=int(out.shape[1]),
@@ -367,4 +386,4 @@ def build_runner(settings: Settings) -> VisionRunner:
     return VisionRunner(settings.vision)
 
 
-__all__ = ["VisionRunner", "build_runner", "describe", "detect_faces", "make_prepare", "make_release"]
+__all__ = ["VisionRunner", "build_runner", "describe", "detect_faces", "make_prepare"]

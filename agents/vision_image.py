@@ -17,6 +17,8 @@ that refusal is also answered ``payload_too_large``, so ``max_pixels`` above it 
 
 ``fit_within`` and ``smart_crop`` are the resize rules of the design brief: never upscale, keep the
 aspect ratio, ``INTER_AREA``; a crop keeps the horizontal centre of a wide image and the top of a tall one.
+``smart_crop`` gives exactly the requested size, so it can upscale: the runner checks every output size
+with ``output_too_large`` against ``max_pixels`` before any output pixel is allocated.
 """
 
 from __future__ import annotations
@@ -157,15 +159,35 @@ def _decode_pillow(data: bytes, want_alpha: bool) -> np.ndarray | Failure:
     return cv2.cvtColor(rgb, cv2.COLOR_RGBA2BGRA if want_alpha else cv2.COLOR_RGB2BGR)
 
 
+def fit_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """``(width, height)`` of ``fit_within``'s output for a ``width`` x ``height`` source."""
+    if max(height, width) <= max_size:
+        return width, height
+    if height > width:
+        return max(1, int(width * max_size / height)), max_size
+    return max_size, max(1, int(height * max_size / width))
+
+
+def output_too_large(task: str, width: int, height: int, max_pixels: int) -> Failure | None:
+    """``payload_too_large`` when an output of ``width`` x ``height`` would pass ``max_pixels``.
+
+    Called with the output size computed from the request (and the source size), before any output
+    pixel is allocated.
+    """
+    if width * height <= max_pixels:
+        return None
+    return Failure(
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        f"{task} output would be {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,} pixels",
+    )
+
+
 def fit_within(image: np.ndarray, max_size: int) -> np.ndarray:
     """Shrink ``image`` so its longest side is ``max_size``, keeping the aspect ratio; never upscale."""
     height, width = image.shape[:2]
-    if max(height, width) <= max_size:
+    size = fit_size(width, height, max_size)
+    if size == (width, height):
         return image
-    if height > width:
-        size = (max(1, int(width * max_size / height)), max_size)
-    else:
-        size = (max_size, max(1, int(height * max_size / width)))
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 

@@ -63,7 +63,7 @@ class LlmSettings(ServiceSettings):
 class VisionSettings(ServiceSettings):
     max_batch: int = 16
     classify_model: str = Field(default="", description="HF image-classification model; empty = none.")
-    max_pixels: int = Field(default=40_000_000, ge=1, description="Decoded images above this are refused.")
+    max_pixels: int = Field(default=40_000_000, ge=1, description="Decoded images and outputs above this are refused.")
     formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
     max_upload_bytes: int = Field(
         default=20 * 1024 * 1024, ge=1024, description="HTTP body limit for images."

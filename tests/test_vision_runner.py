@@ -9,14 +9,17 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
+from agents import vision
 from agents.runner import Failure, Item, Outcome
 from agents.vision import VisionRunner, build_runner
+from agents.vision_image import fit_size, output_too_large
 from schemas import ErrorCode
 from schemas.vision import DescribeOutput, FacesOutput, ImageOutput
 from streams.settings import Settings, VisionSettings
@@ -224,6 +227,7 @@ def test_each_bad_image_fails_alone_in_a_mixed_batch(runner: VisionRunner) -> No
         (item("sharpen", good), ErrorCode.UNKNOWN_TASK, "sharpen"),
         (item("classify", good), ErrorCode.MODEL_NOT_CONFIGURED, "AISEMBLE_VISION__CLASSIFY_MODEL"),
         (item("smart_crop", good, width=4, height=4), None, ""),
+        (item("smart_crop", good, width=8192, height=8192), ErrorCode.PAYLOAD_TOO_LARGE, "67,108,864 pixels"),
     ]
     outcomes = runner.run_batch([c[0] for c in cases])
     assert len(outcomes) == len(cases)
@@ -248,6 +252,45 @@ def test_pixel_limit_is_checked_before_decoding(runner: VisionRunner) -> None:
     assert isinstance(big, Failure) and big.code == ErrorCode.PAYLOAD_TOO_LARGE
     assert "10,100 pixels" in big.message and "10,000" in big.message
     ok(fits)
+
+
+def test_smart_crop_output_past_the_pixel_limit_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    small = build_runner(Settings(vision=VisionSettings(max_pixels=10_000, threads=1)))
+    small.load()
+    decoded: list[int] = []
+    real_decode = vision.decode_image
+
+    def counting_decode(data: bytes, **kwargs: Any) -> Any:
+        decoded.append(len(data))
+        return real_decode(data, **kwargs)
+
+    monkeypatch.setattr(vision, "decode_image", counting_decode)
+    try:
+        tiny = encode(solid(10, 10, (200, 100, 50)))
+        over, at_limit, resized = small.run_batch(
+            [
+                item("smart_crop", tiny, width=101, height=100),
+                item("smart_crop", tiny, width=100, height=100),  # upscaling within the limit is allowed
+                item("resize", encode(gradient(100, 100)), max_size=8192),  # never upscales
+            ]
+        )
+    finally:
+        small.close()
+    assert isinstance(over, Failure) and over.code == ErrorCode.PAYLOAD_TOO_LARGE
+    assert over.message == "smart_crop output would be 101x100 = 10,100 pixels; the limit is 10,000 pixels"
+    assert len(decoded) == 2  # the refused item's image was never decoded
+    assert decode_output(at_limit).shape == (100, 100, 3)
+    assert decode_output(resized).shape[:2] == (100, 100)
+
+
+def test_output_size_rules() -> None:
+    assert fit_size(640, 480, 320) == (320, 240)
+    assert fit_size(300, 600, 200) == (100, 200)
+    assert fit_size(100, 50, 8192) == (100, 50)
+    assert fit_size(10_000, 1, 100) == (100, 1)
+    assert output_too_large("resize", 100, 100, 10_000) is None
+    refused = output_too_large("resize", 8192, 8192, 40_000_000)
+    assert isinstance(refused, Failure) and refused.code == ErrorCode.PAYLOAD_TOO_LARGE
 
 
 def test_format_allow_list_comes_from_settings() -> None:
