@@ -8,12 +8,25 @@ For each batch (``BatchProcessor.process``):
 3. requests that may use the cache are looked up in Redis in one round trip; hits are answered at once;
 4. the rest run through the service's runner in ONE ``run_batch`` call, on a dedicated worker thread
    so the event loop (Kafka heartbeats, other agents) keeps running;
-5. every reply is produced to its ``reply_to`` (or the results topic), the cache is written, and the
-   call returns only when the broker has acknowledged every reply and dead letter.
+5. every reply is produced to its ``reply_to`` (or the results topic) and the call returns only when
+   every reply and dead letter is settled (see below); then successful replies are cached and the
+   optional ``release`` hook runs (vision deletes its consumed claim checks).
+
+Delivery policy (the failure classes are in ``streams.failures``):
+
+* a send the broker acknowledged is settled;
+* a send that failed **permanently** (too large, unknown or unauthorised topic, invalid record) is
+  dead-lettered with the reason (a reply becomes a ``reply_undeliverable`` dead letter); a dead letter
+  that itself fails permanently is logged and counted (``stats.lost_letters``), and the agent moves on:
+  a poison event never blocks its partition;
+* a send that failed **retriably** (broker away, leader moving, timeouts) is sent again with backoff, for
+  at most ``retry_s``; meanwhile ``delivery_state`` says ``retrying`` (the heartbeat reports it). Past
+  that, ``process`` raises ``DeliveryError``: the batch is not acknowledged and is delivered again.
 
 The runtime acknowledges the batch's offsets only after ``process`` returns, so a crash anywhere in
-between redelivers the batch (at-least-once). ``process`` raises ``DeliveryError`` when it could not
-deliver; it never raises for a bad event or a failing model.
+between redelivers the batch (at-least-once). ``process_isolating`` adds the last line of defence: an
+unexpected exception in the batch path reruns the batch one record at a time, and a record that still
+raises is dead-lettered (``internal``), so one bad event cannot stall a partition.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from agents.errors import DeliveryError
@@ -31,17 +44,25 @@ from agents.runner import Failure, Item, ModelRunner, Outcome, unknown_task
 from schemas import ErrorCode, ErrorInfo, ReplyEvent, RequestEvent, Service
 from streams.cache import ResultCache, wants_cache
 from streams.codec import BadEvent, Record, dead_letter, decode_request, encode
+from streams.failures import Verdict, classify
 from streams.topics import service_topics
 
 log = logging.getLogger(__name__)
 
 Prepare = Callable[[Sequence[Item]], Awaitable[list[Item | Failure]]]
+Release = Callable[[Sequence[dict[str, object]]], Awaitable[None]]
+
+SEND_ENQUEUE_TIMEOUT_S = 10.0
 
 
 class Sink(Protocol):
-    """Where replies and dead letters go: ``send`` enqueues and returns the broker-ack future."""
+    """Where replies and dead letters go."""
 
-    async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]: ...
+    async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]:
+        """Enqueue one record; returns the future of the broker's acknowledgement."""
+
+    async def topic_exists(self, topic: str) -> bool | None:
+        """Whether ``topic`` exists (from the producer's metadata); None when that cannot be told now."""
 
 
 @dataclass(slots=True)
@@ -53,14 +74,21 @@ class BatchStats:
     dead_letters: int = 0
     cache_hits: int = 0
     errors: int = 0
+    retries: int = 0
+    lost_letters: int = 0
+    isolated: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Delivery:
-    """A send in flight; ``record`` is set for a reply to a caller's own ``reply_to`` topic."""
+    """One record to settle. ``reply`` is set for a reply (which may fall back to a dead letter)."""
 
-    ack: Awaitable[object]
-    record: Record | None = None
+    topic: str
+    key: bytes
+    value: bytes
+    source: Record
+    reply: ReplyEvent | None = None
+    ack: Awaitable[object] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,57 +119,90 @@ class BatchProcessor:
         cache_ttl_s: int,
         max_event_bytes: int = 1024 * 1024,
         prepare: Prepare | None = None,
+        release: Release | None = None,
+        retry_s: float = 60.0,
     ) -> None:
         self.service = service
         self.runner = runner
         self.stats = BatchStats()
+        self.delivery_state = "ok"
+        self.last_error: str | None = None
         self._sink = sink
         self._cache = cache
         self._cache_ttl_s = cache_ttl_s
         self._prepare = prepare
+        self._release = release
+        self._retry_s = retry_s
         self._max_event_bytes = max_event_bytes
         self._topics = service_topics(topic_prefix, service)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{service}-model")
         # Read once: a model's name cannot change while the process runs (the runner is loaded by now).
         self.models: dict[str, str] = {task: runner.model_for(task) for task in runner.tasks}
 
+    async def process_isolating(self, records: Sequence[Record]) -> None:
+        """``process``, and if the batch path raises, one record at a time; a record that still raises
+        is dead-lettered (``internal``). Raises only ``DeliveryError``."""
+        try:
+            await self.process(records)
+            return
+        except DeliveryError:
+            raise
+        except Exception:  # policy: isolate the poison record, never stall the partition
+            log.exception("%s batch of %d failed; retrying its records one at a time", self.service, len(records))
+        for record in records:
+            try:
+                await self.process([record])
+            except DeliveryError:
+                raise
+            except Exception as exc:
+                self.stats.isolated += 1
+                log.exception("%s record %s[%d]@%d fails alone", self.service, record.topic, record.partition,
+                              record.offset)  # fmt: skip
+                reason = ErrorInfo(code=ErrorCode.INTERNAL, message=f"processing failed: {type(exc).__name__}: {exc}")
+                await self._settle([self._letter(record, reason)])
+
     async def process(self, records: Sequence[Record]) -> None:
-        """Handle one micro-batch; returns once every reply is acknowledged by the broker."""
+        """Handle one micro-batch; returns once every reply and dead letter is settled."""
         picked_ms = _now_ms()
-        acks: list[_Delivery] = []
+        out: list[_Delivery] = []
         pending: list[_Pending] = []
 
         for record in records:
             event = decode_request(record.value)
             if isinstance(event, BadEvent):
-                acks.append(await self._dead_letter(record, event))
+                out.append(self._letter(record, event))
                 continue
             if event.deadline_ms is not None and event.deadline_ms < picked_ms:
                 reply = self._error_reply(event, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before the run")
-                acks.append(await self._send_reply(record, event, reply))
+                out.append(self._reply(record, event, reply))
                 continue
             if event.task not in self.runner.tasks:
                 failure = unknown_task(event.task, self.runner.tasks)
-                acks.append(
-                    await self._send_reply(record, event, self._error_reply(event, failure.code, failure.message))
-                )
+                out.append(self._reply(record, event, self._error_reply(event, failure.code, failure.message)))
                 continue
             key = None
             if self._cache is not None and wants_cache(self.service, event.task, event.input, event.cache):
                 key = self._cache.key(self.service, event.task, self.models[event.task], event.input)
             pending.append(_Pending(record, event, key))
 
-        to_run = await self._answer_from_cache(pending, picked_ms, acks)
-        cache_entries = await self._run(to_run, picked_ms, acks) if to_run else []
+        to_run = await self._answer_from_cache(pending, picked_ms, out)
+        ran = await self._run(to_run, picked_ms, out) if to_run else []
 
         self.stats.batches += 1
         self.stats.items += len(records)
-        await self._await_acks(acks)
+        delivered = await self._settle(out)
         if self._cache is not None:
-            await self._cache.put_many(cache_entries)
+            entries = [
+                (p.cache_key, d.reply, self._cache_ttl_s)
+                for p, d in ran
+                if p.cache_key is not None and d.reply is not None and d.reply.ok and id(d) in delivered
+            ]
+            await self._cache.put_many(entries)
+        if self._release is not None and ran:
+            await self._release([dict(p.event.input) for p, _ in ran])
 
     async def _answer_from_cache(
-        self, pending: list[_Pending], picked_ms: float, acks: list[_Delivery]
+        self, pending: list[_Pending], picked_ms: float, out: list[_Delivery]
     ) -> list[_Pending]:
         keyed = [p for p in pending if p.cache_key is not None]
         if self._cache is None or not keyed:
@@ -159,14 +220,16 @@ class BatchProcessor:
                     "timings_ms": {"queue_ms": picked_ms - p.record.timestamp_ms, "batch_size": len(pending)},
                 }
             )
-            acks.append(await self._send_reply(p.record, p.event, reply))
+            out.append(self._reply(p.record, p.event, reply))
         self.stats.cache_hits += len(hit_ids)
         return [p for p in pending if id(p) not in hit_ids]
 
     async def _run(
-        self, batch: list[_Pending], picked_ms: float, acks: list[_Delivery]
-    ) -> list[tuple[str, ReplyEvent, int]]:
-        items: list[Item | Failure] = [Item(p.event.task, dict(p.event.input)) for p in batch]
+        self, batch: list[_Pending], picked_ms: float, out: list[_Delivery]
+    ) -> list[tuple[_Pending, _Delivery]]:
+        items: list[Item | Failure] = [
+            Item(p.event.task, dict(p.event.input), p.event.deadline_ms) for p in batch
+        ]
         if self._prepare is not None:
             items = await self._prepare([i for i in items if isinstance(i, Item)])
         runnable = [i for i in items if isinstance(i, Item)]
@@ -176,7 +239,7 @@ class BatchProcessor:
         results = iter(outcomes)
         merged: list[Outcome] = [next(results) if isinstance(i, Item) else i for i in items]
 
-        entries: list[tuple[str, ReplyEvent, int]] = []
+        ran: list[tuple[_Pending, _Delivery]] = []
         done_ms = _now_ms()
         for p, outcome in zip(batch, merged, strict=True):
             timings = {
@@ -198,10 +261,10 @@ class BatchProcessor:
                     model=self.models[p.event.task],
                     timings_ms=timings,
                 )
-                if p.cache_key is not None:
-                    entries.append((p.cache_key, reply, self._cache_ttl_s))
-            acks.append(await self._send_reply(p.record, p.event, reply))
-        return entries
+            delivery = self._reply(p.record, p.event, reply)
+            out.append(delivery)
+            ran.append((p, delivery))
+        return ran
 
     async def _run_model(self, items: list[Item]) -> list[Outcome]:
         loop = asyncio.get_running_loop()
@@ -228,7 +291,8 @@ class BatchProcessor:
             timings_ms=timings or {},
         )
 
-    async def _send_reply(self, record: Record, event: RequestEvent, reply: ReplyEvent) -> _Delivery:
+    def _reply(self, record: Record, event: RequestEvent, reply: ReplyEvent) -> _Delivery:
+        """A reply to settle; one too large to send becomes ``payload_too_large`` (and is never cached)."""
         value = encode(reply)
         if len(value) > self._max_event_bytes:
             reply = self._error_reply(
@@ -238,20 +302,11 @@ class BatchProcessor:
                 reply.timings_ms,
             )
             value = encode(reply)
-        if event.reply_to is None:
-            return _Delivery(await self._send(self._topics.results, event.id.encode(), value))
-        return _Delivery(await self._send(event.reply_to, event.id.encode(), value), record)
+        topic = event.reply_to or self._topics.results
+        return _Delivery(topic, event.id.encode(), value, record, reply)
 
-    async def _send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]:
-        """Enqueue one record; a failure to enqueue becomes a failed ack, handled with the others."""
-        try:
-            return await self._sink.send(topic, key, value)
-        except Exception as exc:  # noqa: BLE001  (enqueue failed: metadata timeout, size; judged later)
-            failed: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            return failed
-
-    async def _dead_letter(self, record: Record, reason: BadEvent | ErrorInfo) -> _Delivery:
+    def _letter(self, record: Record, reason: BadEvent | ErrorInfo) -> _Delivery:
+        """A dead letter to settle; it always fits the event limit (see ``streams.codec.dead_letter``)."""
         self.stats.dead_letters += 1
         log.warning("dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
         letter = dead_letter(
@@ -262,23 +317,84 @@ class BatchProcessor:
             offset=record.offset,
             key=record.key,
             value=record.value,
+            max_bytes=self._max_event_bytes,
         )
-        return _Delivery(await self._send(self._topics.dlq, record.key or b"", encode(letter)))
+        return _Delivery(self._topics.dlq, (record.key or b"")[:256], encode(letter), record)
 
-    async def _await_acks(self, deliveries: list[_Delivery]) -> None:
-        """Wait for the broker; a reply its ``reply_to`` topic refused is dead-lettered instead.
+    async def _enqueue(self, delivery: _Delivery) -> None:
+        """Hand one record to the producer; a failure to enqueue becomes a failed ack, judged later."""
+        try:
+            delivery.ack = await asyncio.wait_for(
+                self._sink.send(delivery.topic, delivery.key, delivery.value), SEND_ENQUEUE_TIMEOUT_S
+            )
+        except Exception as exc:  # noqa: BLE001  (size, metadata timeout, closed producer: classified later)
+            failed: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            delivery.ack = failed
+
+    async def _settle(self, deliveries: list[_Delivery]) -> set[int]:
+        """Send every delivery until each is acknowledged or permanently handled; see the module docstring.
+
+        Returns:
+            ``id()`` of the deliveries the broker acknowledged as they were (not replaced by a dead letter).
 
         Raises:
-            DeliveryError: a send to our own topics (results, dead letters) failed.
+            DeliveryError: retriable failures lasted longer than ``retry_s``.
         """
-        results = await asyncio.gather(*(d.ack for d in deliveries), return_exceptions=True)
-        retry: list[_Delivery] = []
-        for delivery, result in zip(deliveries, results, strict=True):
-            if not isinstance(result, BaseException):
-                continue
-            if delivery.record is None:
-                raise DeliveryError(f"send failed: {result!r}") from result
-            reason = ErrorInfo(code=ErrorCode.REPLY_UNDELIVERABLE, message=f"reply_to refused the reply: {result!r}")
-            retry.append(await self._dead_letter(delivery.record, reason))
-        if retry:
-            await self._await_acks(retry)
+        delivered: set[int] = set()
+        todo = list(deliveries)
+        deadline = time.monotonic() + self._retry_s
+        delay = 0.2
+        todo = await self._swap_unknown_reply_topics(todo)
+        while todo:
+            for d in todo:
+                await self._enqueue(d)
+            results = await asyncio.gather(*(d.ack for d in todo if d.ack is not None), return_exceptions=True)
+            retry: list[_Delivery] = []
+            follow_up: list[_Delivery] = []
+            for d, result in zip(todo, results, strict=True):
+                if not isinstance(result, BaseException):
+                    delivered.add(id(d))
+                    continue
+                if classify(result) is Verdict.RETRIABLE:
+                    retry.append(d)
+                elif d.reply is not None:
+                    reason = ErrorInfo(
+                        code=ErrorCode.REPLY_UNDELIVERABLE, message=f"reply to {d.topic} refused: {result!r}"
+                    )
+                    follow_up.append(self._letter(d.source, reason))
+                else:
+                    self.stats.lost_letters += 1
+                    log.error("dead letter for %s[%d]@%d refused permanently, moving on: %r",
+                              d.source.topic, d.source.partition, d.source.offset, result)  # fmt: skip
+            if retry:
+                self.stats.retries += len(retry)
+                self.delivery_state, self.last_error = "retrying", repr(results[todo.index(retry[0])])
+                if time.monotonic() + delay > deadline:
+                    raise DeliveryError(
+                        f"{len(retry)} sends still failing after {self._retry_s:.0f}s: {self.last_error}"
+                    )
+                log.warning("%d sends failed retriably (%s); again in %.1fs", len(retry), self.last_error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            todo = retry + follow_up
+        self.delivery_state = "ok"
+        return delivered
+
+    async def _swap_unknown_reply_topics(self, deliveries: list[_Delivery]) -> list[_Delivery]:
+        """Each reply whose ``reply_to`` topic does not exist is replaced by its dead letter at once, without
+        waiting on the producer's metadata (which would hold the whole batch)."""
+        exists: dict[str, bool | None] = {}
+        out: list[_Delivery] = []
+        for d in deliveries:
+            if d.reply is not None and d.topic != self._topics.results:
+                if d.topic not in exists:
+                    exists[d.topic] = await self._sink.topic_exists(d.topic)
+                if exists[d.topic] is False:
+                    reason = ErrorInfo(
+                        code=ErrorCode.REPLY_UNDELIVERABLE, message=f"reply_to topic {d.topic} does not exist"
+                    )
+                    out.append(self._letter(d.source, reason))
+                    continue
+            out.append(d)
+        return out

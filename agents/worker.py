@@ -1,16 +1,19 @@
 """An agent process: one service's runner behind a Faust agent on the service's request topic.
 
 Start-up order: settings -> topics exist -> model loaded and warmed up -> Faust worker joins the
-consumer group and consumes. The agent runs with concurrency 1 (faust issue 606: with more, a commit
-can pass an event still in progress) and batches with ``take_events(max_batch, max_wait_ms)``; Faust
-acknowledges a batch's events only when our loop body returns, i.e. after ``BatchProcessor.process``
-saw every reply acknowledged by the broker. A batch that could not be delivered is retried in place
-with backoff (the broker may be restarting); it is never acknowledged undelivered.
+consumer group and consumes. Faust is the runtime (group membership, fetching, offset commits of
+acknowledged events); batching and acknowledgement are ours (``BatchLoop``): events are read from a
+``noack`` stream into a ``streams.batching.BatchBuffer`` (natural micro-batches: whatever has arrived
+when the model is free), and each event is acknowledged only after its reply or dead letter was settled
+by ``agents.loop.BatchProcessor``. SIGTERM finishes the batch in hand within ``shutdown_grace_s``; a
+delivery retry that runs out, or a bug in the loop, ends the process with exit status 3 (its events are
+delivered again after the restart; ``aisemble run`` restarts it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -18,17 +21,20 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
+from typing import Any
 
 import faust
+import orjson
+from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agents.errors import DeliveryError
-from agents.loop import BatchProcessor, Prepare
+from agents.loop import BatchProcessor
 from agents.runner import ModelRunner
 from schemas import Service
 from streams.app import create_app, request_topic
+from streams.batching import BatchBuffer, BufferClosed
 from streams.cache import ResultCache
 from streams.codec import Record
 from streams.registry import AgentInfo, beat
@@ -36,6 +42,9 @@ from streams.settings import Settings
 from streams.topics import ensure_service_topics
 
 log = logging.getLogger(__name__)
+
+METADATA_CHECK_S = 2.0
+EXIT_AGENT_FAILED = 3
 
 
 def build_runner(service: Service, settings: Settings) -> ModelRunner:
@@ -45,10 +54,11 @@ def build_runner(service: Service, settings: Settings) -> ModelRunner:
     return runner
 
 
-def build_prepare(service: Service, settings: Settings, redis: Redis) -> Prepare | None:
-    """The service's optional async pre-step (e.g. vision's claim-check resolution)."""
+def build_hook(service: Service, name: str, settings: Settings, redis: Redis) -> Any:
+    """The service's optional hook ``agents.<service>.<name>(settings, redis)``: ``make_prepare`` (an async
+    pre-step, e.g. vision's claim-check resolution) or ``make_release`` (runs after a batch is delivered)."""
     module = importlib.import_module(f"agents.{service}")
-    factory = getattr(module, "make_prepare", None)
+    factory = getattr(module, name, None)
     return factory(settings, redis) if factory is not None else None
 
 
@@ -57,9 +67,29 @@ class FaustSink:
 
     def __init__(self, app: faust.App) -> None:
         self._app = app
+        self._known: set[str] = set()
 
     async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]:
         return await self._app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
+
+    async def topic_exists(self, topic: str) -> bool | None:
+        """From the producer's cluster metadata, refreshed once (bounded) for a topic it does not know."""
+        if topic in self._known:
+            return True
+        client = getattr(getattr(self._app.producer, "_producer", None), "client", None)
+        if client is None:
+            return None
+        if topic not in client.cluster.topics():
+            try:
+                async with asyncio.timeout(METADATA_CHECK_S):
+                    await client.force_metadata_update()
+            except (TimeoutError, KafkaError) as exc:
+                log.warning("cannot tell whether topic %s exists: %r", topic, exc)
+                return None
+        exists = topic in client.cluster.topics()
+        if exists:
+            self._known.add(topic)
+        return exists
 
 
 def _record(event: faust.EventT) -> Record:
@@ -74,7 +104,102 @@ def _record(event: faust.EventT) -> Record:
     )
 
 
-def create_agent_app(service: Service, settings: Settings, runner: ModelRunner) -> faust.App:
+def _deadline_monotonic(event: faust.EventT) -> float | None:
+    """The request's ``deadline_ms`` on the monotonic clock, read cheaply (only used when lingering)."""
+    try:
+        deadline_ms = orjson.loads(event.message.value or b"null").get("deadline_ms")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(deadline_ms, int | float):
+        return None
+    return time.monotonic() + (deadline_ms / 1000.0 - time.time())
+
+
+class AgentStopped(Exception):
+    """The agent loop ended in a way that must end the process (a bounded retry ran out, or a bug)."""
+
+
+class BatchLoop:
+    """Feeds a Faust stream into a ``BatchBuffer`` and runs one batch at a time, acknowledging by hand.
+
+    * Events are read from a ``noack`` stream: Faust acknowledges nothing by itself, not on close, not on
+      an exception. An event is acknowledged only after ``BatchProcessor`` settled its reply or dead letter.
+    * Graceful stop (SIGTERM/SIGINT; Faust cancels the agent): the buffer takes no more events, the batch in
+      hand is finished within ``grace_s`` and acknowledged (Faust's consumer commits acknowledged offsets
+      on stop, then leaves the group). Past the grace period the batch is abandoned unacknowledged and is
+      delivered again to whichever agent owns its partition next.
+    * Rebalance: waiting events of revoked partitions are dropped (their new owner serves them), and an
+      event is acknowledged only while its partition is still assigned here.
+    * Anything that escapes (a delivery retry that ran out, a bug) stops the process with an error instead
+      of letting Faust restart the agent past events it holds unacknowledged.
+    """
+
+    def __init__(self, app: faust.App, processor: BatchProcessor, max_batch: int, linger_ms: int, grace_s: float):
+        self.app = app
+        self.processor = processor
+        self.grace_s = grace_s
+        self.buffer: BatchBuffer[faust.EventT] = BatchBuffer(
+            max_batch,
+            capacity=2 * max_batch,
+            linger_s=linger_ms / 1000.0,
+            deadline_of=_deadline_monotonic if linger_ms > 0 else None,
+        )
+        self.failure: BaseException | None = None
+
+    def on_revoked(self, revoked: set[object]) -> None:
+        dropped = self.buffer.drop(lambda e: e.message.tp in revoked)
+        if dropped:
+            log.info("rebalance: dropped %d waiting events of revoked partitions (their new owner serves them)",
+                     len(dropped))  # fmt: skip
+
+    async def _feed(self, stream: faust.StreamT) -> None:
+        async for event in stream.events():  # type: ignore[attr-defined]
+            await self.buffer.put(event)
+
+    async def run(self, stream: faust.StreamT) -> None:
+        feeder = asyncio.create_task(self._feed(stream.noack()), name="agent-feed")  # type: ignore[attr-defined]
+        try:
+            while True:
+                events = await self.buffer.take()
+                await self._handle(events)
+        finally:
+            self.buffer.close()
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError, BufferClosed):
+                await feeder
+
+    async def _handle(self, events: list[faust.EventT]) -> None:
+        work = asyncio.create_task(self._process_and_ack(events), name="agent-batch")
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if work.done():
+                raise
+            log.info("stopping: finishing the batch in hand (%d events) within %.0fs", len(events), self.grace_s)
+            try:
+                await asyncio.wait_for(work, self.grace_s)
+                log.info("batch in hand answered and acknowledged")
+            except TimeoutError:
+                log.warning("grace period over: %d events left unacknowledged (delivered again)", len(events))
+            except Exception:
+                log.exception("batch in hand failed while stopping")
+            raise
+        except Exception as exc:
+            self.failure = exc
+            log.critical("agent loop failed, stopping the process (its events are delivered again): %r", exc)
+            raise AgentStopped(str(exc)) from exc
+
+    async def _process_and_ack(self, events: list[faust.EventT]) -> None:
+        await self.processor.process_isolating([_record(e) for e in events])
+        assigned = self.app.consumer.assignment()
+        for event in events:
+            if event.message.tp in assigned:
+                event.ack()
+
+
+def create_agent_app(
+    service: Service, settings: Settings, runner: ModelRunner
+) -> tuple[faust.App, BatchLoop]:
     """The Faust app of one service's agent, with its agent and heartbeat timer registered."""
     app = create_app(settings, service)
     topic = request_topic(app, settings, service)
@@ -89,8 +214,11 @@ def create_agent_app(service: Service, settings: Settings, runner: ModelRunner) 
         cache=ResultCache(redis, settings.topic_prefix),
         cache_ttl_s=conf.cache_ttl_s,
         max_event_bytes=settings.max_event_bytes,
-        prepare=build_prepare(service, settings, redis),
+        prepare=build_hook(service, "make_prepare", settings, redis),
+        release=build_hook(service, "make_release", settings, redis),
+        retry_s=settings.delivery_retry_s,
     )
+    loop = BatchLoop(app, processor, conf.max_batch, conf.max_wait_ms, settings.shutdown_grace_s)
     info = AgentInfo(
         service=service,
         worker_id=worker_id,
@@ -99,23 +227,16 @@ def create_agent_app(service: Service, settings: Settings, runner: ModelRunner) 
         started_ms=int(time.time() * 1000),
     )
 
-    async def handle(events: Sequence[faust.EventT]) -> None:
-        records = [_record(e) for e in events]
-        delay = 0.5
-        while True:
-            try:
-                await processor.process(records)
-                return
-            except DeliveryError as exc:
-                log.error("batch of %d not delivered (%s); retrying in %.1fs", len(records), exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
     @app.agent(topic, name=f"{service}-agent", concurrency=1)
     async def serve(stream: faust.StreamT) -> None:
-        batches = stream.take_events(conf.max_batch, within=conf.max_wait_ms / 1000.0)  # type: ignore[attr-defined]
-        async for events in batches:
-            await handle(events)
+        try:
+            await loop.run(stream)
+        except AgentStopped:
+            await app.crash(loop.failure or RuntimeError("agent loop failed"))  # type: ignore[attr-defined]
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def on_revoked(sender: object, revoked: set[object], **kwargs: object) -> None:
+        loop.on_revoked(revoked)
 
     @app.timer(interval=settings.heartbeat_interval_s)
     async def heartbeat() -> None:
@@ -126,7 +247,7 @@ def create_agent_app(service: Service, settings: Settings, runner: ModelRunner) 
         except RedisError as exc:
             log.warning("heartbeat failed: %s", exc)
 
-    return app
+    return app, loop
 
 
 def run_agent(service: Service, settings: Settings) -> None:
@@ -137,6 +258,11 @@ def run_agent(service: Service, settings: Settings) -> None:
     runner.load()
     log.info("%s model(s) loaded and warm in %.1fs", service, time.perf_counter() - started)
     asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run above cleared it; Faust wants one
-    app = create_agent_app(service, settings, runner)
+    app, loop = create_agent_app(service, settings, runner)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), override_logging=False)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if loop.failure is not None:
+            raise SystemExit(EXIT_AGENT_FAILED) from exc
+        raise

@@ -101,6 +101,14 @@ class DeadLetterEvent(BaseModel):
     error: ErrorInfo
     source: DeadLetterSource
     key: str | None = Field(default=None, description="The original key, decoded as UTF-8 (lossy).")
-    payload: str = Field(description="The original value, as text or base64 (see payload_encoding).")
+    payload: str = Field(
+        description="The original value, as text or base64 (see payload_encoding); a prefix when truncated."
+    )
     payload_encoding: Literal["utf-8", "base64"]
+    payload_bytes: int = Field(default=0, ge=0, description="Size of the original value in bytes.")
+    payload_sha256: str | None = Field(default=None, description="SHA-256 (hex) of the original value.")
+    truncated: bool = Field(
+        default=False,
+        description="True when the original value was too large to carry: payload holds only its first bytes.",
+    )
     ts_ms: int = Field(description="When the event was dead-lettered, epoch milliseconds.")

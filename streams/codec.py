@@ -7,6 +7,7 @@ are not one (the reason becomes the dead-letter event). JSON goes through orjson
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -52,6 +53,10 @@ def encode(model: BaseModel) -> bytes:
     return orjson.dumps(model.model_dump(mode="json"))
 
 
+# Room for the envelope around the payload (reason, source, key, timestamps): a bound, not an estimate.
+_ENVELOPE_ROOM = 8 * 1024
+
+
 def dead_letter(
     service: Service,
     reason: BadEvent | ErrorInfo,
@@ -61,21 +66,36 @@ def dead_letter(
     offset: int,
     key: bytes | None,
     value: bytes | None,
+    max_bytes: int = 1024 * 1024,
 ) -> DeadLetterEvent:
-    """The dead-letter event for a record, carrying its original bytes (text when UTF-8, else base64)."""
+    """The dead-letter event for a record, carrying its original bytes (text when UTF-8, else base64).
+
+    It always fits ``max_bytes`` when encoded: an original too large to carry is cut to a prefix
+    (``truncated: true``), and the letter keeps its size and SHA-256 either way, so an operator can match it
+    with the record still on the source topic at ``source``'s partition and offset.
+    """
     raw = value or b""
     try:
         payload, encoding = raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         payload, encoding = base64.b64encode(raw).decode("ascii"), "base64"
+    budget = max(0, max_bytes - _ENVELOPE_ROOM)
+    truncated = False
+    if len(payload.encode("utf-8")) * 2 > budget:  # JSON escaping can double a text's size
+        truncated = True
+        prefix = raw[: max(0, budget // 4)]  # base64 of n bytes is 4n/3; text escapes at most 2x
+        payload, encoding = base64.b64encode(prefix).decode("ascii"), "base64"
     error = reason if isinstance(reason, ErrorInfo) else ErrorInfo(code=reason.code, message=reason.message)
     return DeadLetterEvent(
         service=service,
-        error=error,
+        error=ErrorInfo(code=error.code, message=error.message[:2000]),
         source=DeadLetterSource(topic=topic, partition=partition, offset=offset),
-        key=key.decode("utf-8", "replace") if key is not None else None,
+        key=key[:256].decode("utf-8", "replace") if key is not None else None,
         payload=payload,
         payload_encoding=encoding,  # type: ignore[arg-type]
+        payload_bytes=len(raw),
+        payload_sha256=hashlib.sha256(raw).hexdigest(),
+        truncated=truncated,
         ts_ms=int(time.time() * 1000),
     )
 

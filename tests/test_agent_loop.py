@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Sequence
 import orjson
 import pytest
 
+from aiokafka.errors import MessageSizeTooLargeError, NotLeaderForPartitionError
+
 from agents.errors import DeliveryError
 from agents.loop import BatchProcessor
 from agents.runner import Failure, Item, Outcome
@@ -17,20 +19,36 @@ from streams.codec import Record
 
 
 class ListSink:
-    """Collects sends; topics listed in ``refuse`` fail like a broker that refused them."""
+    """Collects sends. Topics in ``refuse`` fail permanently (like a record too large), those in ``flaky``
+    fail retriably that many times first (like a broker that is away), those in ``missing`` do not exist."""
 
-    def __init__(self, refuse: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        refuse: tuple[str, ...] = (),
+        flaky: dict[str, int] | None = None,
+        missing: tuple[str, ...] = (),
+    ) -> None:
         self.sent: list[tuple[str, bytes, bytes]] = []
+        self.attempts: list[str] = []
         self.refuse = refuse
+        self.flaky = dict(flaky or {})
+        self.missing = missing
 
     async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]:
+        self.attempts.append(topic)
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         if topic in self.refuse:
-            future.set_exception(RuntimeError(f"refused {topic}"))
+            future.set_exception(MessageSizeTooLargeError(f"refused {topic}"))
+        elif self.flaky.get(topic, 0) > 0:
+            self.flaky[topic] -= 1
+            future.set_exception(NotLeaderForPartitionError(f"leader of {topic} moving"))
         else:
             self.sent.append((topic, key, value))
             future.set_result(None)
         return future
+
+    async def topic_exists(self, topic: str) -> bool | None:
+        return topic not in self.missing
 
     def on(self, topic: str) -> list[dict[str, object]]:
         return [orjson.loads(v) for t, _, v in self.sent if t == topic]
@@ -66,8 +84,8 @@ def record(value: bytes | dict[str, object], offset: int = 0) -> Record:
     return Record("p.data.requests", 0, offset, b"k", raw, int(time.time() * 1000))
 
 
-def processor(runner: EchoRunner, sink: ListSink) -> BatchProcessor:
-    return BatchProcessor("data", runner, sink, topic_prefix="p", cache=None, cache_ttl_s=60)  # type: ignore[arg-type]
+def processor(runner: EchoRunner, sink: ListSink, **kwargs: object) -> BatchProcessor:
+    return BatchProcessor("data", runner, sink, topic_prefix="p", cache=None, cache_ttl_s=60, **kwargs)  # type: ignore[arg-type]
 
 
 async def test_one_model_call_per_batch_and_one_reply_per_request() -> None:
@@ -121,10 +139,85 @@ async def test_refused_reply_to_is_dead_lettered() -> None:
     assert letter.error.code == ErrorCode.REPLY_UNDELIVERABLE
 
 
-async def test_undeliverable_own_topic_raises_so_the_batch_is_not_acknowledged() -> None:
-    runner, sink = EchoRunner(), ListSink(refuse=("p.data.results",))
+async def test_retriable_failure_of_own_topic_past_the_bound_raises_so_the_batch_is_not_acknowledged() -> None:
+    runner, sink = EchoRunner(), ListSink(flaky={"p.data.results": 1000})
+    proc = processor(runner, sink, retry_s=0.5)
     with pytest.raises(DeliveryError):
-        await processor(runner, sink).process([record({"id": "a", "task": "echo", "input": {"x": 1}})])
+        await proc.process([record({"id": "a", "task": "echo", "input": {"x": 1}})])
+    assert proc.delivery_state == "retrying" and proc.stats.retries >= 2
+    assert runner.calls == [1]  # retries re-send the reply; the model does not run again
+
+
+async def test_retriable_failure_is_retried_until_the_broker_takes_it() -> None:
+    runner, sink = EchoRunner(), ListSink(flaky={"p.data.results": 2})
+    proc = processor(runner, sink, retry_s=30)
+    await proc.process([record({"id": "a", "task": "echo", "input": {"x": 1}})])
+    assert sink.attempts.count("p.data.results") == 3 and len(sink.on("p.data.results")) == 1
+    assert proc.delivery_state == "ok" and proc.stats.retries == 2
+
+
+async def test_permanent_failure_on_own_topic_is_dead_lettered_and_the_batch_moves_on() -> None:
+    runner, sink = EchoRunner(), ListSink(refuse=("p.data.results",))
+    proc = processor(runner, sink, retry_s=30)
+    await proc.process([record({"id": "a", "task": "echo", "input": {"x": 1}})])
+    (letter,) = [DeadLetterEvent.model_validate(d) for d in sink.on("p.data.dlq")]
+    assert letter.error.code == ErrorCode.REPLY_UNDELIVERABLE and "MessageSizeTooLarge" in letter.error.message
+
+
+async def test_a_dead_letter_refused_permanently_is_counted_and_never_blocks() -> None:
+    runner, sink = EchoRunner(), ListSink(refuse=("p.data.dlq",))
+    proc = processor(runner, sink, retry_s=30)
+    await proc.process([record(b"\xff not json", 0), record({"id": "a", "task": "echo", "input": {"x": 1}}, 1)])
+    assert proc.stats.lost_letters == 1
+    assert [r["id"] for r in sink.on("p.data.results")] == ["a"]
+
+
+async def test_reply_to_a_missing_topic_is_dead_lettered_without_sending_there() -> None:
+    runner, sink = EchoRunner(), ListSink(missing=("gone",))
+    await processor(runner, sink).process(
+        [record({"id": "a", "task": "echo", "input": {"x": 1}, "reply_to": "gone"})]
+    )
+    assert "gone" not in sink.attempts
+    (letter,) = [DeadLetterEvent.model_validate(d) for d in sink.on("p.data.dlq")]
+    assert letter.error.code == ErrorCode.REPLY_UNDELIVERABLE and "does not exist" in letter.error.message
+
+
+async def test_an_exception_in_the_batch_path_isolates_the_poison_record() -> None:
+    class Poison(EchoRunner):
+        def run_batch(self, items: Sequence[Item]) -> list[Outcome]:
+            # Not an object: building the reply raises inside the batch path, not in the runner.
+            return ["not an object" if "poison" in i.input else {"y": 1} for i in items]  # type: ignore[misc]
+
+    sink = ListSink()
+    proc = processor(Poison(), sink)
+    records = [record({"id": f"r{i}", "task": "echo", "input": {"x": i}}, i) for i in range(3)]
+    records.insert(1, record({"id": "p", "task": "echo", "input": {"poison": 1}}, 9))
+    await proc.process_isolating(records)
+    assert sorted(r["id"] for r in sink.on("p.data.results")) == ["r0", "r1", "r2"]
+    (letter,) = [DeadLetterEvent.model_validate(d) for d in sink.on("p.data.dlq")]
+    assert letter.error.code == ErrorCode.INTERNAL and letter.source.offset == 9
+    assert proc.stats.isolated == 1
+
+
+async def test_items_carry_their_deadline_and_release_runs_after_delivery() -> None:
+    seen: list[Item] = []
+    released: list[list[dict[str, object]]] = []
+
+    class Spy(EchoRunner):
+        def run_batch(self, items: Sequence[Item]) -> list[Outcome]:
+            seen.extend(items)
+            return super().run_batch(items)
+
+    async def release(inputs: Sequence[dict[str, object]]) -> None:
+        released.append(list(inputs))
+
+    sink = ListSink()
+    far = int(time.time() * 1000) + 60_000
+    await processor(Spy(), sink, release=release).process(
+        [record({"id": "a", "task": "echo", "input": {"x": 1}, "deadline_ms": far})]
+    )
+    assert seen[0].deadline_ms == far
+    assert released == [[{"x": 1}]]
 
 
 async def test_oversized_reply_becomes_payload_too_large_error() -> None:
@@ -139,3 +232,34 @@ async def test_oversized_reply_becomes_payload_too_large_error() -> None:
     await proc.process([record({"id": "a", "task": "echo", "input": {"x": 1}})])
     (reply,) = sink.on("p.data.results")
     assert reply["ok"] is False and reply["error"]["code"] == ErrorCode.PAYLOAD_TOO_LARGE
+
+
+async def test_an_oversized_reply_is_never_cached() -> None:
+    class Big(EchoRunner):
+        def run_batch(self, items: Sequence[Item]) -> list[Outcome]:
+            return [{"blob": "x" * 5000} if "big" in i.input else {"y": 1} for i in items]
+
+    class DictCache:
+        def __init__(self) -> None:
+            self.store: dict[str, ReplyEvent] = {}
+
+        def key(self, service: str, task: str, model: str, payload: dict[str, object]) -> str:
+            return orjson.dumps(payload).decode()
+
+        async def get_many(self, keys: list[str]) -> list[ReplyEvent | None]:
+            return [self.store.get(k) for k in keys]
+
+        async def put_many(self, entries: list[tuple[str, ReplyEvent, int]]) -> None:
+            self.store.update({k: r for k, r, _ in entries})
+
+    cache, sink = DictCache(), ListSink()
+    proc = BatchProcessor(
+        "data", Big(), sink, topic_prefix="p", cache=cache, cache_ttl_s=1, max_event_bytes=2048  # type: ignore[arg-type]
+    )
+    await proc.process(
+        [
+            record({"id": "a", "task": "echo", "input": {"big": 1}, "cache": True}, 0),
+            record({"id": "b", "task": "echo", "input": {"x": 1}, "cache": True}, 1),
+        ]
+    )
+    assert list(cache.store) == [orjson.dumps({"x": 1}).decode()]
