@@ -22,7 +22,9 @@ class ServiceSettings(BaseModel):
     """Settings every service has."""
 
     max_batch: int = Field(default=16, ge=1, le=4096, description="Most events in one micro-batch.")
-    max_wait_ms: int = Field(default=20, ge=0, le=60_000, description="Longest wait to fill a batch.")
+    max_wait_ms: int = Field(
+        default=0, ge=0, le=60_000, description="Linger for more events after the first (0 = never wait)."
+    )
     cache_ttl_s: int = Field(default=3600, ge=1, description="TTL of cached results.")
     threads: int | None = Field(
         default=None, ge=1, description="Torch/OpenCV threads; None = library default."
@@ -30,7 +32,6 @@ class ServiceSettings(BaseModel):
 
 
 class DataSettings(ServiceSettings):
-    max_wait_ms: int = 5  # the analysis is cheap per item: waiting to fill a batch buys nothing
     max_records: int = Field(default=200_000, ge=1)
     max_fields: int = Field(default=2_000, ge=1, description="Distinct field names per analyze request.")
     max_cells: int = Field(default=1_000_000, ge=1, description="Field occurrences (all records) per request.")
@@ -49,7 +50,6 @@ class NlpSettings(ServiceSettings):
 
 class LlmSettings(ServiceSettings):
     max_batch: int = 8
-    max_wait_ms: int = 50
     model: str = Field(
         default="", description="HF causal LM name or path; empty = shipped SmolLM2-135M-Instruct."
     )
