@@ -75,9 +75,12 @@ MAIN_CLASS = "kafka.Kafka"
 __all__ = [
     "KafkaHandle",
     "broker_config",
+    "broker_ids",
     "default_data_dir",
     "ensure_kafka",
     "fetch_jars",
+    "format_storage",
+    "java_command",
     "kafka_answers",
     "kafka_status",
     "new_cluster_id",
@@ -141,7 +144,8 @@ def new_cluster_id() -> str:
             return text
 
 
-async def _describe_cluster(bootstrap: str, within_s: float) -> int:
+async def broker_ids(bootstrap: str, within_s: float) -> list[int]:
+    """The node ids of the live (unfenced) brokers that the cluster at ``bootstrap`` reports, within ``within_s``."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap,
         request_timeout_ms=max(1, int(within_s * 1000)),
@@ -153,8 +157,7 @@ async def _describe_cluster(bootstrap: str, within_s: float) -> int:
             cluster = await admin.describe_cluster()
     finally:
         await admin.close()
-    brokers = cluster.get("brokers") or []
-    return len(brokers)
+    return sorted(int(b["node_id"]) for b in cluster.get("brokers") or [])
 
 
 def kafka_answers(bootstrap: str, timeout: float = 3.0) -> bool:
@@ -169,7 +172,7 @@ def kafka_answers(bootstrap: str, timeout: float = 3.0) -> bool:
     if not any(tcp_open(host, port, timeout=min(timeout, 1.0)) for host, port in hosts):
         return False
     try:
-        return run_coroutine(lambda: _describe_cluster(bootstrap, timeout)) > 0
+        return len(run_coroutine(lambda: broker_ids(bootstrap, timeout))) > 0
     except (KafkaError, OSError, TimeoutError, asyncio.CancelledError) as exc:
         log.debug("no metadata from %s: %r", bootstrap, exc)
         return False
@@ -232,7 +235,8 @@ def _choose_controller_port(port: int, asked: int | None, data_dir: Path, format
     return port + 1 if port < 65535 and port_free(port + 1) else free_port()
 
 
-def _java_command(java: str, libs: Path, heap: str, data_dir: Path, main: list[str]) -> list[str]:
+def java_command(java: str, libs: Path, heap: str, data_dir: Path, main: list[str]) -> list[str]:
+    """The JVM command line of a Kafka main class, logging to ``<data_dir>/logs`` through infra/log4j2.yaml."""
     return [
         java, f"-Xmx{heap}", f"-Xms{heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
         "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
@@ -241,11 +245,26 @@ def _java_command(java: str, libs: Path, heap: str, data_dir: Path, main: list[s
     ]  # fmt: skip
 
 
-def _format_storage(java: str, libs: Path, data_dir: Path, props: Path, controller_port: int) -> None:
-    cluster_id = new_cluster_id()
-    cmd = _java_command(
+def format_storage(
+    java: str,
+    libs: Path,
+    data_dir: Path,
+    props: Path,
+    controller_port: int,
+    *,
+    cluster_id: str | None = None,
+    flags: tuple[str, ...] = ("--standalone",),
+) -> str:
+    """Format the KRaft log dir named in ``props`` (``kafka-storage format``) and record the cluster id and
+    controller port in ``<data_dir>/aisemble-kafka.json``; returns the cluster id (a new one unless given).
+
+    ``flags``: ``--standalone`` for a single node with ``controller.quorum.bootstrap.servers``; none for a
+    static quorum (``controller.quorum.voters``), where every voter is formatted with the same cluster id.
+    """
+    cluster_id = cluster_id or new_cluster_id()
+    cmd = java_command(
         java, libs, "256m", data_dir,
-        ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), "--standalone"],
+        ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), *flags],
     )  # fmt: skip
     log.info("formatting KRaft storage in %s (cluster id %s)", data_dir / "kraft", cluster_id)
     try:
@@ -256,6 +275,7 @@ def _format_storage(java: str, libs: Path, data_dir: Path, props: Path, controll
         raise StartFailed(f"kafka-storage format failed (exit {out.returncode})", (out.stdout + out.stderr)[-4000:])
     state = {"cluster_id": cluster_id, "controller_port": controller_port}
     (data_dir / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+    return cluster_id
 
 
 def start_kafka(
@@ -310,11 +330,11 @@ def start_kafka(
     props = data / "server.properties"
     props.write_text(render_properties(broker_config(port, ctrl, kraft, extra_config)))
     if not formatted:
-        _format_storage(java, libs, data, props, ctrl)
+        format_storage(java, libs, data, props, ctrl)
 
     out_file = data / "kafka.out"
     log_file = data / "logs" / "server.log"
-    cmd = _java_command(java, libs, heap, data, [MAIN_CLASS, str(props)])
+    cmd = java_command(java, libs, heap, data, [MAIN_CLASS, str(props)])
     log.info("starting Kafka %s at %s (data %s)", resolve_version(version), bootstrap, data)
     started = time.monotonic()
     popen = spawn_detached(cmd, cwd=data, out_path=out_file, pid_file=pid_file)
