@@ -51,6 +51,7 @@ class CircuitBreaker:
         self._state = BreakerState.CLOSED
         self._failures = 0
         self._since = clock()  # when the current state (or the current probe) began
+        self._changed = self._since
         self.last_error: str | None = None
         self.transitions = 0
 
@@ -67,6 +68,7 @@ class CircuitBreaker:
             return
         previous, self._state = self._state, state
         self.transitions += 1
+        self._changed = self._clock()
         if state is BreakerState.OPEN:
             log.warning(
                 "%s breaker %s -> open after %d failure(s) (%s); skipping %s for %.1f s",
@@ -76,6 +78,10 @@ class CircuitBreaker:
             log.info("%s breaker %s -> closed: %s answers again", self.name, previous, self.name)
         else:
             log.info("%s breaker open -> half_open: probing %s", self.name, self.name)
+
+    def seconds_in_state(self) -> float:
+        """How long the breaker has been in its current state (since creation if it never changed)."""
+        return self._clock() - self._changed
 
     def allow(self) -> bool:
         """Whether the caller may try the dependency now; in half-open, True for one probe only."""

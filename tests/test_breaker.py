@@ -60,7 +60,9 @@ def test_failed_probe_reopens_for_a_full_reset() -> None:
     for _ in range(3):
         b.failure("x")
     clock.now += 5.0
+    assert b.seconds_in_state() == 5.0
     assert b.allow()
+    assert b.seconds_in_state() == 0.0
     b.failure("still down")  # one failure in half-open suffices
     assert b.state is BreakerState.OPEN
     clock.now += 4.0

@@ -10,6 +10,10 @@ The rule for the HTTP status (what a load balancer acts on):
   delivery of their replies (``delivery: "retrying"``).
 * **200, status "ok"**: everything answers.
 
+Right after Redis comes back (the breaker closed less than ``heartbeat_ttl_s`` ago), a service with no
+heartbeat is reported ``"unknown"`` rather than down: a restarted Redis is empty until each agent's next
+beat, and an edge must not be pulled for that.
+
 Redis is read once (the registry's ``HGETALL``, which doubles as the ping) through the client's circuit
 breaker, so /health never waits longer than one bounded Redis call, and never waits at all while the
 breaker is open. Kafka is asked for metadata with a 3 s bound.
@@ -60,9 +64,11 @@ def _agent_view(agent: AgentInfo) -> dict[str, object]:
     }
 
 
-def _service_view(agents: list[AgentInfo] | None) -> dict[str, object]:
+def _service_view(agents: list[AgentInfo] | None, warming: bool) -> dict[str, object]:
     if agents is None:
         return {"ok": None, "status": "unknown", "agents": "unknown"}
+    if not agents and warming:
+        return {"ok": None, "status": "unknown", "agents": [], "reason": "Redis just came back; awaiting heartbeats"}
     if not agents:
         return {"ok": False, "status": "down", "agents": []}
     status = "degraded" if any(a.delivery != "ok" for a in agents) else "ok"
@@ -76,7 +82,9 @@ async def health(edge: Edge = Depends(get_edge)) -> ORJSONResponse:
     by_service: dict[str, list[AgentInfo] | None] = {
         s: None if agents is None else [a for a in agents if a.service == s] for s in edge.settings.services
     }
-    services = {s: _service_view(a) for s, a in by_service.items()}
+    breaker = breaker_of(edge.redis)
+    warming = breaker.transitions > 0 and breaker.seconds_in_state() < edge.settings.heartbeat_ttl_s
+    services = {s: _service_view(a, warming and redis["ok"] is True) for s, a in by_service.items()}
     listening = edge.listener.running
     statuses = {str(v["status"]) for v in services.values()}
     if not (listening and kafka["ok"]) or "down" in statuses:
