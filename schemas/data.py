@@ -83,10 +83,10 @@ class AnalyzeOutput(BaseModel):
 
 
 class DataProcessRequest(BaseModel):
-    """HTTP body of ``POST /data/process`` (the brief's payload)."""
+    """HTTP body of ``POST /data/process`` (the brief's payload); strict: ``"cache": 0`` is not a boolean."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     operation: Literal["analyze"]
     data: AnalyzeInput
-    cache: bool | None = None
+    cache: bool | None = Field(default=None, description="true: use the result cache; false: bypass it.")

@@ -28,3 +28,5 @@ class ErrorCode(StrEnum):
     # Edge-side only (HTTP).
     TIMEOUT = "timeout"
     UNAVAILABLE = "unavailable"
+    NOT_FOUND = "not_found"  # no such path (404)
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # the path exists, not with this method (405)

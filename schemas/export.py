@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from schemas.data import AnalyzeInput, AnalyzeOutput, DataProcessRequest
 from schemas.events import DeadLetterEvent, ReplyEvent, RequestEvent
+from schemas.http import ErrorBody
 from schemas.llm import CompletionInput, CompletionOutput, LlmCompletionRequest
 from schemas.nlp import (
     ClassifyOutput,
@@ -55,6 +56,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "http.nlp.process": NlpRequest,
     "http.llm.completion": LlmCompletionRequest,
     "http.vision.analyze": VisionRequest,
+    "http.error": ErrorBody,
 }
 
 

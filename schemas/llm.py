@@ -52,9 +52,11 @@ class CompletionOutput(BaseModel):
 
 
 class LlmCompletionRequest(CompletionInput):
-    """HTTP body of ``POST /ai/llm/completion``."""
+    """HTTP body of ``POST /ai/llm/completion``; strict types (``"cache": 0`` and ``"max_tokens": "5"`` fail)."""
 
-    cache: bool | None = None
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    cache: bool | None = Field(default=None, description="true: use the result cache; false: bypass it.")
 
     def to_input(self) -> dict[str, object]:
         return self.model_dump(exclude={"cache"}, exclude_none=True)

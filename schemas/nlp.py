@@ -5,36 +5,55 @@ Every task takes ``text`` (one) or ``texts`` (a batch, answered as ``{"results":
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+
+from schemas.http import one_of_present
 
 NLP_TASKS = ("sentiment", "embed", "similarity", "classify")
 MAX_TEXT_CHARS = 20_000
 MAX_TEXTS = 256
 
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
 
 class NlpInput(BaseModel):
-    """Input of every NLP task: exactly one of ``text`` and ``texts``."""
+    """Input of every NLP task: exactly one of ``text`` and ``texts`` (present and not null).
 
-    model_config = ConfigDict(extra="forbid")
+    The rule is in the JSON Schema too (``oneOf``), so generated clients and validators know it.
+    """
 
-    text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
-    texts: list[str] | None = Field(default=None, min_length=1, max_length=MAX_TEXTS)
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=one_of_present(
+            ("text", {"type": "string", "maxLength": MAX_TEXT_CHARS}),
+            (
+                "texts",
+                {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": MAX_TEXT_CHARS},
+                    "minItems": 1,
+                    "maxItems": MAX_TEXTS,
+                },
+            ),
+        ),
+    )
+
+    text: Text | None = None
+    texts: list[Text] | None = Field(default=None, min_length=1, max_length=MAX_TEXTS)
     text_pair: str | None = Field(
         default=None, max_length=MAX_TEXT_CHARS, description="similarity: the text to compare with."
     )
     labels: list[str] | None = Field(
         default=None, min_length=2, max_length=64, description="classify: candidate labels."
     )
-    normalize: bool = Field(default=True, description="embed: L2-normalise the vector.")
+    normalize: StrictBool = Field(default=True, description="embed: L2-normalise the vector.")
 
     @model_validator(mode="after")
     def _one_of_text_or_texts(self) -> NlpInput:
         if (self.text is None) == (self.texts is None):
             raise ValueError("give exactly one of 'text' or 'texts'")
-        if self.texts is not None and any(len(t) > MAX_TEXT_CHARS for t in self.texts):
-            raise ValueError(f"each of 'texts' must be at most {MAX_TEXT_CHARS} characters")
         return self
 
     def all_texts(self) -> list[str]:
@@ -63,10 +82,12 @@ class ClassifyOutput(BaseModel):
 
 
 class NlpRequest(NlpInput):
-    """HTTP body of ``POST /ai/nlp/process``: the task plus its input."""
+    """HTTP body of ``POST /ai/nlp/process``: the task plus its input; strict types (``"cache": 0`` fails)."""
+
+    model_config = ConfigDict(strict=True)
 
     task: Literal["sentiment", "embed", "similarity", "classify"]
-    cache: bool | None = None
+    cache: bool | None = Field(default=None, description="true: use the result cache; false: bypass it.")
 
     def to_input(self) -> dict[str, object]:
         return self.model_dump(exclude={"task", "cache"}, exclude_none=True)

@@ -10,14 +10,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.http import one_of_present
+
 VISION_TASKS = ("detect_faces", "resize", "smart_crop", "describe", "classify")
 VisionTask = Literal["detect_faces", "resize", "smart_crop", "describe", "classify"]
 
 
 class VisionInput(BaseModel):
-    """Input of every vision task."""
+    """Input of every vision task: exactly one of ``image_b64`` and ``image_ref`` (present and not null).
 
-    model_config = ConfigDict(extra="forbid")
+    The rule is in the JSON Schema too (``oneOf``).
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=one_of_present(
+            ("image_b64", {"type": "string"}), ("image_ref", {"type": "string", "maxLength": 200})
+        ),
+    )
 
     image_b64: str | None = Field(default=None, description="The encoded image (PNG, JPEG, ...) in base64.")
     image_ref: str | None = Field(default=None, max_length=200, description="Claim-check key in Redis.")
@@ -74,9 +84,12 @@ class ClassifyImageOutput(BaseModel):
 
 
 class VisionRequest(BaseModel):
-    """HTTP body of ``POST /ai/vision/analyze`` (JSON variant)."""
+    """HTTP body of ``POST /ai/vision/analyze`` (JSON variant); strict types (``"cache": 0`` fails).
 
-    model_config = ConfigDict(extra="forbid")
+    Only ``image_b64``: an ``image_ref`` is a claim-check key the edge itself writes for large uploads.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     task: VisionTask
     image_b64: str = Field(min_length=1)
@@ -86,4 +99,4 @@ class VisionRequest(BaseModel):
     format: Literal["png", "jpeg", "webp"] = "png"
     top_k: int = Field(default=5, ge=1, le=100)
     min_face_size: int = Field(default=30, ge=8, le=4096)
-    cache: bool | None = None
+    cache: bool | None = Field(default=None, description="true: use the result cache; false: bypass it.")

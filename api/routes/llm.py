@@ -7,13 +7,13 @@ from fastapi.responses import ORJSONResponse
 
 from api.deps import get_edge, request_id
 from api.edge import Edge
-from api.errors import reply_response
+from api.errors import SERVICE_RESPONSES, reply_response
 from schemas.llm import LlmCompletionRequest
 
 router = APIRouter(tags=["llm"])
 
 
-@router.post("/ai/llm/completion")
+@router.post("/ai/llm/completion", responses=SERVICE_RESPONSES)
 async def completion(
     body: LlmCompletionRequest, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
 ) -> ORJSONResponse:

@@ -7,13 +7,13 @@ from fastapi.responses import ORJSONResponse
 
 from api.deps import get_edge, request_id
 from api.edge import Edge
-from api.errors import reply_response
+from api.errors import SERVICE_RESPONSES, reply_response
 from schemas.nlp import NlpRequest
 
 router = APIRouter(tags=["nlp"])
 
 
-@router.post("/ai/nlp/process")
+@router.post("/ai/nlp/process", responses=SERVICE_RESPONSES)
 async def process(
     body: NlpRequest, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
 ) -> ORJSONResponse:

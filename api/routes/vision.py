@@ -18,7 +18,13 @@ from redis.exceptions import RedisError
 
 from api.deps import get_edge, request_id
 from api.edge import Edge
-from api.errors import InvalidInputError, PayloadTooLargeError, UnavailableError, reply_response
+from api.errors import (
+    SERVICE_RESPONSES,
+    InvalidInputError,
+    PayloadTooLargeError,
+    UnavailableError,
+    reply_response,
+)
 from schemas.vision import VisionRequest, VisionTask
 from streams.claimcheck import put_claim
 

@@ -1,0 +1,64 @@
+"""The HTTP edge's own contract: its error body, its statuses, and the JSON Schema rules HTTP bodies share.
+
+Every error the edge answers, whoever raised it (a route, FastAPI's body validation, the body-size limit,
+an unknown path), has one shape, ``ErrorBody``: the reply event's fields with ``ok: false``. A client
+reads successes (``ReplyEvent``) and failures the same way and branches on ``error.code``.
+
+``one_of_present`` writes an "exactly one of these fields" rule into a model's JSON Schema in the form
+the runtime validators enforce: a field counts as given when it is present and not null.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import JsonDict
+
+from schemas.events import ErrorInfo
+
+
+class ErrorBody(BaseModel):
+    """Every non-200 answer of the edge: the reply event's shape with ``ok: false`` and an ``error``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str | None = Field(
+        description="The request id (X-Request-Id or the edge's own); null when the request never got one."
+    )
+    service: str = Field(description="The service addressed, or '' when the request named none (404, 405).")
+    task: str = Field(description="The task, or '' when the edge refused the request before reading one.")
+    ok: Literal[False]
+    output: None
+    error: ErrorInfo
+    cached: bool
+    model: str | None = Field(description="The model that failed, when an agent answered the error.")
+    timings_ms: dict[str, float]
+
+
+def one_of_present(*alternatives: tuple[str, JsonDict]) -> JsonDict:
+    """JSON Schema for "exactly one of these fields is present and not null".
+
+    Each alternative is ``(field name, the schema of its non-null value)``. A branch matches when its field
+    is present with a non-null value, so ``oneOf`` fails when none or several are given, as the models'
+    ``model_validator`` does (an explicit ``null`` counts as absent).
+    """
+    return {
+        "oneOf": [{"required": [name], "properties": {name: value}} for name, value in alternatives],
+    }
+
+
+# The statuses an HTTP route may answer besides 200, with what each means (the OpenAPI document's text).
+STATUS_DESCRIPTIONS: dict[int, str] = {
+    400: "The body could not be parsed: not JSON (code invalid_json) or a broken multipart body (invalid_input).",
+    409: "A request with this X-Request-Id is already in flight at this edge (code invalid_input).",
+    413: "The body, the image or the reply exceeds a limit (code payload_too_large).",
+    422: "The body does not validate (code invalid_input; the message names the field), unknown_task, "
+    "or claim_check_missing.",
+    429: "The edge holds its maximum of requests in flight; retry after Retry-After seconds (code unavailable).",
+    500: "The model failed on this input (model_error) or a bug (internal).",
+    501: "The task needs a model that is not configured (code model_not_configured).",
+    503: "Kafka is unavailable: the request was not produced (code unavailable).",
+    504: "No reply within AISEMBLE_REQUEST_TIMEOUT_S (code timeout, the message names the request id), "
+    "or the agent picked the request up after its deadline (deadline_exceeded).",
+}
