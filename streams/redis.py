@@ -15,7 +15,8 @@ on a timeout. It attaches a :class:`~streams.breaker.CircuitBreaker` (``redis_br
   catches it);
 * Redis answered, even with an error reply (``ResponseError``): a success for the breaker; re-raised.
 
-A client not built by ``connect`` (or a test's) gets a breaker with the settings' defaults on first use.
+A client not built by ``connect`` (or a test's) gets a breaker from the process settings
+(``get_settings()``, the environment) on first use.
 Breakers are per client object (a weak map), hence per process. State changes are logged by the breaker
 once each; single failures are not logged here (callers treat them as a cache miss).
 """
@@ -35,12 +36,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from streams.breaker import BreakerState, CircuitBreaker
-from streams.settings import Settings
+from streams.settings import Settings, get_settings
 
 T = TypeVar("T")
 
 HEALTH_CHECK_INTERVAL_S = 15
-_DEFAULTS = Settings.model_fields
 
 
 class RedisUnavailable(RedisError):
@@ -63,12 +63,6 @@ class RedisGuard:
 _GUARDS: weakref.WeakKeyDictionary[Redis, RedisGuard] = weakref.WeakKeyDictionary()
 
 
-def _default(name: str) -> float:
-    value = _DEFAULTS[name].default
-    assert isinstance(value, int | float)
-    return float(value)
-
-
 def attach_breaker(
     redis: Redis,
     *,
@@ -77,15 +71,15 @@ def attach_breaker(
     timeout_s: float | None = None,
     clock: Callable[[], float] | None = None,
 ) -> RedisGuard:
-    """Give ``redis`` its own breaker (replacing any); unset values come from the settings' defaults."""
+    """Give ``redis`` its own breaker (replacing any); unset values come from ``get_settings()``."""
     kwargs = {"clock": clock} if clock is not None else {}
-    breaker = CircuitBreaker(
-        failures if failures is not None else int(_default("redis_breaker_failures")),
-        reset_s if reset_s is not None else _default("redis_breaker_reset_s"),
-        name="redis",
-        **kwargs,
-    )
-    timeout = timeout_s if timeout_s is not None else _default("redis_timeout_s")
+    if failures is None or reset_s is None or timeout_s is None:
+        settings = get_settings()
+        failures = settings.redis_breaker_failures if failures is None else failures
+        reset_s = settings.redis_breaker_reset_s if reset_s is None else reset_s
+        timeout_s = settings.redis_timeout_s if timeout_s is None else timeout_s
+    breaker = CircuitBreaker(failures, reset_s, name="redis", **kwargs)
+    timeout = timeout_s
     # Two socket timeouts (connect, then read) plus a margin: a connect()-made client never reaches it.
     guard = RedisGuard(breaker, call_timeout_s=2 * timeout + 0.25)
     _GUARDS[redis] = guard
