@@ -135,10 +135,9 @@ async def guarded(redis: Redis, call: Callable[[], Awaitable[T]]) -> T:
         breaker.success()  # Redis answered; the command was wrong, not the server
         raise
     except (RedisError, OSError, TimeoutError) as exc:
-        breaker.failure(repr(exc))
-        raise RedisUnavailable(
-            f"Redis unavailable: {exc!r}", breaker=breaker.state.value, cause=repr(exc)
-        ) from exc
+        cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        breaker.failure(cause)
+        raise RedisUnavailable(f"Redis unavailable ({cause})", breaker=breaker.state.value, cause=cause) from exc
     except asyncio.CancelledError:
         breaker.abandon()  # the caller was cancelled, not Redis: free a half-open probe slot
         raise
