@@ -70,32 +70,48 @@ def agent(
     run_agent(service, get_settings())  # type: ignore[arg-type]
 
 
+Cluster = Annotated[bool, typer.Option("--cluster", help="A 3-node KRaft cluster on 127.0.0.1:19092,19094,19096.")]
+
+
 @infra_app.command("up")
-def infra_up() -> None:
+def infra_up(cluster: Cluster = False) -> None:
     """Start Kafka and Redis on 127.0.0.1 unless they already answer (they keep running)."""
     import infra
 
     _logging()
+    if cluster:
+        status = infra.cluster_status()
+        handle = None if status["answers"] else infra.start_cluster()
+        redis = infra.ensure_redis(get_settings().redis_url)
+        typer.echo(f"kafka cluster: {status['bootstrap']} ({'started' if handle else 'already running'})")
+        typer.echo(f"redis: {get_settings().redis_url} ({'started' if redis else 'already running'})")
+        typer.echo(f"use: AISEMBLE_KAFKA_BOOTSTRAP={status['bootstrap']} AISEMBLE_REPLICATION_FACTOR=3")
+        return
     started = infra.start_local(get_settings())
     typer.echo(f"kafka: {started.kafka_bootstrap} ({'started' if started.kafka else 'already running'})")
     typer.echo(f"redis: {started.redis_url} ({'started' if started.redis else 'already running'})")
 
 
 @infra_app.command("down")
-def infra_down() -> None:
-    """Stop the Kafka and Redis that ``infra up`` started."""
+def infra_down(cluster: Cluster = False) -> None:
+    """Stop the Kafka and Redis that ``infra up`` started (``--cluster``: the cluster's nodes only)."""
     import infra
 
     _logging()
+    if cluster:
+        typer.echo({"cluster nodes stopped": infra.stop_cluster()})
+        return
     typer.echo(infra.stop_local(get_settings()))
 
 
 @infra_app.command("status")
-def infra_status() -> None:
-    """Say whether Kafka and Redis answer."""
+def infra_status(cluster: Cluster = False) -> None:
+    """Say whether Kafka (``--cluster``: the local cluster) and Redis answer."""
     import infra
 
     status = infra.local_status(get_settings())
+    if cluster:
+        status["kafka"] = infra.cluster_status()
     for name, values in status.items():
         typer.echo(f"{name}: {values}")
     raise typer.Exit(0 if all(v.get("answers") for v in status.values()) else 1)

@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Protocol
 
 from infra.addresses import local_kafka_port, local_redis_port, parse_bootstrap, parse_redis_url
+from infra.cluster import ClusterHandle, ClusterNode, cluster_status, start_cluster, stop_cluster
 from infra.errors import InfraError, NotLoopback, PortInUse, StartFailed, ToolMissing
 from infra.kafka import (
     KafkaHandle,
@@ -39,6 +40,8 @@ from infra.redis import default_data_dir as redis_data_dir
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ClusterHandle",
+    "ClusterNode",
     "InfraError",
     "KafkaHandle",
     "LocalInfra",
@@ -48,6 +51,7 @@ __all__ = [
     "SettingsLike",
     "StartFailed",
     "ToolMissing",
+    "cluster_status",
     "ensure_kafka",
     "ensure_redis",
     "fetch_jars",
@@ -60,9 +64,11 @@ __all__ = [
     "redis_answers",
     "redis_data_dir",
     "redis_status",
+    "start_cluster",
     "start_kafka",
     "start_local",
     "start_redis",
+    "stop_cluster",
     "stop_kafka",
     "stop_local",
     "stop_redis",

@@ -410,10 +410,15 @@ def start_cluster(
     return handle
 
 
-def stop_cluster(data_dir: str | Path, timeout: float = STOP_TIMEOUT_S) -> list[int]:
+def stop_cluster(
+    data_dir: str | Path | None = None,
+    base_port: int = DEFAULT_BASE_PORT,
+    timeout: float = STOP_TIMEOUT_S,
+    cache_dir: str | Path | None = None,
+) -> list[int]:
     """Stop the nodes whose pid files are in ``<data_dir>/node-*/`` (from any process), all at once.
-    Returns the ids of the nodes that were running."""
-    data = Path(data_dir)
+    ``data_dir`` defaults to the default one for ``base_port``. Returns the ids of the nodes that were running."""
+    data = Path(data_dir) if data_dir is not None else default_cluster_dir(base_port, cache_dir)
     pids: dict[int, int] = {}
     for node_dir in sorted(data.glob("node-*")):
         pid = owned_pid(node_dir / PID_FILE, MAIN_CLASS)
