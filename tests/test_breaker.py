@@ -165,3 +165,19 @@ def test_registry_parse_drops_stale_and_prunes_long_dead() -> None:
     assert [a.worker_id for a in agents] == ["fresh"]
     assert agents[0].delivery == "retrying" and agents[0].last_error == "broker down"
     assert sorted(prune) == [b"dead", b"junk"]
+
+
+def test_health_service_view_rule() -> None:
+    from api.routes.health import _service_view
+    from streams.registry import AgentInfo
+
+    ok = AgentInfo("data", "a")
+    retrying = AgentInfo("data", "b", delivery="retrying", last_error="KafkaTimeoutError")
+    assert _service_view([ok], warming=False)["status"] == "ok"
+    degraded = _service_view([ok, retrying], warming=False)
+    assert degraded["status"] == "degraded" and degraded["ok"] is False
+    agents = degraded["agents"]
+    assert isinstance(agents, list) and [a["delivery"] for a in agents] == ["ok", "retrying"]
+    assert _service_view([], warming=False)["status"] == "down"
+    assert _service_view([], warming=True)["status"] == "unknown"  # registry refilling after a Redis restart
+    assert _service_view(None, warming=False) == {"ok": None, "status": "unknown", "agents": "unknown"}
