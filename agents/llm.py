@@ -22,6 +22,13 @@ Finished rows: ``generate`` stops when every row has hit EOS; ``RowStops`` addit
 done at its own ``max_tokens`` or stop string, so ``generate`` pads it from then on and the whole
 group ends as soon as its last row does.
 
+Deadlines: an item's ``deadline_ms`` (epoch ms) is checked when its group starts (already past: the
+item is answered ``deadline_exceeded`` without generating) and after every decode step by
+``RowStops``: a row whose deadline has passed is marked done at that step (``generate`` pads it from
+then on) and answered ``deadline_exceeded``; the other rows of the group go on, and the group ends
+when its last row is done or expired. A row that finished (EOS, ``max_tokens``, stop string) before
+its deadline passed keeps its output.
+
 ``tokens`` counts generated tokens up to the cut: the EOS token when it ended the row, the tokens
 that spell the stop string when one did (the stop string itself is cut from ``text``).
 
@@ -41,7 +48,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -57,6 +64,7 @@ from streams.settings import Settings, get_settings
 logger = logging.getLogger(__name__)
 
 WARMUP_PROMPT = "Hello"
+DEADLINE = "deadline"  # RowStops.reasons entry of a row stopped by its deadline
 _STOP_WINDOW_SLACK = 2  # tokens decoded beyond 4 per stop-string character (UTF-8 is <= 4 bytes/char)
 
 
@@ -80,12 +88,19 @@ def plan_groups(requests: Sequence[CompletionInput], max_batch: int) -> list[lis
     return planned
 
 
+def epoch_ms() -> float:
+    """The wall clock in epoch milliseconds (the unit of ``Item.deadline_ms``)."""
+    return time.time() * 1000.0
+
+
 class RowStops(StoppingCriteria):
-    """Per-row stopping: a row is done at its own ``max_tokens`` or once its output holds a stop string.
+    """Per-row stopping: a row is done at its own ``max_tokens``, once its output holds a stop string,
+    at EOS, or when its deadline (epoch ms, from ``clock_ms``) has passed.
 
     Returns a bool tensor with one entry per row (transformers >= 4.39), so ``generate`` pads finished
     rows and ends when all are done. Only rows with stop strings decode, and only a tail window long
-    enough to hold the longest one.
+    enough to hold the longest one. The first reason a row stopped is kept in ``reasons`` (``"eos"``,
+    ``"length"``, ``"stop"`` or ``DEADLINE``) with the step in ``stopped_at``; once done, a row stays done.
     """
 
     def __init__(
@@ -94,23 +109,51 @@ class RowStops(StoppingCriteria):
         max_tokens: Sequence[int],
         stops: Sequence[Sequence[str]],
         decode: _Decode,
+        *,
+        deadlines: Sequence[float | None] | None = None,
+        eos_ids: frozenset[int] = frozenset(),
+        clock_ms: Callable[[], float] = epoch_ms,
     ) -> None:
         self._prompt_len = prompt_len
         self._max_tokens = list(max_tokens)
         self._stops = [list(s) for s in stops]
         self._windows = [4 * max((len(s) for s in row), default=0) + _STOP_WINDOW_SLACK for row in stops]
         self._decode = decode
+        self._deadlines = list(deadlines) if deadlines is not None else [None] * len(self._max_tokens)
+        self._eos_ids = eos_ids
+        self._clock_ms = clock_ms
+        self.reasons: list[str | None] = [None] * len(self._max_tokens)
+        self.stopped_at: list[int | None] = [None] * len(self._max_tokens)
+        self.steps = 0
 
     def __call__(
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs: object
     ) -> torch.BoolTensor:
         generated = input_ids.shape[1] - self._prompt_len
-        done = [generated >= limit for limit in self._max_tokens]
-        for row, stops in enumerate(self._stops):
-            if stops and not done[row] and generated > 0:
+        self.steps += 1
+        last = input_ids[:, -1].tolist() if generated > 0 and self._eos_ids else []
+        now: float | None = None
+        for row in range(len(self._max_tokens)):
+            if self.reasons[row] is not None:
+                continue
+            reason: str | None = None
+            if last and last[row] in self._eos_ids:
+                reason = "eos"  # generate finished the row itself; noted so a deadline cannot claim it
+            elif generated >= self._max_tokens[row]:
+                reason = "length"
+            elif self._stops[row] and generated > 0:
                 start = max(self._prompt_len, input_ids.shape[1] - self._windows[row])
                 tail = self._decode(input_ids[row, start:].tolist())
-                done[row] = any(stop in tail for stop in stops)
+                if any(stop in tail for stop in self._stops[row]):
+                    reason = "stop"
+            deadline = self._deadlines[row]
+            if reason is None and deadline is not None:
+                now = self._clock_ms() if now is None else now
+                if now >= deadline:
+                    reason = DEADLINE
+            if reason is not None:
+                self.reasons[row], self.stopped_at[row] = reason, generated
+        done = [reason is not None for reason in self.reasons]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
@@ -129,6 +172,7 @@ class _Row:
     index: int
     request: CompletionInput
     ids: list[int]
+    deadline_ms: float | None = None
 
 
 class LlmRunner:
@@ -137,8 +181,9 @@ class LlmRunner:
     service = "llm"
     tasks: tuple[str, ...] = LLM_TASKS
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock_ms: Callable[[], float] = epoch_ms) -> None:
         self._settings = settings
+        self._clock_ms = clock_ms  # epoch ms, compared with ``Item.deadline_ms``
         self._llm = settings.llm
         self._lock = threading.Lock()
         self._spec: ModelSpec | None = None
@@ -148,6 +193,7 @@ class LlmRunner:
         self._use_template = False
         self._compiled = False
         self.load_seconds: float | None = None
+        self.last_steps = 0  # decode steps of the last generation group (a figure for tests and benchmarks)
 
     # -- ModelRunner ------------------------------------------------------------------------------
 
@@ -206,7 +252,7 @@ class LlmRunner:
                 logger.exception("could not tokenise item %d", index)
                 outcomes[index] = Failure(ErrorCode.MODEL_ERROR, f"tokenisation failed: {type(exc).__name__}")
                 continue
-            rows.append(_Row(index, parsed, ids))
+            rows.append(_Row(index, parsed, ids, item.deadline_ms))
         for group in plan_groups([row.request for row in rows], self._llm.max_batch):
             members = [rows[i] for i in group]
             for row, outcome in zip(members, self._run_group(members), strict=True):
@@ -261,6 +307,17 @@ class LlmRunner:
             return [Failure(ErrorCode.MODEL_ERROR, message) for _ in rows]
 
     def _generate(self, rows: list[_Row]) -> list[Outcome]:
+        now = self._clock_ms()
+        late = [row.deadline_ms is not None and now >= row.deadline_ms for row in rows]
+        if not any(late):
+            return self._generate_live(rows)
+        live = self._generate_live([row for row, gone in zip(rows, late, strict=True) if not gone])
+        answered = iter(live)
+        return [_deadline_failure(0) if gone else next(answered) for gone in late]
+
+    def _generate_live(self, rows: list[_Row]) -> list[Outcome]:
+        if not rows:
+            return []
         loaded = self._ready()
         assert self._decode is not None
         pad_id = int(loaded.tokenizer.pad_token_id)
@@ -269,7 +326,13 @@ class LlmRunner:
         mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], dtype=torch.long)
         first = rows[0].request
         stops = RowStops(
-            width, [r.request.max_tokens for r in rows], [r.request.stop or [] for r in rows], self._decode
+            width,
+            [r.request.max_tokens for r in rows],
+            [r.request.stop or [] for r in rows],
+            self._decode,
+            deadlines=[r.deadline_ms for r in rows],
+            eos_ids=self._eos_ids,
+            clock_ms=self._clock_ms,
         )
         config = self._generation_config(loaded, first, max(r.request.max_tokens for r in rows))
         seed = first.seed if first.temperature > 0.0 and len(rows) == 1 else None
@@ -281,7 +344,14 @@ class LlmRunner:
                 stopping_criteria=StoppingCriteriaList([stops]),
             )
         generated = output[:, width:].tolist()
-        return [self._finish(ids, row.request) for ids, row in zip(generated, rows, strict=True)]
+        self.last_steps = stops.steps
+        outcomes: list[Outcome] = []
+        for i, (ids, row) in enumerate(zip(generated, rows, strict=True)):
+            if stops.reasons[i] == DEADLINE:
+                outcomes.append(_deadline_failure(stops.stopped_at[i] or 0))
+            else:
+                outcomes.append(self._finish(ids, row.request))
+        return outcomes
 
     def _generation_config(self, loaded: LoadedModel, request: CompletionInput, max_new: int) -> GenerationConfig:
         config = copy.deepcopy(loaded.model.generation_config)
@@ -350,6 +420,12 @@ class LlmRunner:
             logger.exception("compiled warm-up failed; falling back to eager")
             self._uncompile()
             self._generate([row])
+
+
+def _deadline_failure(generated: int) -> Failure:
+    return Failure(
+        ErrorCode.DEADLINE_EXCEEDED, f"the request's deadline passed after {generated} generated tokens; stopped"
+    )
 
 
 def _eos_ids(loaded: LoadedModel) -> frozenset[int]:

@@ -262,3 +262,109 @@ def test_device_and_dtype_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert resolve_dtype("auto", cuda) == torch.float16
     assert resolve_dtype("float32", cuda) == torch.float32
+
+
+# -- deadlines ------------------------------------------------------------------------------------
+
+
+class StepClock:
+    """Epoch milliseconds that advance ``step_ms`` each time they are read: deadlines without sleeping."""
+
+    def __init__(self, step_ms: float = 10.0) -> None:
+        self.now = 1_000_000.0
+        self.step_ms = step_ms
+
+    def __call__(self) -> float:
+        self.now += self.step_ms
+        return self.now
+
+
+@pytest.fixture()
+def generations(runner: LlmRunner, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, torch.Tensor]]:
+    """Every ``generate`` call of ``runner``'s model: (prompt width, output ids)."""
+    model = runner._ready().model
+    real_generate = model.generate
+    seen: list[tuple[int, torch.Tensor]] = []
+
+    def recording_generate(*args: object, **kwargs: object) -> torch.Tensor:
+        output: torch.Tensor = real_generate(*args, **kwargs)  # type: ignore[operator]
+        seen.append((int(kwargs["input_ids"].shape[1]), output))  # type: ignore[attr-defined]
+        return output
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    return seen
+
+
+def _tokens_per_row(runner: LlmRunner, width: int, output: torch.Tensor) -> list[int]:
+    """Tokens each row really generated (a stopped row is padded; the tiny model never emits pad itself)."""
+    pad = runner._ready().tokenizer.pad_token_id
+    return [int((row != pad).sum()) for row in output[:, width:]]
+
+
+def test_expired_row_stops_early_and_the_others_complete(
+    runner: LlmRunner, generations: list[tuple[int, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = StepClock()
+    monkeypatch.setattr(runner, "_clock_ms", clock)
+    near = Item("completion", {"prompt": "Kafka moves events", "max_tokens": 200, "temperature": 0}, clock.now + 50)
+    free = _item("Paris is the", max_tokens=200, temperature=0)
+    done_first = Item("completion", {"prompt": "Tokens", "max_tokens": 2, "temperature": 0}, clock.now + 50)
+    expired, completed, short = runner.run_batch([near, free, done_first])
+    assert isinstance(expired, Failure) and expired.code == "deadline_exceeded", expired
+    assert _ok(completed)["tokens"] == 200 and _ok(completed)["finish_reason"] == "length"
+    assert _ok(short)["tokens"] == 2  # finished before its deadline passed: keeps its output
+    [(width, output)] = generations
+    per_row = _tokens_per_row(runner, width, output)
+    print("DEADLINE:", {"tokens_per_row": per_row, "decode_steps": runner.last_steps, "message": expired.message})
+    assert per_row[1] == 200 and per_row[2] == 2
+    assert per_row[0] < 10  # stopped a few steps after its deadline, not at max_tokens
+    assert f"after {per_row[0]} generated tokens" in expired.message
+
+
+def test_group_ends_when_every_row_has_expired(
+    runner: LlmRunner, generations: list[tuple[int, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = StepClock()
+    monkeypatch.setattr(runner, "_clock_ms", clock)
+    items = [
+        Item("completion", {"prompt": p, "max_tokens": 200, "temperature": 0}, clock.now + 50)
+        for p in ("Kafka moves events", "Paris is the")
+    ]
+    outcomes = runner.run_batch(items)
+    assert all(isinstance(o, Failure) and o.code == "deadline_exceeded" for o in outcomes), outcomes
+    [(width, output)] = generations
+    assert runner.last_steps < 10 and output.shape[1] - width == runner.last_steps  # the loop ended early
+
+
+def test_already_expired_row_is_not_generated(
+    runner: LlmRunner, generations: list[tuple[int, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = StepClock()
+    monkeypatch.setattr(runner, "_clock_ms", clock)
+    gone = Item("completion", {"prompt": "Kafka", "max_tokens": 50, "temperature": 0}, clock.now)
+    alone = runner.run_batch([gone])
+    assert isinstance(alone[0], Failure) and alone[0].code == "deadline_exceeded"
+    assert generations == []  # nothing generated for it
+    late, live = runner.run_batch([gone, _item("Paris", max_tokens=5, temperature=0)])
+    assert isinstance(late, Failure) and late.code == "deadline_exceeded"
+    assert _ok(live)["tokens"] == 5
+    assert [output.shape[0] for _, output in generations] == [1]  # the live row generated alone
+
+
+def test_real_clock_deadline_50ms(runner: LlmRunner, generations: list[tuple[int, torch.Tensor]]) -> None:
+    import time
+
+    started = time.perf_counter()
+    near = Item(
+        "completion",
+        {"prompt": "Kafka moves events", "max_tokens": 240, "temperature": 0},
+        time.time() * 1000 + 50,
+    )
+    expired, completed = runner.run_batch([near, _item("Paris is the", max_tokens=240, temperature=0)])
+    elapsed = time.perf_counter() - started
+    assert isinstance(expired, Failure) and expired.code == "deadline_exceeded", expired
+    assert _ok(completed)["tokens"] == 240
+    [(width, output)] = generations
+    per_row = _tokens_per_row(runner, width, output)
+    print("DEADLINE-REAL:", {"tokens_per_row": per_row, "steps": runner.last_steps, "seconds": round(elapsed, 3)})
+    assert per_row[0] < per_row[1] == 240
