@@ -21,7 +21,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -37,6 +37,7 @@ from streams.app import create_app, request_topic
 from streams.batching import BatchBuffer, BufferClosed
 from streams.cache import ResultCache
 from streams.codec import Record
+from streams.redis import connect
 from streams.registry import AgentInfo, beat
 from streams.settings import Settings
 from streams.topics import ensure_service_topics
@@ -205,7 +206,7 @@ def create_agent_app(
     topic = request_topic(app, settings, service)
     conf = settings.service(service)
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    redis = connect(settings)
     processor = BatchProcessor(
         service,
         runner,
@@ -241,7 +242,13 @@ def create_agent_app(
     @app.timer(interval=settings.heartbeat_interval_s)
     async def heartbeat() -> None:
         stats = processor.stats
-        current = dataclasses.replace(info, batches=stats.batches, items=stats.items)
+        current = dataclasses.replace(
+            info,
+            batches=stats.batches,
+            items=stats.items,
+            delivery=processor.delivery_state,
+            last_error=processor.last_error,
+        )
         try:
             await beat(redis, settings.topic_prefix, current, settings.heartbeat_ttl_s)
         except RedisError as exc:
@@ -250,10 +257,23 @@ def create_agent_app(
     return app, loop
 
 
-def run_agent(service: Service, settings: Settings) -> None:
-    """Run one service's agent in the foreground until SIGINT/SIGTERM."""
+def load_factory(spec: str) -> Callable[[Settings], ModelRunner]:
+    """``module:function`` -> the function (a custom runner factory taking the settings)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"runner factory {spec!r}: expected 'module:function'")
+    factory: Callable[[Settings], ModelRunner] = getattr(importlib.import_module(module_name), attr)
+    return factory
+
+
+def run_agent(service: Service, settings: Settings, runner_factory: str | None = None) -> None:
+    """Run one service's agent in the foreground until SIGINT/SIGTERM.
+
+    ``runner_factory`` (``module:function``) serves a custom ``ModelRunner`` on the service's topics instead
+    of the built-in one.
+    """
     asyncio.run(ensure_service_topics(settings, [service]))
-    runner = build_runner(service, settings)
+    runner = load_factory(runner_factory)(settings) if runner_factory else build_runner(service, settings)
     started = time.perf_counter()
     runner.load()
     log.info("%s model(s) loaded and warm in %.1fs", service, time.perf_counter() - started)

@@ -10,7 +10,6 @@ aisemble schemas export|check the JSON Schema files of the wire contract
 from __future__ import annotations
 
 import logging
-import time
 from typing import Annotated
 
 import typer
@@ -62,12 +61,15 @@ def edge(
 @app.command()
 def agent(
     service: Annotated[str, typer.Argument(callback=_check_service, help="data, nlp, llm or vision")],
+    runner: Annotated[
+        str | None, typer.Option(help="Serve a custom ModelRunner: 'module:function' taking the settings.")
+    ] = None,
 ) -> None:
-    """Run one service's agent."""
+    """Run one service's agent (exit status 3 when its delivery retries ran out; restart it)."""
     from agents.worker import run_agent
 
     _logging()
-    run_agent(service, get_settings())  # type: ignore[arg-type]
+    run_agent(service, get_settings(), runner)  # type: ignore[arg-type]
 
 
 Cluster = Annotated[bool, typer.Option("--cluster", help="A 3-node KRaft cluster on 127.0.0.1:19092,19094,19096.")]
@@ -144,22 +146,28 @@ def run(
         str | None, typer.Option(help="Comma-separated services to run (default AISEMBLE_SERVICES, all four).")
     ] = None,
 ) -> None:
-    """Kafka, Redis, the agents and the edge in the foreground; Ctrl-C stops them all."""
+    """Kafka, Redis, the agents and the edge in the foreground, supervised; Ctrl-C (or SIGTERM) stops them all.
+
+    An agent or edge that exits is restarted with backoff (logged); the rest keeps serving meanwhile.
+    """
+    import signal
+
     import infra
     from aisemble.pipeline import Pipeline
+    from aisemble.supervisor import supervise
 
     _logging()
     settings = get_settings()
     chosen: list[str] = [_check_service(s.strip()) for s in services.split(",")] if services else [*settings.services]
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     local = infra.start_local(settings)
     pipeline = Pipeline(settings, chosen)
     try:
         pipeline.start()
         typer.echo(f"aisemble: ready on {pipeline.url} with agents {', '.join(chosen)}; Ctrl-C stops")
-        while not pipeline.exited():
-            time.sleep(0.5)
-        typer.echo(f"aisemble: a process exited {pipeline.exited()}; stopping the rest", err=True)
-        raise typer.Exit(1)
+        supervise(pipeline, should_stop=lambda: bool(stopping))
+        typer.echo("aisemble: stopping (SIGTERM)")
     except KeyboardInterrupt:
         typer.echo("aisemble: stopping")
     finally:

@@ -54,6 +54,7 @@ class Pipeline:
             **env,
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.args: dict[str, list[str]] = {}
         self.url = f"http://127.0.0.1:{self.port}"
 
     @classmethod
@@ -76,16 +77,25 @@ class Pipeline:
     def _spawn(self, name: str, args: list[str]) -> None:
         out = None
         if self.log_dir is not None:
-            out = (self.log_dir / f"{self.prefix}-{name}.log").open("wb")
+            out = (self.log_dir / f"{self.prefix}-{name}.log").open("ab")
+        self.args[name] = args
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "aisemble", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
         )
 
-    def add_agent(self, service: str) -> str:
-        """Start one more agent process for ``service`` (joins the same consumer group); returns its name."""
+    def add_agent(self, service: str, *extra: str) -> str:
+        """Start one more agent process for ``service`` (joins the same consumer group); returns its name.
+
+        ``extra`` arguments go to ``aisemble agent`` (e.g. ``--runner module:function``)."""
         name = f"{service}-{sum(1 for n in self.procs if n.startswith(service))}"
-        self._spawn(name, ["agent", service])
+        self._spawn(name, ["agent", service, *extra])
         return name
+
+    def restart(self, name: str) -> None:
+        """Start process ``name`` again with the arguments it was started with (it must have exited)."""
+        if self.procs[name].poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        self._spawn(name, self.args[name])
 
     def exited(self) -> dict[str, int]:
         """Processes that have exited, with their exit codes."""

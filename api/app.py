@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
-from redis.asyncio import Redis
 
 from api.edge import Edge
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.routes import data, health, llm, nlp, vision
+from streams.redis import connect
 from streams.replies import ReplyListener, ReplyRouter
 from streams.settings import Settings, get_settings
 from streams.topics import edge_reply_topic, ensure_service_topics, ensure_topics, wait_for_partitions
@@ -47,10 +47,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             bootstrap_servers=settings.kafka_bootstrap,
             client_id=f"aisemble-edge-{settings.edge_id}",
             acks="all",
+            enable_idempotence=True,
             linger_ms=1,
             max_request_size=settings.max_event_bytes,
         )
-        redis = Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        redis = connect(settings)
         router = ReplyRouter()
         listener = ReplyListener(settings.kafka_bootstrap, reply_topic, router)
         edge = Edge(settings, producer, redis, router, listener, reply_topic)

@@ -7,6 +7,7 @@ import uuid
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from streams.settings import Settings
 from streams.topics import ensure_topics, wait_for_partitions
@@ -37,6 +38,12 @@ class RawClient:
             orjson.dumps(event),
             key=str(event["id"]).encode(),
         )
+
+    async def send_many(self, service: str, events: list[dict[str, object]]) -> None:
+        """Produce every event without waiting for each ack (they arrive together), then wait for all."""
+        topic = f"{self.settings.topic_prefix}.{service}.requests"
+        acks = [await self.producer.send(topic, orjson.dumps(e), key=str(e["id"]).encode()) for e in events]
+        await asyncio.gather(*acks)
 
     async def read(
         self, topic: str, count: int, timeout_s: float = 60.0, *, distinct: str | None = None
@@ -72,3 +79,20 @@ class RawClient:
             return out
         finally:
             await consumer.stop()
+
+
+async def committed_and_end(settings: Settings, group: str, topic: str) -> tuple[int, int]:
+    """Sum over ``topic``'s partitions of the group's committed offsets and of the end offsets."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        partitions = [TopicPartition(topic, p) for p in await wait_for_partitions(settings, topic)]
+        ends = await consumer.end_offsets(partitions)
+        done = sum(meta.offset for tp, meta in committed.items() if tp.topic == topic and meta.offset >= 0)
+        return done, sum(ends.values())
+    finally:
+        await consumer.stop()
+        await admin.close()
