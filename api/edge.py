@@ -11,15 +11,17 @@
   task while it waits, on Redis or on Kafka); past that ``call`` raises ``OverloadedError`` (429,
   ``Retry-After``) at once, without awaiting anything, so the edge's memory stays bounded under any load;
 * Kafka is given ``produce_timeout_s`` to take a request (then 503, ``UnavailableError``), and while the
-  edge's broker view (``kafka_state``: every produce outcome plus a metadata probe every
-  ``PROBE_INTERVAL_S``) says the broker is down, a cache miss is answered 503 at once and nothing is
-  handed to the producer. Cache hits are still served while Kafka is down.
+  edge's broker view (``kafka_state``) says the broker is down, a cache miss is answered 503 at once and
+  nothing is handed to the producer. The view is kept by a metadata probe every ``PROBE_INTERVAL_S``
+  (timeout ``produce_timeout_s``), run at once when a produce fails; a successful produce marks it ok.
+  Only the probe marks it down, so a produce that timed out under a burst does not shed every request.
+  Cache hits are still served while Kafka is down.
 
 What can go wrong: a request that timed out while producing may still reach the broker later (the
 producer keeps what it already accepted until its own timeout), so a 503 means "maybe not processed",
 never "processed": its reply, if any, is dropped. A caller that retries may get its request run twice
-(at-least-once). Between the broker's death and the first failed produce or probe, requests fail after
-``produce_timeout_s`` rather than at once.
+(at-least-once). Between the broker's death and the first failed probe (at most ``PROBE_INTERVAL_S``
+plus ``produce_timeout_s``), requests fail after ``produce_timeout_s`` rather than at once.
 """
 
 from __future__ import annotations
@@ -118,7 +120,6 @@ class Edge:
     def _kafka_failed(self, error: str) -> None:
         if self.broker.mark_down(error):
             log.warning("Kafka is down (%s): the edge answers 503 until it answers again", error)
-            self._probe_now.set()
 
     async def _probe_forever(self) -> None:
         while True:
@@ -222,8 +223,9 @@ class Edge:
                     min(self.settings.produce_timeout_s, timeout_s),
                 )
             except (KafkaError, TimeoutError) as exc:
-                if _broker_failure(exc):
-                    self._kafka_failed(f"produce: {exc!r}")
+                if _broker_failure(exc):  # the probe, run now, judges: a slow ack under load is no outage
+                    self.broker.suspect(f"produce: {exc!r}")
+                    self._probe_now.set()
                 raise UnavailableError(
                     f"could not produce the request to Kafka: {exc!r}",
                     request_id=request_id,

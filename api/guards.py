@@ -4,13 +4,14 @@
   says no at once (the edge answers 429 with ``Retry-After``), so the number of requests held, and the
   memory they hold, stays bounded whatever the load.
 * ``BrokerState`` is the edge's cheap view of Kafka: ``"ok"`` or ``"down"``, since when, and the last
-  error. It is fed by every produce outcome and by a periodic metadata probe; while it says ``"down"``
-  the edge answers 503 without handing anything to the producer (nothing queues up during an outage).
+  error. The edge's metadata probe marks it down or ok, a successful produce marks it ok, a failed one
+  is only noted (``suspect``); while it says ``"down"`` the edge answers 503 without handing anything
+  to the producer (nothing queues up during an outage).
 
 What can go wrong: a view is only as fresh as its last observation. Between the broker's death and the
-first failed produce or probe (at most the probe interval plus the probe timeout) requests still try to
-produce and fail after ``produce_timeout_s``; a false "down" (e.g. a produce that timed out under load
-while the broker was fine) lasts until the next successful probe or produce.
+first failed probe (at most the probe interval plus the probe timeout) requests still try to produce and
+fail after ``produce_timeout_s``; a false "down" (a probe that timed out while the broker was fine) lasts
+until the next successful probe or produce.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ class BrokerState:
             return False
         self.status, self.since = "down", self._clock()
         return True
+
+    def suspect(self, error: str) -> None:
+        """Record an error that does not decide the status by itself (e.g. a produce that timed out)."""
+        self.last_error = error
 
     def snapshot(self) -> BrokerSnapshot:
         return BrokerSnapshot(self.status, self.since, self.last_error, self.last_ok, self.failures)
