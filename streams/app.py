@@ -8,16 +8,43 @@ malformed event never reaches Faust's deserialiser (which would drop it silently
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import faust
+from faust.transport import drivers as faust_drivers
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas import Service
 from streams.settings import Settings
 from streams.topics import consumer_group, service_topics
 
 
+class IdempotentProducer(faust_aiokafka.Producer):
+    """Faust's aiokafka producer with ``enable_idempotence`` (and ``acks=all``) always on.
+
+    faust-streaming 0.15.3 has no setting for it: ``Producer._settings_extra`` passes
+    ``enable_idempotence=True`` only under ``processing_guarantee="exactly_once"`` (transactions, which we
+    do not use). Without it a send retried across a leader change may write a reply twice.
+    """
+
+    def _settings_extra(self) -> Mapping[str, Any]:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
+class IdempotentTransport(faust_aiokafka.Transport):
+    """Faust's aiokafka transport, producing through :class:`IdempotentProducer`."""
+
+    Producer = IdempotentProducer
+
+
+faust_drivers.TRANSPORTS.aliases.setdefault("aisemble", f"{__name__}:IdempotentTransport")
+
+
 def broker_urls(bootstrap: str) -> list[str]:
-    """Faust's broker URLs from a Kafka bootstrap list (``h1:9092,h2:9092``)."""
-    return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
+    """Faust's broker URLs from a Kafka bootstrap list (``h1:9092,h2:9092``); the ``aisemble://`` scheme
+    selects :class:`IdempotentTransport` (Faust's aiokafka driver with an idempotent producer)."""
+    return [f"aisemble://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
 
 
 def create_app(settings: Settings, service: Service) -> faust.App:

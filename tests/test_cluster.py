@@ -1,0 +1,201 @@
+"""A cluster, not one broker: the pipeline on a local 3-node KRaft cluster survives a SIGKILL of the broker
+that leads the request topic's partition 0 while 1,000 requests are in flight, and the cluster heals.
+
+The cluster is our own (tmp dirs, free ports; stopped by PID); Redis is the shared one. Counted per
+request: 200 answered / 504 deadline / other status / no HTTP answer at all (lost). Printed as
+``FAULT-COUNTS:`` with the failover and heal times; nothing is asserted about times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import murmur2
+
+from aisemble.pipeline import Pipeline
+from infra.cluster import ClusterHandle, free_base_port, start_cluster
+from streams.settings import Settings
+from streams.topics import edge_reply_topic
+
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
+
+TOTAL = 1000
+CONCURRENCY = 200
+KILL_AFTER = 150  # answered requests before the leader is killed
+HTTP_TIMEOUT_S = 60.0
+PARTITIONS = 4
+# A partition whose leader was SIGKILLed has no leader until the controller fences that broker
+# (broker.session.timeout.ms, 9 s by default) and elects another: on a cluster the edge must give Kafka
+# longer than that to take a request, or it answers 503 through every failover (1 s by default).
+PRODUCE_TIMEOUT_S = 20.0
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[ClusterHandle]:
+    handle = start_cluster(free_base_port(), tmp_path / "cluster")
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def _partition_of(request_id: str) -> int:
+    """The partition the edge's producer picks for this key (aiokafka's default partitioner)."""
+    return (murmur2(request_id.encode()) & 0x7FFFFFFF) % PARTITIONS
+
+
+async def _reply_counts(bootstrap: str, topic: str) -> Counter[str]:
+    """How many replies each request id got on the edge's reply topic (more than 1: a duplicate dropped)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        counts: Counter[str] = Counter()
+        async with asyncio.timeout(30):
+            while await consumer.position(tp) < end:
+                for records in (await consumer.getmany(tp, timeout_ms=1000)).values():
+                    for record in records:
+                        if record.value is not None:
+                            counts[json.loads(record.value)["id"]] += 1
+        return counts
+    finally:
+        await consumer.stop()
+
+
+async def test_leader_kill_mid_load_loses_no_request(
+    cluster: ClusterHandle, infra_settings: Settings, tmp_path: Path
+) -> None:
+    settings = infra_settings.model_copy(update={"kafka_bootstrap": cluster.bootstrap, "replication_factor": 3})
+    # Pipeline passes bootstrap, Redis and prefix to its processes, not replication_factor: name it too.
+    pipeline = Pipeline.isolated(
+        settings,
+        ["data"],
+        tmp_path,
+        AISEMBLE_REPLICATION_FACTOR="3",
+        AISEMBLE_PARTITIONS=str(PARTITIONS),
+        AISEMBLE_PRODUCE_TIMEOUT_S=str(PRODUCE_TIMEOUT_S),
+    )
+    await asyncio.to_thread(pipeline.start, 120.0)
+    try:
+        await _run_fault(cluster, pipeline)
+    finally:
+        await asyncio.to_thread(pipeline.stop)
+
+
+async def _run_fault(cluster: ClusterHandle, pipeline: Pipeline) -> None:
+    topic = f"{pipeline.prefix}.data.requests"
+    assert (await asyncio.to_thread(cluster.wait_in_sync, topic, 30.0)) >= 0
+    records = [{"id": i, "value": float(i % 97)} for i in range(50)]
+    ids = [f"c{i}-{uuid.uuid4().hex[:8]}" for i in range(TOTAL)]
+    outcomes: dict[str, int | str] = {}  # request id -> HTTP status, or the exception's name (no answer)
+    done_at: dict[str, float] = {}
+    started_at: dict[str, float] = {}
+    answered = asyncio.Event()
+    kill: dict[str, float | int] = {}
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(client: httpx.AsyncClient, rid: str) -> None:
+        async with gate:
+            started_at[rid] = time.monotonic()
+            try:
+                response = await client.post(
+                    "/data/process",
+                    json={"operation": "analyze", "data": {"records": records}, "cache": False},
+                    headers={"X-Request-Id": rid},
+                )
+                outcomes[rid] = response.status_code
+                if response.status_code == 200:
+                    body = response.json()
+                    assert body["id"] == rid and body["ok"], body
+            except httpx.HTTPError as exc:
+                outcomes[rid] = type(exc).__name__
+            done_at[rid] = time.monotonic()
+            if sum(1 for s in outcomes.values() if s == 200) >= KILL_AFTER:
+                answered.set()
+
+    async def killer() -> None:
+        await answered.wait()
+        leader = await asyncio.to_thread(cluster.leader_of, topic, 0)
+        kill["node"] = leader
+        kill["at"] = time.monotonic()
+        kill["in_flight"] = len(started_at) - len(done_at)
+        await asyncio.to_thread(cluster.node(leader).kill)
+        while time.monotonic() - kill["at"] < 60:  # when does partition 0 have another leader?
+            now_leader = await asyncio.to_thread(cluster.leader_of, topic, 0, 5.0)
+            if now_leader not in (leader, -1):
+                kill["new_leader_s"] = time.monotonic() - kill["at"]
+                kill["new_leader"] = now_leader
+                return
+            await asyncio.sleep(0.25)
+
+    began = time.monotonic()
+    async with httpx.AsyncClient(
+        base_url=pipeline.url,
+        timeout=HTTP_TIMEOUT_S,
+        limits=httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY),
+    ) as client:
+        async with asyncio.timeout(150):
+            kill_task = asyncio.create_task(killer())
+            await asyncio.gather(*(one(client, rid) for rid in ids))
+            await kill_task
+    load_s = time.monotonic() - began
+
+    exited = pipeline.exited()
+    killed = int(kill["node"])
+    restart_began = time.monotonic()
+    await asyncio.to_thread(cluster.node(killed).start)
+    restart_s = time.monotonic() - restart_began
+    heal_s = await asyncio.to_thread(cluster.wait_in_sync, topic, 60.0)
+    heal_total_s = time.monotonic() - restart_began
+
+    reply_topic = edge_reply_topic(pipeline.prefix, pipeline.settings.edge_id)
+    replies = await _reply_counts(cluster.bootstrap, reply_topic)
+
+    statuses = Counter(outcomes.values())
+    killed_at = kill["at"]
+    after_kill_p0 = [
+        done_at[rid] - killed_at
+        for rid in ids
+        if outcomes.get(rid) == 200 and started_at[rid] > killed_at and _partition_of(rid) == 0
+    ]
+    answers_after_kill = sorted(t for rid, t in done_at.items() if t > killed_at and outcomes[rid] == 200)
+    gaps = [b - a for a, b in zip([killed_at, *answers_after_kill], answers_after_kill, strict=False)]
+    counts = {
+        "sent": TOTAL,
+        "answered": statuses.get(200, 0),
+        "deadline": statuses.get(504, 0),
+        "errors": {str(k): v for k, v in statuses.items() if k not in (200, 504)},
+        "lost": TOTAL - sum(1 for s in outcomes.values() if isinstance(s, int)),
+        "duplicate_replies_dropped": sum(n - 1 for n in replies.values() if n > 1),
+        "killed_node": killed,
+        "new_leader": kill.get("new_leader"),
+        "in_flight_at_kill": kill["in_flight"],
+        "new_leader_s": round(float(kill.get("new_leader_s", -1)), 2),
+        "failover_s": round(min(after_kill_p0), 2) if after_kill_p0 else None,
+        "max_answer_gap_after_kill_s": round(max(gaps), 2) if gaps else None,
+        "load_s": round(load_s, 2),
+        "restart_s": round(restart_s, 2),
+        "heal_s": round(heal_s, 2),
+        "heal_total_s": round(heal_total_s, 2),
+        "exited": exited,
+    }
+    print("FAULT-COUNTS: " + json.dumps(counts))
+
+    assert len(outcomes) == TOTAL  # every request got exactly one outcome
+    assert counts["lost"] == 0, counts
+    assert not exited, {name: pipeline.log_tail(name) for name in exited}
+    server_errors = {k: v for k, v in statuses.items() if isinstance(k, int) and k >= 500 and k != 504}
+    assert not server_errors, counts
+    assert set(replies) <= set(ids)
