@@ -13,7 +13,7 @@ def get_edge(request: Request) -> Edge:
     return edge
 
 
-def request_id(x_request_id: str | None = Header(default=None, max_length=128)) -> str | None:
+def request_id(x_request_id: str | None = Header(default=None, max_length=128, pattern=r"\S")) -> str | None:
     """The caller's own request id (``X-Request-Id``), if it sent one."""
     if x_request_id is not None and not x_request_id.strip():
         raise InvalidInputError("X-Request-Id must not be blank")

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import error_body
 from schemas import ErrorCode
 
 
@@ -59,15 +60,8 @@ class BodySizeLimit:
 
     @staticmethod
     async def _refuse(send: Send, size: int, limit: int) -> None:
-        body = orjson.dumps(
-            {
-                "ok": False,
-                "error": {
-                    "code": ErrorCode.PAYLOAD_TOO_LARGE,
-                    "message": f"request body of {size} bytes exceeds the limit of {limit} bytes",
-                },
-            }
-        )
+        message = f"request body of {size} bytes exceeds the limit of {limit} bytes"
+        body = orjson.dumps(error_body(ErrorCode.PAYLOAD_TOO_LARGE, message))  # the ErrorBody shape
         await send(
             {
                 "type": "http.response.start",

@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas.http import WireSafe
+
 DATA_TASKS = ("analyze",)
 MAX_FIELDS = 10_000  # distinct field names per request (contract ceiling)
 MAX_CELLS = 5_000_000  # field occurrences over all records per request (contract ceiling)
@@ -82,7 +84,7 @@ class AnalyzeOutput(BaseModel):
     fields: dict[str, FieldStats]
 
 
-class DataProcessRequest(BaseModel):
+class DataProcessRequest(WireSafe):
     """HTTP body of ``POST /data/process`` (the brief's payload); strict: ``"cache": 0`` is not a boolean."""
 
     model_config = ConfigDict(extra="forbid", strict=True)

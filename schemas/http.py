@@ -6,13 +6,18 @@ reads successes (``ReplyEvent``) and failures the same way and branches on ``err
 
 ``one_of_present`` writes an "exactly one of these fields" rule into a model's JSON Schema in the form
 the runtime validators enforce: a field counts as given when it is present and not null.
+
+``WireSafe`` refuses (422) a body that is valid JSON but cannot travel as a Kafka event: integers past
+64 bits and strings with lone surrogates (``"\\ud800"``) parse in Python but orjson cannot write them.
+Without it such a body reached the producer and failed there as a 500.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+import orjson
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic.json_schema import JsonDict
 
 from schemas.events import ErrorInfo
@@ -34,6 +39,32 @@ class ErrorBody(BaseModel):
     cached: bool
     model: str | None = Field(description="The model that failed, when an agent answered the error.")
     timings_ms: dict[str, float]
+
+
+def _integral_float_as_int(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer as JSON Schema means it: 2 and 2.0 are integers, "2", true and 2.5 are not (strict models).
+JsonInt = Annotated[int, BeforeValidator(_integral_float_as_int)]
+
+# Base64 as ``base64.b64decode(..., validate=True)`` accepts it: the standard alphabet, padded, non-empty.
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4})$"
+
+
+class WireSafe(BaseModel):
+    """Mixin for HTTP bodies: the validated body must encode as event JSON (64-bit integers, valid Unicode)."""
+
+    @model_validator(mode="after")
+    def _encodable_as_an_event(self) -> Self:
+        try:
+            orjson.dumps(self.model_dump())
+        except orjson.JSONEncodeError as exc:
+            raise ValueError(
+                f"cannot be sent as an event ({exc}): integers must fit in 64 bits and strings must be "
+                "valid Unicode (no lone surrogates)"
+            ) from exc
+        return self
 
 
 def one_of_present(*alternatives: tuple[str, JsonDict]) -> JsonDict:

@@ -6,9 +6,11 @@ output ``{"text", "tokens", "finish_reason"}``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+
+from schemas.http import JsonInt, WireSafe
 
 LLM_TASKS = ("completion",)
 MAX_PROMPT_CHARS = 16_000
@@ -21,11 +23,23 @@ class CompletionInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    max_tokens: int = Field(default=100, ge=1, le=MAX_NEW_TOKENS)
+    max_tokens: JsonInt = Field(default=100, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: list[str] | None = Field(default=None, max_length=4)
+    seed: JsonInt | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: Annotated[
+        list[str] | None,
+        WithJsonSchema(  # what the validators below accept: one string or up to 4, none empty
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+                    {"type": "null"},
+                ],
+                "default": None,
+            }
+        ),
+    ] = Field(default=None, max_length=4)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -51,7 +65,7 @@ class CompletionOutput(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
-class LlmCompletionRequest(CompletionInput):
+class LlmCompletionRequest(CompletionInput, WireSafe):
     """HTTP body of ``POST /ai/llm/completion``; strict types (``"cache": 0`` and ``"max_tokens": "5"`` fail)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
-from schemas.http import one_of_present
+from schemas.http import WireSafe, one_of_present
 
 NLP_TASKS = ("sentiment", "embed", "similarity", "classify")
 MAX_TEXT_CHARS = 20_000
@@ -81,7 +81,7 @@ class ClassifyOutput(BaseModel):
     scores: list[float] = Field(description="Scores of ``labels``, summing to 1.")
 
 
-class NlpRequest(NlpInput):
+class NlpRequest(NlpInput, WireSafe):
     """HTTP body of ``POST /ai/nlp/process``: the task plus its input; strict types (``"cache": 0`` fails)."""
 
     model_config = ConfigDict(strict=True)

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.http import one_of_present
+from schemas.http import BASE64_PATTERN, JsonInt, WireSafe, one_of_present
 
 VISION_TASKS = ("detect_faces", "resize", "smart_crop", "describe", "classify")
 VisionTask = Literal["detect_faces", "resize", "smart_crop", "describe", "classify"]
@@ -83,7 +83,7 @@ class ClassifyImageOutput(BaseModel):
     labels: list[LabelScore]
 
 
-class VisionRequest(BaseModel):
+class VisionRequest(WireSafe):
     """HTTP body of ``POST /ai/vision/analyze`` (JSON variant); strict types (``"cache": 0`` fails).
 
     Only ``image_b64``: an ``image_ref`` is a claim-check key the edge itself writes for large uploads.
@@ -92,11 +92,11 @@ class VisionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     task: VisionTask
-    image_b64: str = Field(min_length=1)
-    max_size: int = Field(default=1024, ge=8, le=8192)
-    width: int | None = Field(default=None, ge=1, le=8192)
-    height: int | None = Field(default=None, ge=1, le=8192)
+    image_b64: str = Field(pattern=BASE64_PATTERN, description="The encoded image (PNG, JPEG, ...) in base64.")
+    max_size: JsonInt = Field(default=1024, ge=8, le=8192)
+    width: JsonInt | None = Field(default=None, ge=1, le=8192)
+    height: JsonInt | None = Field(default=None, ge=1, le=8192)
     format: Literal["png", "jpeg", "webp"] = "png"
-    top_k: int = Field(default=5, ge=1, le=100)
-    min_face_size: int = Field(default=30, ge=8, le=4096)
+    top_k: JsonInt = Field(default=5, ge=1, le=100)
+    min_face_size: JsonInt = Field(default=30, ge=8, le=4096)
     cache: bool | None = Field(default=None, description="true: use the result cache; false: bypass it.")

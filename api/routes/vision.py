@@ -93,12 +93,14 @@ async def analyze_upload(
     task: VisionTask = Form(...),
     file: UploadFile = File(...),
     max_size: int = Form(1024, ge=8, le=8192),
-    width: int | None = Form(None, ge=1, le=8192),
-    height: int | None = Form(None, ge=1, le=8192),
+    # A form field cannot be null, only absent (None here): typed without "| None" so that the OpenAPI
+    # document does not offer null, which a multipart client could only send as the text "null".
+    width: int = Form(None, ge=1, le=8192),
+    height: int = Form(None, ge=1, le=8192),
     format: Literal["png", "jpeg", "webp"] = Form("png"),
     top_k: int = Form(5, ge=1, le=100),
     min_face_size: int = Form(30, ge=8, le=4096),
-    cache: bool | None = Form(None),
+    cache: bool = Form(None),
     edge: Edge = Depends(get_edge),
     rid: str | None = Depends(request_id),
 ) -> ORJSONResponse:
