@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, TypeVar
 import cv2
 import numpy as np
 
-from agents.claims import make_prepare
+from agents.claims import make_prepare, make_release
 from agents.runner import Failure, Item, Outcome, parse_input, unknown_task
 from agents.vision_image import (
     DecodedImage,
@@ -386,4 +386,4 @@ def build_runner(settings: Settings) -> VisionRunner:
     return VisionRunner(settings.vision)
 
 
-__all__ = ["VisionRunner", "build_runner", "describe", "detect_faces", "make_prepare"]
+__all__ = ["VisionRunner", "build_runner", "describe", "detect_faces", "make_prepare", "make_release"]
