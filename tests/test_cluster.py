@@ -22,11 +22,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
 
 from aisemble.pipeline import Pipeline
-from infra.cluster import ClusterHandle, free_base_port, start_cluster
+from infra.cluster import ClusterHandle, cluster_bootstrap, cluster_config, free_base_port, start_cluster
 from streams.settings import Settings
 from streams.topics import edge_reply_topic
-
-pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
 TOTAL = 1000
 CONCURRENCY = 200
@@ -37,6 +35,32 @@ PARTITIONS = 4
 # (broker.session.timeout.ms, 9 s by default) and elects another: on a cluster the edge must give Kafka
 # longer than that to take a request, or it answers 503 through every failover (1 s by default).
 PRODUCE_TIMEOUT_S = 20.0
+
+
+def test_cluster_config_is_a_static_quorum_with_rf_3_on_loopback(tmp_path: Path) -> None:
+    configs = [cluster_config(i, 19092, 3, tmp_path / f"node-{i}") for i in (1, 2, 3)]
+    assert cluster_bootstrap(19092) == "127.0.0.1:19092,127.0.0.1:19094,127.0.0.1:19096"
+    voters = "1@127.0.0.1:19093,2@127.0.0.1:19095,3@127.0.0.1:19097"
+    for node_id, config in enumerate(configs, start=1):
+        port = 19092 + 2 * (node_id - 1)
+        assert config["node.id"] == str(node_id)
+        assert config["process.roles"] == "broker,controller"
+        assert config["controller.quorum.voters"] == voters
+        assert "controller.quorum.bootstrap.servers" not in config  # static quorum: format without --standalone
+        assert config["listeners"] == f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{port + 1}"
+        assert config["log.dirs"] == str(tmp_path / f"node-{node_id}")
+        for key in (
+            "default.replication.factor",
+            "offsets.topic.replication.factor",
+            "transaction.state.log.replication.factor",
+            "share.coordinator.state.topic.replication.factor",
+        ):
+            assert config[key] == "3", key
+        for key in ("min.insync.replicas", "transaction.state.log.min.isr", "share.coordinator.state.topic.min.isr"):
+            assert config[key] == "2", key
+        assert config["auto.create.topics.enable"] == "false"
+        assert config["group.initial.rebalance.delay.ms"] == "0"
+        assert "0.0.0.0" not in config["listeners"] + config["advertised.listeners"]
 
 
 @pytest.fixture
@@ -74,6 +98,8 @@ async def _reply_counts(bootstrap: str, topic: str) -> Counter[str]:
         await consumer.stop()
 
 
+@pytest.mark.integration
+@pytest.mark.fault
 async def test_leader_kill_mid_load_loses_no_request(
     cluster: ClusterHandle, infra_settings: Settings, tmp_path: Path
 ) -> None:
