@@ -51,6 +51,8 @@ class Pipeline:
             "AISEMBLE_EDGE_ID": settings.edge_id,
             "AISEMBLE_EDGE_PORT": str(settings.edge_port),
             "AISEMBLE_SERVICES": json.dumps(services),
+            "AISEMBLE_PARTITIONS": str(settings.partitions),
+            "AISEMBLE_REPLICATION_FACTOR": str(settings.replication_factor),
             **env,
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}

@@ -73,7 +73,13 @@ def _service_view(agents: list[AgentInfo] | None, warming: bool) -> dict[str, ob
     return {"ok": status == "ok", "status": status, "agents": [_agent_view(a) for a in agents]}
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    responses={
+        200: {"description": "status ok or degraded (requests are served; see the body)"},
+        503: {"description": "status down: Kafka away, reply listener stopped, or a service without a live agent"},
+    },
+)
 async def health(edge: Edge = Depends(get_edge)) -> ORJSONResponse:
     """Report each dependency; 503 only when requests cannot be served (see the module doc)."""
     kafka = _check_kafka(edge)
