@@ -154,15 +154,26 @@ class BatchLoop:
                      len(dropped))  # fmt: skip
 
     async def _feed(self, stream: faust.StreamT) -> None:
-        async for event in stream.events():  # type: ignore[attr-defined]
-            await self.buffer.put(event)
+        """Put every event in the buffer; when the stream ends (or fails), close the buffer so the batch
+        loop drains what it holds and ends too, instead of waiting forever on a dead feeder."""
+        try:
+            async for event in stream.events():  # type: ignore[attr-defined]
+                await self.buffer.put(event)
+        except (asyncio.CancelledError, BufferClosed):
+            raise
+        except Exception as exc:  # noqa: BLE001  (recorded; run() then stops the process)
+            self.failure = exc
+            log.critical("the agent's stream failed: %r", exc)
+        finally:
+            self.buffer.close()
 
     async def run(self, stream: faust.StreamT) -> None:
         feeder = asyncio.create_task(self._feed(stream.noack()), name="agent-feed")  # type: ignore[attr-defined]
         try:
-            while True:
-                events = await self.buffer.take()
+            while events := await self.buffer.take():
                 await self._handle(events)
+            if self.failure is not None:
+                raise AgentStopped(str(self.failure))
         finally:
             self.buffer.close()
             feeder.cancel()

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Sequence
 
 import orjson
 import pytest
-
 from aiokafka.errors import MessageSizeTooLargeError, NotLeaderForPartitionError
 
 from agents.errors import DeliveryError

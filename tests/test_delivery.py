@@ -52,6 +52,15 @@ async def test_kill_9_mid_stream_loses_nothing(pipeline: Pipeline) -> None:
         pipeline.add_agent("data")
         replies = await client.read(client.reply_topic, total, timeout_s=240, distinct="id")
     answered = {r["id"] for r in replies}
+    counts = {
+        "test": "kill_9_mid_stream",
+        "sent": total,
+        "answered_before_kill": len({r["id"] for r in seen}),
+        "answered": len(answered),
+        "duplicates": len(replies) - len(answered),
+        "lost": len(set(ids) - answered),
+    }
+    print("FAULT-COUNTS:", json.dumps(counts))
     assert set(ids) <= answered, f"{len(set(ids) - answered)} requests lost"
     assert all(r["ok"] for r in replies)
     # Redelivery after the kill may answer some twice (at-least-once); every reply is for a known id.

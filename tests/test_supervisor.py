@@ -105,8 +105,9 @@ def test_aisemble_run_restarts_a_killed_agent_and_ctrl_c_stops_all(infra_setting
                     answered_after = time.monotonic() - killed_at
                     break
             time.sleep(0.5)
-        print("FAULT-COUNTS:", json.dumps({"test": "supervisor_restart", "killed_pid": pids[0],
-                                           "new_pid": new_pids[:1], "served_again_after_s": answered_after}))  # fmt: skip
+        counts = {"test": "supervisor_restart", "killed_pid": pids[0], "new_pid": new_pids[:1],
+                  "served_again_after_s": answered_after}  # fmt: skip
+        print("FAULT-COUNTS:", json.dumps(counts))
         assert new_pids, "the killed agent was not restarted"
         assert answered_after is not None
         assert run.poll() is None, "aisemble run must keep running when one agent dies"
