@@ -170,7 +170,11 @@ async def _run_fault(cluster: ClusterHandle, pipeline: Pipeline) -> None:
     async with httpx.AsyncClient(
         base_url=pipeline.url,
         timeout=HTTP_TIMEOUT_S,
-        limits=httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY),
+        # Idle connections expire before uvicorn's 5 s keep-alive closes them, so the client never reuses
+        # a connection the server is closing (an httpx ReadError that says nothing about the pipeline).
+        limits=httpx.Limits(
+            max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY, keepalive_expiry=2.0
+        ),
     ) as client:
         async with asyncio.timeout(150):
             kill_task = asyncio.create_task(killer())
