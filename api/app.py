@@ -29,8 +29,13 @@ log = logging.getLogger(__name__)
 
 
 async def _refresh_models_forever(edge: Edge, interval_s: float) -> None:
+    """Re-read the agents' model names every ``interval_s`` until cancelled (shutdown); a failure is logged
+    and the last known names stay in use (Redis errors are already a miss inside ``refresh_models``)."""
     while True:
-        await edge.refresh_models()
+        try:
+            await edge.refresh_models()
+        except Exception:  # the refresher must outlive any surprise; the next round retries
+            log.exception("could not refresh the agents' model names")
         await asyncio.sleep(interval_s)
 
 
