@@ -349,7 +349,7 @@ class BatchProcessor:
         while todo:
             for d in todo:
                 await self._enqueue(d)
-            results = await asyncio.gather(*(d.ack for d in todo if d.ack is not None), return_exceptions=True)
+            results = await self._acks(todo, deadline)
             retry: list[_Delivery] = []
             follow_up: list[_Delivery] = []
             for d, result in zip(todo, results, strict=True):
@@ -380,6 +380,26 @@ class BatchProcessor:
             todo = retry + follow_up
         self.delivery_state = "ok"
         return delivered
+
+    @staticmethod
+    async def _acks(deliveries: list[_Delivery], deadline: float) -> list[object]:
+        """Each delivery's ack outcome (a result or the exception), waiting at most until ``deadline``.
+
+        The producer retries a send to an unreachable broker by itself for up to its own request timeout;
+        a send still unacknowledged at ``deadline`` counts as a (retriable) timeout, so the bound holds.
+        """
+        futures = [asyncio.ensure_future(d.ack) for d in deliveries if d.ack is not None]
+        if futures:
+            await asyncio.wait(futures, timeout=max(0.05, deadline - time.monotonic()))
+        out: list[object] = []
+        for future in futures:
+            if not future.done():
+                out.append(TimeoutError("no broker acknowledgement before the retry deadline"))
+            elif future.cancelled():
+                out.append(asyncio.CancelledError())
+            else:
+                out.append(future.exception() or future.result())
+        return out
 
     async def _swap_unknown_reply_topics(self, deliveries: list[_Delivery]) -> list[_Delivery]:
         """Each reply whose ``reply_to`` topic does not exist is replaced by its dead letter at once, without

@@ -19,6 +19,7 @@ import importlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,20 @@ log = logging.getLogger(__name__)
 
 METADATA_CHECK_S = 2.0
 EXIT_AGENT_FAILED = 3
+EXIT_STOP_WAIT_S = 15.0
+
+
+def _exit_after(seconds: float, status: int) -> None:
+    """End the process with ``status`` in ``seconds`` unless it has exited by then (a daemon timer)."""
+
+    def hard_exit() -> None:
+        log.critical("the agent did not stop within %.0fs; exiting with status %d", seconds, status)
+        logging.shutdown()
+        os._exit(status)
+
+    timer = threading.Timer(seconds, hard_exit)
+    timer.daemon = True
+    timer.start()
 
 
 def build_runner(service: Service, settings: Settings) -> ModelRunner:
@@ -244,6 +259,9 @@ def create_agent_app(
         try:
             await loop.run(stream)
         except AgentStopped:
+            # Faust's own stop can hang on a broker that is away (its consumer thread waits on it); nothing
+            # of the failed batch is acknowledged, so a hard exit after a bounded wait loses nothing.
+            _exit_after(EXIT_STOP_WAIT_S, EXIT_AGENT_FAILED)
             await app.crash(loop.failure or RuntimeError("agent loop failed"))  # type: ignore[attr-defined]
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]

@@ -69,6 +69,9 @@ def create_app(settings: Settings, service: Service) -> faust.App:
         producer_acks=-1,
         producer_max_request_size=settings.max_event_bytes,
         producer_linger_ms=1,
+        # The producer gives up on a send after this (Faust's default is 20 minutes): with the agent's own
+        # bounded retry (agents.loop) it keeps a dead broker from holding a batch, or a shutdown, for long.
+        producer_request_timeout=settings.delivery_retry_s,
         stream_wait_empty=False,
         logging_config=None,
     )

@@ -42,9 +42,14 @@ def poison_data(settings: Settings) -> PoisonDataRunner:
 
 
 class SlowDataRunner(PoisonDataRunner):
-    """The data runner, taking ``AISEMBLE_TEST_BATCH_S`` seconds per batch (a slow model, for stop tests)."""
+    """The data runner, taking ``AISEMBLE_TEST_BATCH_S`` seconds per batch (a slow model, for stop tests);
+    with ``AISEMBLE_TEST_MARKER`` set, each batch appends its size to that file as it starts."""
 
     def run_batch(self, items: Sequence[Item]) -> list[Outcome]:
+        marker = os.environ.get("AISEMBLE_TEST_MARKER")
+        if marker:  # tells the test a batch is in hand
+            with open(marker, "a") as out:
+                out.write(f"{len(items)}\n")
         time.sleep(float(os.environ.get("AISEMBLE_TEST_BATCH_S", "2")))
         return super().run_batch(items)
 

@@ -15,10 +15,12 @@ PID; the shared broker at :9092 is never touched. Redis is the shared one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import statistics
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -33,6 +35,7 @@ from aisemble.pipeline import Pipeline, free_port
 from infra.process import port_free
 from schemas import ErrorCode
 from streams.settings import Settings
+from tests.kafka_client import RawClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -179,3 +182,66 @@ def test_broker_outage_503_fast_then_edge_and_agent_recover(
         print("FAULT-COUNTS: " + json.dumps({"test": "broker_outage", **counts, **figures}))
 
     assert counts["other"] == 0 and counts["lost"] == 0, counts
+
+
+async def test_retries_that_run_out_end_the_agent_with_status_3_and_lose_nothing(
+    infra_settings: Settings, private_kafka: dict[str, object], tmp_path: Path
+) -> None:
+    """The broker dies while an agent holds a batch: the agent retries its replies for DELIVERY_RETRY_S,
+    then exits with status 3 without acknowledging; after the broker returns a new agent answers them."""
+    port = int(str(private_kafka["port"]))
+    data_dir = Path(str(private_kafka["data_dir"]))
+    settings = infra_settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{port}"})
+    marker = tmp_path / "batch-started"
+    pipeline = Pipeline.isolated(
+        settings,
+        [],
+        tmp_path,
+        AISEMBLE_DELIVERY_RETRY_S="3",
+        AISEMBLE_TEST_BATCH_S="4",
+        AISEMBLE_TEST_MARKER=str(marker),
+        AISEMBLE_DATA__MAX_BATCH="8",
+        AISEMBLE_DATA__MAX_WAIT_MS="1000",
+    )
+    slow = ("--runner", "tests.fault_runners:slow_data")
+    first = pipeline.add_agent("data", *slow)
+    try:
+        async with RawClient(pipeline.settings) as client:
+            ids = [f"x{i}-{uuid.uuid4().hex[:6]}" for i in range(8)]
+            await client.send_many(
+                "data",
+                [{"id": rid, "task": "analyze", "input": {"records": [{"v": 1}]}, "reply_to": client.reply_topic,
+                  "cache": False} for rid in ids],
+            )  # fmt: skip
+            deadline = time.monotonic() + 90
+            while not marker.exists() and time.monotonic() < deadline:  # noqa: ASYNC110  (another process writes it)
+                await asyncio.sleep(0.1)
+            assert marker.exists(), pipeline.log_tail(first)
+            handle = private_kafka["handle"]
+            assert isinstance(handle, infra.KafkaHandle)
+            os.kill(handle.pid, signal.SIGKILL)  # the batch in hand cannot be delivered now
+            killed = time.monotonic()
+            try:
+                status = pipeline.procs[first].wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                status = None
+            exited_after = time.monotonic() - killed
+            private_kafka["handle"] = infra.start_kafka(port, data_dir=data_dir)
+            pipeline.env["AISEMBLE_TEST_BATCH_S"] = "0"
+            pipeline.add_agent("data", *slow)
+            replies = await client.read(client.reply_topic, len(ids), timeout_s=120, distinct="id")
+        answered = {r["id"] for r in replies}
+        counts = {
+            "test": "delivery_retries_run_out",
+            "sent": len(ids),
+            "first_agent_status": status,
+            "first_agent_exited_after_s": round(exited_after, 1),
+            "answered": len(answered & set(ids)),
+            "lost": len(set(ids) - answered),
+        }
+        print("FAULT-COUNTS:", json.dumps(counts))
+        assert status == 3, pipeline.log_tail(first)
+        assert "still failing after" in pipeline.log_tail(first, 200_000)
+        assert set(ids) <= answered
+    finally:
+        pipeline.stop()
