@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import SERVICES, Service
@@ -113,6 +113,27 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(default=0.5, gt=0, description="Socket timeout of every Redis call.")
     redis_breaker_failures: int = Field(default=3, ge=1, description="Redis failures in a row that open the breaker.")
     redis_breaker_reset_s: float = Field(default=5.0, gt=0, description="How long an open breaker skips Redis.")
+
+    # Security (issue 7): where agents may write, who the edge answers, a secured Kafka.
+    reply_to_allow: list[str] = Field(
+        default_factory=lambda: ["{prefix}.replies.*", "{prefix}.edge.*.replies"],
+        description="Globs a request's reply_to must match ({prefix} = topic_prefix); others are dead-lettered.",
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="When set, every service route needs one of these (X-API-Key or Bearer)."
+    )
+    metrics_require_key: bool = Field(default=True, description="Whether /metrics needs an API key too.")
+    allow_insecure: bool = Field(
+        default=False, description="Let the edge listen on a non-loopback address without API keys."
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle that signed the brokers' certificates.")
+    kafka_ssl_certfile: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
+    kafka_ssl_keyfile: Path | None = Field(default=None, description="Client private key (mutual TLS).")
+    kafka_ssl_key_password: SecretStr | None = None
 
     data: DataSettings = DataSettings()
     nlp: NlpSettings = NlpSettings()
