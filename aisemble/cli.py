@@ -31,6 +31,17 @@ def _logging() -> None:
     )
 
 
+def _check_bind(host: str) -> None:
+    """Exit 2 with the reason, before anything binds, when the edge would be exposed without API keys."""
+    from api.auth import InsecureBindError, InvalidApiKeysError, check_bind
+
+    try:
+        check_bind(host, get_settings())
+    except (InsecureBindError, InvalidApiKeysError) as exc:
+        typer.echo(f"aisemble: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _check_service(service: str) -> str:
     if service not in SERVICES:
         raise typer.BadParameter(f"unknown service {service!r}; expected one of {', '.join(SERVICES)}")
@@ -42,16 +53,19 @@ def edge(
     host: Annotated[str | None, typer.Option(help="Bind address (default AISEMBLE_EDGE_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default AISEMBLE_EDGE_PORT).")] = None,
 ) -> None:
-    """Run the REST edge."""
+    """Run the REST edge (refused on a non-loopback address without API keys; see AISEMBLE_ALLOW_INSECURE)."""
+    settings = get_settings()
+    bind = host or settings.edge_host
+    _check_bind(bind)  # before uvicorn is even imported: an exposed edge without keys never listens
+
     import uvicorn
 
     from api.app import create_app
 
     _logging()
-    settings = get_settings()
     uvicorn.run(
         create_app(settings),
-        host=host or settings.edge_host,
+        host=bind,
         port=port or settings.edge_port,
         log_level=settings.log_level.lower(),
         access_log=False,
@@ -156,8 +170,9 @@ def run(
     from aisemble.pipeline import Pipeline
     from aisemble.supervisor import supervise
 
-    _logging()
     settings = get_settings()
+    _check_bind(settings.edge_host)  # the edge it starts binds AISEMBLE_EDGE_HOST: refuse before starting anything
+    _logging()
     chosen: list[str] = [_check_service(s.strip()) for s in services.split(",")] if services else [*settings.services]
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))

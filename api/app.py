@@ -16,10 +16,12 @@ from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 
+from api.auth import auth_dependencies
 from api.edge import Edge
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.routes import data, health, llm, nlp, vision
+from streams.kafka_security import client_options
 from streams.redis import connect
 from streams.replies import ReplyListener, ReplyRouter
 from streams.settings import Settings, get_settings
@@ -55,10 +57,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             enable_idempotence=True,
             linger_ms=1,
             max_request_size=settings.max_event_bytes,
+            **client_options(settings),
         )
         redis = connect(settings)
         router = ReplyRouter()
-        listener = ReplyListener(settings.kafka_bootstrap, reply_topic, router)
+        listener = ReplyListener(settings.kafka_bootstrap, reply_topic, router, options=client_options(settings))
         edge = Edge(settings, producer, redis, router, listener, reply_topic)
         refresher: asyncio.Task[None] | None = None
         try:
@@ -93,6 +96,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limit_for=lambda path: vision_limit if path.startswith("/ai/vision") else settings.max_body_bytes,
     )
     install_error_handlers(app)
-    for module in (health, data, nlp, llm, vision):
-        app.include_router(module.router)
+    app.include_router(health.router)  # open: probes need no key
+    service_auth = auth_dependencies(settings)  # API keys on every service route (api/auth.py)
+    for module in (data, nlp, llm, vision):
+        app.include_router(module.router, dependencies=service_auth)
     return app

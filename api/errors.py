@@ -9,6 +9,8 @@ failure, not only the edge's own ``EdgeError``:
 * a body that does not validate (FastAPI's ``RequestValidationError``): 422 ``invalid_input``, the message
   naming each offending field (``data.records: Field required``);
 * an unknown path: 404 ``not_found``; a known path with another method: 405 ``method_not_allowed``;
+* a service route without a matching API key (when keys are configured, ``api.auth``): 401
+  ``unauthorized`` with ``WWW-Authenticate``;
 * any other exception: 500 ``internal`` (the exception is still logged by Starlette).
 
 ``SERVICE_RESPONSES`` documents all of these (and 200) for the service routes, so the OpenAPI document
@@ -27,7 +29,7 @@ from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas import SERVICES, ErrorCode, ErrorInfo, ReplyEvent
-from schemas.http import STATUS_DESCRIPTIONS, ErrorBody
+from schemas.http import STATUS_DESCRIPTIONS, ErrorBody, valid_request_id
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ STATUS_BY_CODE: dict[str, int] = {
     ErrorCode.TIMEOUT: 504,
     ErrorCode.MODEL_NOT_CONFIGURED: 501,
     ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.UNAUTHORIZED: 401,
 }
 
 
@@ -103,6 +106,28 @@ class InvalidInputError(EdgeError):
     code = ErrorCode.INVALID_INPUT
 
 
+class UnauthorizedError(EdgeError):
+    """API keys are configured and the request carried none that matches (``api.auth``): 401.
+
+    ``headers`` carries the ``WWW-Authenticate`` challenge. The message never contains what was sent.
+    """
+
+    status = 401
+    code = ErrorCode.UNAUTHORIZED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: str | None = None,
+        service: str = "",
+        task: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, request_id=request_id, service=service, task=task)
+        self.headers = dict(headers or {})
+
+
 def reply_response(reply: ReplyEvent) -> ORJSONResponse:
     """A reply event as the HTTP response: 200 when ok, else the status its error code maps to."""
     status = 200 if reply.ok else STATUS_BY_CODE.get(reply.error.code if reply.error else "", 500)
@@ -148,13 +173,14 @@ def error_response(
     )
 
 
-def _caller_id(request: Request) -> str | None:
-    """The caller's X-Request-Id when it is usable as an id (what ``api.deps.request_id`` accepts)."""
+def caller_id(request: Request) -> str | None:
+    """The caller's X-Request-Id when it is a valid id (``schemas.http.REQUEST_ID_PATTERN``, what
+    ``api.deps.request_id`` accepts), else None: an invalid one is never echoed in a body or header."""
     rid = request.headers.get("x-request-id")
-    return rid if rid is not None and rid.strip() and len(rid) <= 128 else None
+    return rid if rid is not None and valid_request_id(rid) else None
 
 
-def _service_of(request: Request) -> str:
+def service_of(request: Request) -> str:
     """The service of the matched route (its first tag names it), or '' for no route or a non-service one."""
     route = request.scope.get("route")
     tags = getattr(route, "tags", None) or []
@@ -203,6 +229,15 @@ SERVICE_RESPONSES: dict[int | str, dict[str, object]] = {
         "headers": {"X-Request-Id": {"description": "The request id.", "schema": {"type": "string"}}},
     },
     **{status: _documented(status) for status in STATUS_DESCRIPTIONS},
+    401: {
+        **_documented(401),
+        "headers": {
+            "WWW-Authenticate": {
+                "description": 'The authentication challenge: Bearer realm="aisemble".',
+                "schema": {"type": "string"},
+            }
+        },
+    },
     429: {
         **_documented(429),
         "headers": {
@@ -230,7 +265,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> ORJSONResponse:
         errors = list(exc.errors())
-        service, rid = _service_of(request), _caller_id(request)
+        service, rid = service_of(request), caller_id(request)
         bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
         if bad_json is not None:
             ctx = bad_json.get("ctx") or {}
@@ -249,8 +284,8 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code,
             code,
             str(exc.detail),
-            request_id=_caller_id(request),
-            service=_service_of(request),
+            request_id=caller_id(request),
+            service=service_of(request),
             headers=dict(exc.headers or {}),
         )
 
@@ -261,6 +296,6 @@ def install_error_handlers(app: FastAPI) -> None:
             500,
             ErrorCode.INTERNAL,
             f"internal error ({type(exc).__name__})",
-            request_id=_caller_id(request),
-            service=_service_of(request),
+            request_id=caller_id(request),
+            service=service_of(request),
         )

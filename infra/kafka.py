@@ -35,8 +35,10 @@ import logging
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
@@ -144,12 +146,16 @@ def new_cluster_id() -> str:
             return text
 
 
-async def broker_ids(bootstrap: str, within_s: float) -> list[int]:
-    """The node ids of the live (unfenced) brokers that the cluster at ``bootstrap`` reports, within ``within_s``."""
+async def broker_ids(bootstrap: str, within_s: float, options: Mapping[str, Any] | None = None) -> list[int]:
+    """The node ids of the live (unfenced) brokers that the cluster at ``bootstrap`` reports, within ``within_s``.
+
+    ``options``: extra aiokafka client arguments (security: ``streams.kafka_security.client_options``).
+    """
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap,
         request_timeout_ms=max(1, int(within_s * 1000)),
         client_id="aisemble-infra",
+        **(options or {}),
     )
     try:
         async with asyncio.timeout(within_s):
@@ -160,10 +166,11 @@ async def broker_ids(bootstrap: str, within_s: float) -> list[int]:
     return sorted(int(b["node_id"]) for b in cluster.get("brokers") or [])
 
 
-def kafka_answers(bootstrap: str, timeout: float = 3.0) -> bool:
+def kafka_answers(bootstrap: str, timeout: float = 3.0, options: Mapping[str, Any] | None = None) -> bool:
     """True when a broker at ``bootstrap`` answers a metadata request (with at least one broker) in time.
 
-    A TCP check comes first, so nothing is logged by aiokafka when no one listens.
+    A TCP check comes first, so nothing is logged by aiokafka when no one listens. ``options``: extra
+    aiokafka client arguments (a secured listener's protocol, SASL user, SSL context).
     """
     try:
         hosts = parse_bootstrap(bootstrap)
@@ -172,7 +179,7 @@ def kafka_answers(bootstrap: str, timeout: float = 3.0) -> bool:
     if not any(tcp_open(host, port, timeout=min(timeout, 1.0)) for host, port in hosts):
         return False
     try:
-        return len(run_coroutine(lambda: broker_ids(bootstrap, timeout))) > 0
+        return len(run_coroutine(lambda: broker_ids(bootstrap, timeout, options))) > 0
     except (KafkaError, OSError, TimeoutError, asyncio.CancelledError) as exc:
         log.debug("no metadata from %s: %r", bootstrap, exc)
         return False
@@ -288,6 +295,8 @@ def start_kafka(
     cache_dir: str | Path | None = None,
     timeout: float = START_TIMEOUT_S,
     extra_config: dict[str, str] | None = None,
+    format_flags: tuple[str, ...] = (),
+    client_options: Mapping[str, Any] | None = None,
 ) -> KafkaHandle:
     """Start a broker on ``127.0.0.1:port`` and return once it answers a metadata request.
 
@@ -301,7 +310,11 @@ def start_kafka(
         version: Kafka version (default ``$AISEMBLE_KAFKA_VERSION`` or 4.1.1).
         cache_dir: jar cache root (default ``$AISEMBLE_CACHE_DIR`` or ``~/.cache/aisemble``).
         timeout: seconds to wait for the first metadata answer.
-        extra_config: server.properties entries that override the defaults.
+        extra_config: server.properties entries that override the defaults (e.g. a SASL_SSL listener:
+            ``infra.secure.sasl_ssl_config``).
+        format_flags: extra ``kafka-storage format`` flags for a fresh data dir (SCRAM users:
+            ``infra.secure.scram_flags``).
+        client_options: aiokafka client arguments for the readiness check (a secured client listener).
 
     Raises:
         ToolMissing, PortInUse, StartFailed, InfraError: see the module docstring.
@@ -330,7 +343,7 @@ def start_kafka(
     props = data / "server.properties"
     props.write_text(render_properties(broker_config(port, ctrl, kraft, extra_config)))
     if not formatted:
-        format_storage(java, libs, data, props, ctrl)
+        format_storage(java, libs, data, props, ctrl, flags=("--standalone", *format_flags))
 
     out_file = data / "kafka.out"
     log_file = data / "logs" / "server.log"
@@ -344,7 +357,7 @@ def start_kafka(
             popen,
             lambda remaining: (
                 tcp_open("127.0.0.1", port, timeout=0.5)
-                and kafka_answers(bootstrap, timeout=max(0.5, min(5.0, remaining)))
+                and kafka_answers(bootstrap, timeout=max(0.5, min(5.0, remaining)), options=client_options)
             ),
             timeout=timeout,
             interval=0.25,
@@ -370,22 +383,24 @@ def ensure_kafka(
     version: str | None = None,
     cache_dir: str | Path | None = None,
     timeout: float = START_TIMEOUT_S,
+    client_options: Mapping[str, Any] | None = None,
 ) -> KafkaHandle | None:
     """A broker at ``bootstrap``: None when one already answers there, else the handle of a started one.
 
     Only starts a broker for a ``127.0.0.1``/``localhost`` address (its first entry's port).
+    ``client_options``: aiokafka arguments for asking a secured broker (the one it starts is PLAINTEXT).
 
     Raises:
         NotLoopback: nothing answers and the address is not local.
         ToolMissing, PortInUse, StartFailed, InfraError: from ``start_kafka``.
     """
-    if kafka_answers(bootstrap):
+    if kafka_answers(bootstrap, options=client_options):
         log.info("Kafka already answers at %s; starting none", bootstrap)
         return None
     port = local_kafka_port(bootstrap)
     data = Path(data_dir) if data_dir is not None else default_data_dir(port, cache_dir)
     with dir_lock(data):  # a second process ensuring the same broker waits here, then finds it
-        if kafka_answers(bootstrap):
+        if kafka_answers(bootstrap, options=client_options):
             log.info("Kafka answers at %s (started by another process); starting none", bootstrap)
             return None
         return start_kafka(

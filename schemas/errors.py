@@ -24,9 +24,11 @@ class ErrorCode(StrEnum):
     MODEL_NOT_CONFIGURED = "model_not_configured"
     MODEL_ERROR = "model_error"
     REPLY_UNDELIVERABLE = "reply_undeliverable"  # reply_to topic refused the reply (dead letter)
+    REPLY_TO_REFUSED = "reply_to_refused"  # reply_to is outside the reply-topic policy or does not exist (dead letter)
     INTERNAL = "internal"
     # Edge-side only (HTTP).
     TIMEOUT = "timeout"
     UNAVAILABLE = "unavailable"
     NOT_FOUND = "not_found"  # no such path (404)
     METHOD_NOT_ALLOWED = "method_not_allowed"  # the path exists, not with this method (405)
+    UNAUTHORIZED = "unauthorized"  # API keys are configured and the request carried none that matches (401)

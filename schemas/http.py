@@ -7,6 +7,14 @@ reads successes (``ReplyEvent``) and failures the same way and branches on ``err
 ``one_of_present`` writes an "exactly one of these fields" rule into a model's JSON Schema in the form
 the runtime validators enforce: a field counts as given when it is present and not null.
 
+``REQUEST_ID_PATTERN`` is the rule for a caller's ``X-Request-Id``: 1 to 128 characters of
+``[A-Za-z0-9._:-]``. The id becomes a Kafka record key, a log field and part of Redis keys, so anything
+else (spaces, control characters, quotes, ``*``, non-ASCII) is refused (422) before it reaches any of them.
+
+``API_KEY_SCHEME`` and ``BEARER_SCHEME`` name the two security schemes of the OpenAPI document: when the edge is
+configured with API keys (``AISEMBLE_API_KEYS``), every service route needs one of them, else 401
+``unauthorized`` with ``WWW-Authenticate``.
+
 ``WireSafe`` refuses (422) a body that is valid JSON but cannot travel as a Kafka event: integers past
 64 bits and strings with lone surrogates (``"\\ud800"``) parse in Python but orjson cannot write them.
 Without it such a body reached the producer and failed there as a 500.
@@ -14,6 +22,7 @@ Without it such a body reached the producer and failed there as a 500.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, Self
 
 import orjson
@@ -21,6 +30,28 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from pydantic.json_schema import JsonDict
 
 from schemas.events import ErrorInfo
+
+# X-Request-Id: what a caller may choose as its request id (a Kafka key, a log field, part of Redis keys).
+REQUEST_ID_MAX_LENGTH = 128
+REQUEST_ID_PATTERN = rf"^[A-Za-z0-9._:-]{{1,{REQUEST_ID_MAX_LENGTH}}}$"
+REQUEST_ID_RULE = f"1 to {REQUEST_ID_MAX_LENGTH} characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+
+
+def valid_request_id(value: str) -> bool:
+    """Whether ``value`` may be used as a caller-chosen request id (``REQUEST_ID_PATTERN``)."""
+    return _REQUEST_ID.fullmatch(value) is not None
+
+
+# The security schemes of the OpenAPI document (their names there, and the header each reads).
+API_KEY_HEADER = "X-API-Key"
+API_KEY_SCHEME = "ApiKey"
+BEARER_SCHEME = "Bearer"
+SECURITY_DESCRIPTION = (
+    "Needed only when the edge is configured with API keys (AISEMBLE_API_KEYS); send one of them in "
+    "X-API-Key or as Authorization: Bearer <key>. Without a matching key a service route answers 401 "
+    "(code unauthorized, WWW-Authenticate header). GET /health never needs a key."
+)
 
 
 class ErrorBody(BaseModel):
@@ -82,6 +113,8 @@ def one_of_present(*alternatives: tuple[str, JsonDict]) -> JsonDict:
 # The statuses an HTTP route may answer besides 200, with what each means (the OpenAPI document's text).
 STATUS_DESCRIPTIONS: dict[int, str] = {
     400: "The body could not be parsed: not JSON (code invalid_json) or a broken multipart body (invalid_input).",
+    401: "API keys are configured and the request carried none that matches, in X-API-Key or as "
+    "Authorization: Bearer (code unauthorized; WWW-Authenticate names the scheme).",
     409: "A request with this X-Request-Id is already in flight at this edge (code invalid_input).",
     413: "The body, the image or the reply exceeds a limit (code payload_too_large).",
     422: "The body does not validate (code invalid_input; the message names the field), unknown_task, "

@@ -13,14 +13,16 @@ Names (``prefix`` from settings, default ``aisemble``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from schemas import SERVICES, Service
+from streams.kafka_security import client_options, start_client
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,11 +51,27 @@ def consumer_group(prefix: str, service: Service) -> str:
     return f"{prefix}-{service}-agents"
 
 
+@contextlib.asynccontextmanager
+async def admin_client(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client with ``settings``' Kafka security, closed on exit.
+
+    Raises:
+        KafkaSecurityFailure: the broker refused its credentials, certificate or protocol (not retriable).
+        KafkaSecurityConfigError: the security settings cannot work together.
+    """
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, client_id="aisemble-admin", **client_options(settings)
+    )
+    try:
+        await start_client(admin, settings)
+        yield admin
+    finally:
+        await admin.close()
+
+
 async def ensure_topics(settings: Settings, names_partitions: Iterable[tuple[str, int]]) -> list[str]:
     """Create the topics that do not exist yet; return the names created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="aisemble-admin")
-    await admin.start()
-    try:
+    async with admin_client(settings) as admin:
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(name=name, num_partitions=partitions, replication_factor=settings.replication_factor)
@@ -67,8 +85,6 @@ async def ensure_topics(settings: Settings, names_partitions: Iterable[tuple[str
         except TopicAlreadyExistsError:
             log.debug("topics created concurrently by another process")
         return [t.name for t in wanted]
-    finally:
-        await admin.close()
 
 
 async def ensure_service_topics(settings: Settings, services: Iterable[Service] = SERVICES) -> list[str]:
@@ -82,15 +98,11 @@ async def ensure_service_topics(settings: Settings, services: Iterable[Service] 
 
 async def partitions_of(settings: Settings, topic: str) -> list[int]:
     """The partition ids of an existing topic (empty when it does not exist)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="aisemble-admin")
-    await admin.start()
-    try:
+    async with admin_client(settings) as admin:
         (description,) = await admin.describe_topics([topic])
         if description["error_code"] != 0:
             return []
         return sorted(p["partition"] for p in description["partitions"])
-    finally:
-        await admin.close()
 
 
 async def wait_for_partitions(settings: Settings, topic: str, timeout_s: float = 15.0) -> list[int]:
