@@ -16,6 +16,7 @@ from faust.transport import drivers as faust_drivers
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas import Service
+from streams.kafka_security import client_options
 from streams.settings import Settings
 from streams.topics import consumer_group, service_topics
 
@@ -47,6 +48,31 @@ def broker_urls(bootstrap: str) -> list[str]:
     return [f"aisemble://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
 
 
+def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """Faust's ``broker_credentials`` for ``settings``' Kafka security (None for PLAINTEXT).
+
+    Built from ``streams.kafka_security.client_options``, so the agents validate and connect exactly as the
+    edge does: ``SASLCredentials`` (PLAIN or SCRAM; with the SSL context it is SASL_SSL, which faust-streaming
+    0.15.3's ``credentials_to_aiokafka_auth`` passes to aiokafka as is) or ``SSLCredentials``. Faust gives them
+    to every client it makes: the group consumer, the producer and topic creation through it.
+
+    Raises:
+        KafkaSecurityConfigError: the settings cannot work together.
+    """
+    options = client_options(settings)
+    protocol = options["security_protocol"]
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol == "SSL":
+        return faust.SSLCredentials(options["ssl_context"])
+    return faust.SASLCredentials(
+        username=options["sasl_plain_username"],
+        password=options["sasl_plain_password"],
+        mechanism=options["sasl_mechanism"],
+        ssl_context=options.get("ssl_context"),  # present: SASL_SSL; absent: SASL_PLAINTEXT
+    )
+
+
 def create_app(settings: Settings, service: Service) -> faust.App:
     """A Faust app for one service's agents."""
     datadir = settings.cache_dir / "faust" / f"{settings.topic_prefix}-{service}"
@@ -54,6 +80,7 @@ def create_app(settings: Settings, service: Service) -> faust.App:
     return faust.App(
         consumer_group(settings.topic_prefix, service),
         broker=broker_urls(settings.kafka_bootstrap),
+        broker_credentials=faust_credentials(settings),
         web_enabled=False,
         autodiscover=False,
         store="memory://",

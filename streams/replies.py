@@ -23,6 +23,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
@@ -83,7 +85,15 @@ class ReplyRouter:
 class ReplyListener:
     """Reads one reply topic from its end and feeds a ``ReplyRouter``."""
 
-    def __init__(self, bootstrap: str, topic: str, router: ReplyRouter, client_id: str = "aisemble-edge"):
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        router: ReplyRouter,
+        client_id: str = "aisemble-edge",
+        options: Mapping[str, Any] | None = None,
+    ):
+        """``options``: extra aiokafka consumer arguments (security: ``streams.kafka_security.client_options``)."""
         self._topic = topic
         self._router = router
         self._consumer = AIOKafkaConsumer(
@@ -93,6 +103,7 @@ class ReplyListener:
             enable_auto_commit=False,
             auto_offset_reset="none",  # never skip replies silently; see _recover_position
             fetch_max_wait_ms=100,
+            **(options or {}),
         )
         self._task: asyncio.Task[None] | None = None
         self.positions: dict[int, int] = {}  # partition -> next offset to read (after the last reply read)

@@ -9,6 +9,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from streams.kafka_security import client_options
 from streams.settings import Settings
 from streams.topics import ensure_topics, wait_for_partitions
 
@@ -18,7 +19,9 @@ class RawClient:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap, acks="all", **client_options(settings)
+        )
         self.reply_topic = f"{settings.topic_prefix}.client.{uuid.uuid4().hex[:8]}"
 
     async def __aenter__(self) -> RawClient:
@@ -54,7 +57,9 @@ class RawClient:
         at-least-once delivery makes, are returned but not counted).
         """
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap, auto_offset_reset="earliest"
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            auto_offset_reset="earliest",
+            **client_options(self.settings),
         )
         await consumer.start()
         try:
@@ -83,8 +88,8 @@ class RawClient:
 
 async def committed_and_end(settings: Settings, group: str, topic: str) -> tuple[int, int]:
     """Sum over ``topic``'s partitions of the group's committed offsets and of the end offsets."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **client_options(settings))
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, **client_options(settings))
     await admin.start()
     await consumer.start()
     try:
