@@ -101,6 +101,19 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext:
     certfile = _check_file("kafka_ssl_certfile", settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None
     keyfile = _check_file("kafka_ssl_keyfile", settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None
     key_password = settings.kafka_ssl_key_password.get_secret_value() if settings.kafka_ssl_key_password else None
+    encrypted = _key_is_encrypted(keyfile or certfile)
+    if encrypted and key_password is None:
+        raise KafkaSecurityConfigError(
+            f"the client key {keyfile or certfile} is encrypted: set AISEMBLE_KAFKA_SSL_KEY_PASSWORD",
+            setting="kafka_ssl_key_password",
+        )
+    if cafile is not None:
+        try:
+            ssl.create_default_context(cafile=cafile)
+        except ssl.SSLError as exc:
+            raise KafkaSecurityConfigError(
+                f"AISEMBLE_KAFKA_SSL_CAFILE={cafile} holds no usable CA certificate: {exc}", setting="kafka_ssl_cafile"
+            ) from exc
     try:
         return create_ssl_context(
             cafile=cafile,
@@ -110,12 +123,23 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext:
             password=key_password if key_password is not None else (lambda: ""),
         )
     except ssl.SSLError as exc:
-        field = "kafka_ssl_certfile" if certfile else "kafka_ssl_cafile"
-        if keyfile or certfile:
-            field = "kafka_ssl_key_password" if "bad decrypt" in str(exc).lower() else field
+        # The CA loaded above; an encrypted key that fails to load most likely has the wrong password.
+        field = "kafka_ssl_certfile"
+        if encrypted and "KEY_VALUES_MISMATCH" not in str(exc):
+            field = "kafka_ssl_key_password"
         raise KafkaSecurityConfigError(
-            f"cannot load the Kafka TLS files ({_env(field)}): {exc}", setting=field
+            f"cannot load the Kafka TLS files (check {_env(field)}): {exc}", setting=field
         ) from exc
+
+
+def _key_is_encrypted(path: str | None) -> bool:
+    """Whether a PEM file holds an encrypted private key (PKCS#8 ``ENCRYPTED PRIVATE KEY`` or legacy
+    ``Proc-Type: 4,ENCRYPTED``)."""
+    if path is None:
+        return False
+    with open(path, "rb") as file:
+        text = file.read(1 << 20)
+    return b"ENCRYPTED PRIVATE KEY" in text or b"Proc-Type: 4,ENCRYPTED" in text
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
@@ -151,7 +175,7 @@ def client_options(settings: Settings) -> dict[str, Any]:
         )
     if settings.kafka_ssl_key_password is not None and settings.kafka_ssl_certfile is None:
         raise KafkaSecurityConfigError(
-            "AISEMBLE_KAFKA_SSL_KEY_PASSWORD is set without a client certificate and key",
+            "AISEMBLE_KAFKA_SSL_KEY_PASSWORD is set without a client certificate (AISEMBLE_KAFKA_SSL_CERTFILE)",
             setting="kafka_ssl_certfile",
         )
     options: dict[str, Any] = {"security_protocol": protocol}
