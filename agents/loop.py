@@ -45,6 +45,7 @@ from schemas import ErrorCode, ErrorInfo, ReplyEvent, RequestEvent, Service
 from streams.cache import ResultCache, wants_cache
 from streams.codec import BadEvent, Record, dead_letter, decode_request, encode
 from streams.failures import Verdict, classify
+from streams.policy import ReplyTopicPolicy
 from streams.topics import service_topics
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,9 @@ class Sink(Protocol):
     async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]:
         """Enqueue one record; returns the future of the broker's acknowledgement."""
 
-    async def topic_exists(self, topic: str) -> bool | None:
-        """Whether ``topic`` exists (from the producer's metadata); None when that cannot be told now."""
+    async def missing_topics(self, topics: set[str]) -> set[str]:
+        """Those of ``topics`` known not to exist (from the producer's metadata); a topic whose existence
+        cannot be told now is not included."""
 
 
 @dataclass(slots=True)
@@ -121,6 +123,7 @@ class BatchProcessor:
         prepare: Prepare | None = None,
         release: Release | None = None,
         retry_s: float = 60.0,
+        reply_policy: ReplyTopicPolicy | None = None,
     ) -> None:
         self.service = service
         self.runner = runner
@@ -133,6 +136,7 @@ class BatchProcessor:
         self._prepare = prepare
         self._release = release
         self._retry_s = retry_s
+        self._reply_policy = reply_policy
         self._max_event_bytes = max_event_bytes
         self._topics = service_topics(topic_prefix, service)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{service}-model")
@@ -167,10 +171,15 @@ class BatchProcessor:
         out: list[_Delivery] = []
         pending: list[_Pending] = []
 
-        for record in records:
-            event = decode_request(record.value)
+        decoded = [(record, decode_request(record.value)) for record in records]
+        refusals = await self._reply_to_refusals([e for _, e in decoded if not isinstance(e, BadEvent)])
+        for record, event in decoded:
             if isinstance(event, BadEvent):
                 out.append(self._letter(record, event))
+                continue
+            refusal = refusals.get(event.reply_to) if event.reply_to is not None else None
+            if refusal is not None:
+                out.append(self._letter(record, ErrorInfo(code=ErrorCode.REPLY_TO_REFUSED, message=refusal)))
                 continue
             if event.deadline_ms is not None and event.deadline_ms < picked_ms:
                 reply = self._error_reply(event, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before the run")
@@ -193,7 +202,7 @@ class BatchProcessor:
         delivered = await self._settle(out)
         if self._cache is not None:
             entries = [
-                (p.cache_key, d.reply, self._cache_ttl_s)
+                (p.cache_key, d.reply.model_copy(update={"correlation_id": None}), self._cache_ttl_s)
                 for p, d in ran
                 if p.cache_key is not None and d.reply is not None and d.reply.ok and id(d) in delivered
             ]
@@ -283,6 +292,7 @@ class BatchProcessor:
     ) -> ReplyEvent:
         return ReplyEvent(
             id=event.id,
+            correlation_id=event.correlation_id,
             service=self.service,
             task=event.task,
             ok=False,
@@ -292,7 +302,10 @@ class BatchProcessor:
         )
 
     def _reply(self, record: Record, event: RequestEvent, reply: ReplyEvent) -> _Delivery:
-        """A reply to settle; one too large to send becomes ``payload_too_large`` (and is never cached)."""
+        """A reply to settle, echoing the request's ``correlation_id``; one too large to send becomes
+        ``payload_too_large`` (and is never cached)."""
+        if reply.correlation_id != event.correlation_id:
+            reply = reply.model_copy(update={"correlation_id": event.correlation_id})
         value = encode(reply)
         if len(value) > self._max_event_bytes:
             reply = self._error_reply(
@@ -345,7 +358,6 @@ class BatchProcessor:
         todo = list(deliveries)
         deadline = time.monotonic() + self._retry_s
         delay = 0.2
-        todo = await self._swap_unknown_reply_topics(todo)
         while todo:
             for d in todo:
                 await self._enqueue(d)
@@ -401,20 +413,19 @@ class BatchProcessor:
                 out.append(future.exception() or future.result())
         return out
 
-    async def _swap_unknown_reply_topics(self, deliveries: list[_Delivery]) -> list[_Delivery]:
-        """Each reply whose ``reply_to`` topic does not exist is replaced by its dead letter at once, without
-        waiting on the producer's metadata (which would hold the whole batch)."""
-        exists: dict[str, bool | None] = {}
-        out: list[_Delivery] = []
-        for d in deliveries:
-            if d.reply is not None and d.topic != self._topics.results:
-                if d.topic not in exists:
-                    exists[d.topic] = await self._sink.topic_exists(d.topic)
-                if exists[d.topic] is False:
-                    reason = ErrorInfo(
-                        code=ErrorCode.REPLY_UNDELIVERABLE, message=f"reply_to topic {d.topic} does not exist"
-                    )
-                    out.append(self._letter(d.source, reason))
-                    continue
-            out.append(d)
-        return out
+    async def _reply_to_refusals(self, events: list[RequestEvent]) -> dict[str, str]:
+        """Why each refused ``reply_to`` of a batch is refused (the policy, then existence). Existence is
+        asked once per batch for all its topics, and never by waiting on the producer's metadata for a
+        topic that does not exist (that would hold the whole batch)."""
+        refused: dict[str, str] = {}
+        candidates: set[str] = set()
+        for topic in {e.reply_to for e in events if e.reply_to is not None}:
+            refusal = self._reply_policy.refusal(topic) if self._reply_policy is not None else None
+            if refusal is not None:
+                refused[topic] = refusal
+            else:
+                candidates.add(topic)
+        if candidates:
+            for topic in await self._sink.missing_topics(candidates):
+                refused[topic] = f"reply_to topic {topic!r} does not exist (aisemble creates no topics on demand)"
+        return refused

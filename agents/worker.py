@@ -38,6 +38,7 @@ from streams.app import create_app, request_topic
 from streams.batching import BatchBuffer, BufferClosed
 from streams.cache import ResultCache
 from streams.codec import Record
+from streams.policy import ReplyTopicPolicy
 from streams.redis import connect
 from streams.registry import AgentInfo, beat
 from streams.settings import Settings
@@ -84,28 +85,33 @@ class FaustSink:
     def __init__(self, app: faust.App) -> None:
         self._app = app
         self._known: set[str] = set()
+        self._missing: dict[str, float] = {}
 
     async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]:
         return await self._app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
 
-    async def topic_exists(self, topic: str) -> bool | None:
-        """From the producer's cluster metadata, refreshed once (bounded) for a topic it does not know."""
-        if topic in self._known:
-            return True
+    async def missing_topics(self, topics: set[str]) -> set[str]:
+        """Those of ``topics`` the cluster does not have. Unknown ones cost one bounded metadata refresh for
+        the whole set, skipped for topics already found missing in the last second, so a stream of requests
+        naming made-up topics cannot make every batch wait on metadata."""
         client = getattr(getattr(self._app.producer, "_producer", None), "client", None)
         if client is None:
-            return None
-        if topic not in client.cluster.topics():
+            return set()
+        now = time.monotonic()
+        self._missing = {t: at for t, at in self._missing.items() if now - at < 1.0}
+        unknown = {t for t in topics if t not in self._known and t not in client.cluster.topics()}
+        if unknown - set(self._missing):
             try:
                 async with asyncio.timeout(METADATA_CHECK_S):
                     await client.force_metadata_update()
             except (TimeoutError, KafkaError) as exc:
-                log.warning("cannot tell whether topic %s exists: %r", topic, exc)
-                return None
-        exists = topic in client.cluster.topics()
-        if exists:
-            self._known.add(topic)
-        return exists
+                log.warning("cannot tell whether topics %s exist: %r", sorted(unknown), exc)
+                return set()
+        existing = client.cluster.topics()
+        self._known |= {t for t in topics if t in existing}
+        missing = {t for t in unknown if t not in existing}
+        self._missing.update(dict.fromkeys(missing - set(self._missing), now))
+        return missing
 
 
 def _record(event: faust.EventT) -> Record:
@@ -244,6 +250,7 @@ def create_agent_app(
         prepare=build_hook(service, "make_prepare", settings, redis),
         release=build_hook(service, "make_release", settings, redis),
         retry_s=settings.delivery_retry_s,
+        reply_policy=ReplyTopicPolicy.build(settings.topic_prefix, settings.reply_to_allow),
     )
     loop = BatchLoop(app, processor, conf.max_batch, conf.max_wait_ms, settings.shutdown_grace_s)
     info = AgentInfo(

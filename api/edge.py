@@ -203,18 +203,19 @@ class Edge:
                 task=task,
             )
         timeout_s = timeout_s or self.settings.request_timeout_s
+        try:
+            correlation_id, future = self.router.expect(request_id, service, task)
+        except DuplicateRequestIdError as exc:
+            raise DuplicateIdError(str(exc), request_id=request_id, service=service, task=task) from exc
         event = RequestEvent(
             id=request_id,
+            correlation_id=correlation_id,
             task=task,
             input=payload,
             reply_to=self.reply_topic,
             deadline_ms=int((time.time() + timeout_s) * 1000),
             cache=cache,
         )
-        try:
-            future = self.router.expect(request_id)
-        except DuplicateRequestIdError as exc:
-            raise DuplicateIdError(str(exc), request_id=request_id, service=service, task=task) from exc
         try:
             topic = service_topics(self.settings.topic_prefix, service).requests
             try:
@@ -244,6 +245,8 @@ class Edge:
                     task=task,
                 ) from exc
         finally:
-            self.router.forget(request_id)
+            self.router.forget(correlation_id)
         elapsed = (time.perf_counter() - started) * 1000.0
-        return reply.model_copy(update={"timings_ms": {**reply.timings_ms, "edge_ms": round(elapsed, 3)}})
+        return reply.model_copy(
+            update={"correlation_id": None, "timings_ms": {**reply.timings_ms, "edge_ms": round(elapsed, 3)}}
+        )

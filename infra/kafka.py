@@ -114,7 +114,7 @@ def broker_config(
         "num.partitions": "4",
         "default.replication.factor": "1",
         "min.insync.replicas": "1",
-        "auto.create.topics.enable": "true",
+        "auto.create.topics.enable": "false",  # topics come from aisemble's setup, never from a produce
         "offsets.topic.replication.factor": "1",
         "offsets.topic.num.partitions": "10",
         "transaction.state.log.replication.factor": "1",

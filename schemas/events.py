@@ -19,6 +19,7 @@ Service = Literal["llm", "vision", "nlp", "data"]
 SERVICES: tuple[Service, ...] = ("llm", "vision", "nlp", "data")
 
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+CorrelationId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 # Kafka's own rule for topic names: at most 249 of [a-zA-Z0-9._-].
 TopicName = Annotated[str, StringConstraints(min_length=1, max_length=249, pattern=r"^[a-zA-Z0-9._-]+$")]
 JsonObject = dict[str, object]
@@ -35,7 +36,16 @@ class RequestEvent(BaseModel):
     )
     input: JsonObject = Field(description="Task input; its shape is given per service and task.")
     reply_to: TopicName | None = Field(
-        default=None, description="Topic for the reply; null sends it to the service's results topic."
+        default=None,
+        description=(
+            "Topic for the reply; null sends it to the service's results topic. It must match the reply-topic "
+            "policy ({prefix}.replies.* or {prefix}.edge.*.replies by default) and exist, else the request is "
+            "not run and goes to the service's DLQ as reply_to_refused."
+        ),
+    )
+    correlation_id: CorrelationId | None = Field(
+        default=None,
+        description="Opaque token echoed in the reply; the edge sets an unguessable one per call and matches on it.",
     )
     deadline_ms: int | None = Field(
         default=None,
@@ -66,6 +76,7 @@ class ReplyEvent(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     id: RequestId
+    correlation_id: CorrelationId | None = Field(default=None, description="The request's correlation_id, echoed.")
     service: Service
     task: str
     ok: bool

@@ -1,9 +1,14 @@
-"""Reply correlation at the edge: one future per request id, fed by the edge's own reply topic.
+"""Reply correlation at the edge: one future per call, fed by the edge's own reply topic.
 
-``ReplyRouter`` is pure: a dict of futures keyed by request id. ``expect`` registers one before the
-request is produced, ``resolve`` completes it when the reply arrives (and pops it), ``forget`` drops it
-on timeout. A reply whose id is unknown (late, duplicate after at-least-once redelivery, or another
-edge's) is dropped, so each request is answered once.
+``ReplyRouter`` is pure: a dict of futures keyed by a **correlation id** the edge generates per call
+(``secrets.token_urlsafe``: unguessable), carried in the request event and echoed by the reply. The
+client's own request id is not the key: a client retrying with the same ``X-Request-Id`` after a 504
+gets a new correlation id, so the late answer to its earlier call cannot resolve the new one. A reply
+must also match the waiting call's request id, service and task, or it is dropped and counted
+(``foreign``). ``expect`` registers a call before the request is produced, ``resolve`` completes it when
+the reply arrives (and pops it), ``forget`` drops it on timeout. A reply nobody waits for (late,
+duplicate after at-least-once redelivery, another edge's, or with no correlation id) is dropped and
+counted (``dropped``), so each call is answered once. One request id may wait only once at a time.
 
 ``ReplyListener`` consumes the reply topic with a plain aiokafka consumer and manual partition
 assignment (no consumer group, so no rebalance pauses), positioned at the end *before* the edge serves
@@ -22,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -41,45 +48,72 @@ class DuplicateRequestIdError(ValueError):
     """A request id is already waiting for its reply."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Waiter:
+    request_id: str
+    service: str
+    task: str
+    future: asyncio.Future[ReplyEvent]
+
+
 class ReplyRouter:
-    """Waiting requests by id."""
+    """Waiting requests by correlation id; see the module docstring."""
 
     def __init__(self) -> None:
-        self._waiting: dict[str, asyncio.Future[ReplyEvent]] = {}
-        self.dropped = 0
+        self._waiting: dict[str, _Waiter] = {}
+        self._in_flight: dict[str, str] = {}  # request id -> correlation id
+        self.dropped = 0  # replies nobody waits for (late, duplicate, another edge's, no correlation id)
+        self.foreign = 0  # replies whose correlation id is known but whose id, service or task differ
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def expect(self, request_id: str) -> asyncio.Future[ReplyEvent]:
-        """Register a request; its future completes with the reply."""
-        if request_id in self._waiting:
+    def expect(self, request_id: str, service: str, task: str) -> tuple[str, asyncio.Future[ReplyEvent]]:
+        """Register a request; returns its new, unguessable correlation id and the future of its reply.
+
+        Raises:
+            DuplicateRequestIdError: ``request_id`` is already waiting (a client bug or a replay).
+        """
+        if request_id in self._in_flight:
             raise DuplicateRequestIdError(f"request id {request_id!r} is already in flight")
+        correlation_id = secrets.token_urlsafe(18)
         future: asyncio.Future[ReplyEvent] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
-        return future
+        self._waiting[correlation_id] = _Waiter(request_id, service, task, future)
+        self._in_flight[request_id] = correlation_id
+        return correlation_id, future
 
     def resolve(self, reply: ReplyEvent) -> bool:
-        """Hand a reply to its waiting request; False when nobody waits for it (dropped)."""
-        future = self._waiting.pop(reply.id, None)
-        if future is None or future.done():
+        """Hand a reply to the request it answers; False when it is dropped (counted)."""
+        waiter = self._waiting.get(reply.correlation_id) if reply.correlation_id else None
+        if waiter is None or waiter.future.done():
             self.dropped += 1
             return False
-        future.set_result(reply)
+        if (reply.id, reply.service, reply.task) != (waiter.request_id, waiter.service, waiter.task):
+            self.foreign += 1  # not this request's answer: keep waiting for the real one
+            log.warning("dropping a reply whose correlation id matches but whose id/service/task do not")
+            return False
+        self._pop(reply.correlation_id or "")
+        waiter.future.set_result(reply)
         return True
 
-    def forget(self, request_id: str) -> None:
+    def forget(self, correlation_id: str) -> None:
         """Stop waiting (timeout or cancelled caller); a later reply is dropped."""
-        future = self._waiting.pop(request_id, None)
-        if future is not None and not future.done():
-            future.cancel()
+        waiter = self._pop(correlation_id)
+        if waiter is not None and not waiter.future.done():
+            waiter.future.cancel()
+
+    def _pop(self, correlation_id: str) -> _Waiter | None:
+        waiter = self._waiting.pop(correlation_id, None)
+        if waiter is not None and self._in_flight.get(waiter.request_id) == correlation_id:
+            del self._in_flight[waiter.request_id]
+        return waiter
 
     def fail_all(self, exc: BaseException) -> None:
         """Fail every waiting request (shutdown)."""
-        waiting, self._waiting = self._waiting, {}
-        for future in waiting.values():
-            if not future.done():
-                future.set_exception(exc)
+        waiting, self._waiting, self._in_flight = self._waiting, {}, {}
+        for waiter in waiting.values():
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
 
 
 class ReplyListener:

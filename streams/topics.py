@@ -5,7 +5,11 @@ Names (``prefix`` from settings, default ``aisemble``):
 * ``{prefix}.{service}.requests``: partitioned request topic, consumed by the service's agents;
 * ``{prefix}.{service}.results``: replies to requests that named no ``reply_to``;
 * ``{prefix}.{service}.dlq``: events that could not be read, with the reason;
-* ``{prefix}.edge.{edge_id}.replies``: one reply topic per edge instance.
+* ``{prefix}.edge.{edge_id}.replies``: one reply topic per edge instance;
+* ``{prefix}.replies.{name}``: reply topics of raw clients (``aisemble topics create --reply NAME``).
+
+Topics are created here (at start-up, or by ``aisemble topics create``), never as a side effect of
+producing: the local broker and docker-compose run with ``auto.create.topics.enable=false``.
 
 ``ensure_topics`` is idempotent: a topic that exists is left as it is (its partition count included).
 """
@@ -44,6 +48,11 @@ def service_topics(prefix: str, service: Service) -> ServiceTopics:
 
 def edge_reply_topic(prefix: str, edge_id: str) -> str:
     return f"{prefix}.edge.{edge_id}.replies"
+
+
+def reply_topic_name(prefix: str, name: str) -> str:
+    """A reply topic for a raw client (``{prefix}.replies.{name}``): inside the default reply-topic policy."""
+    return f"{prefix}.replies.{name}"
 
 
 def consumer_group(prefix: str, service: Service) -> str:

@@ -11,7 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from streams.kafka_security import client_options
 from streams.settings import Settings
-from streams.topics import ensure_topics, wait_for_partitions
+from streams.topics import ensure_topics, reply_topic_name, wait_for_partitions
 
 
 class RawClient:
@@ -22,7 +22,7 @@ class RawClient:
         self.producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap, acks="all", **client_options(settings)
         )
-        self.reply_topic = f"{settings.topic_prefix}.client.{uuid.uuid4().hex[:8]}"
+        self.reply_topic = reply_topic_name(settings.topic_prefix, f"client-{uuid.uuid4().hex[:8]}")
 
     async def __aenter__(self) -> RawClient:
         await ensure_topics(self.settings, [(self.reply_topic, 1)])

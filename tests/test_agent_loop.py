@@ -15,6 +15,7 @@ from agents.loop import BatchProcessor
 from agents.runner import Failure, Item, Outcome
 from schemas import DeadLetterEvent, ErrorCode, ReplyEvent
 from streams.codec import Record
+from streams.policy import ReplyTopicPolicy
 
 
 class ListSink:
@@ -46,8 +47,8 @@ class ListSink:
             future.set_result(None)
         return future
 
-    async def topic_exists(self, topic: str) -> bool | None:
-        return topic not in self.missing
+    async def missing_topics(self, topics: set[str]) -> set[str]:
+        return topics & set(self.missing)
 
     def on(self, topic: str) -> list[dict[str, object]]:
         return [orjson.loads(v) for t, _, v in self.sent if t == topic]
@@ -171,14 +172,46 @@ async def test_a_dead_letter_refused_permanently_is_counted_and_never_blocks() -
     assert [r["id"] for r in sink.on("p.data.results")] == ["a"]
 
 
-async def test_reply_to_a_missing_topic_is_dead_lettered_without_sending_there() -> None:
+async def test_reply_to_a_missing_topic_is_refused_before_running_and_never_sent_there() -> None:
     runner, sink = EchoRunner(), ListSink(missing=("gone",))
     await processor(runner, sink).process(
         [record({"id": "a", "task": "echo", "input": {"x": 1}, "reply_to": "gone"})]
     )
-    assert "gone" not in sink.attempts
+    assert "gone" not in sink.attempts and runner.calls == []
     (letter,) = [DeadLetterEvent.model_validate(d) for d in sink.on("p.data.dlq")]
-    assert letter.error.code == ErrorCode.REPLY_UNDELIVERABLE and "does not exist" in letter.error.message
+    assert letter.error.code == ErrorCode.REPLY_TO_REFUSED and "does not exist" in letter.error.message
+
+
+@pytest.mark.parametrize(
+    "reply_to",
+    ["p.nlp.requests", "p.data.results", "p.llm.dlq", "__consumer_offsets", "elsewhere", "q.replies.x"],
+)
+async def test_reply_to_outside_the_policy_is_refused_at_once_and_not_run(reply_to: str) -> None:
+    runner, sink = EchoRunner(), ListSink()
+    # Even a broad operator pattern ({prefix}.*) never lets a reply into a service topic.
+    policy = ReplyTopicPolicy.build("p", ["{prefix}.replies.*", "{prefix}.edge.*.replies", "{prefix}.*"])
+    proc = processor(runner, sink, reply_policy=policy)
+    await proc.process(
+        [
+            record({"id": "bad", "task": "echo", "input": {"x": 1}, "reply_to": reply_to}, 0),
+            record({"id": "ok", "task": "echo", "input": {"x": 2}, "reply_to": "p.replies.c1"}, 1),
+        ]
+    )
+    (letter,) = [DeadLetterEvent.model_validate(d) for d in sink.on("p.data.dlq")]
+    assert letter.error.code == ErrorCode.REPLY_TO_REFUSED and letter.source.offset == 0
+    assert reply_to not in sink.attempts and runner.calls == [1]
+    assert [r["id"] for r in sink.on("p.replies.c1")] == ["ok"]
+
+
+async def test_every_reply_echoes_the_correlation_id() -> None:
+    runner, sink = EchoRunner(), ListSink()
+    await processor(runner, sink).process(
+        [
+            record({"id": "a", "task": "echo", "input": {"x": 1}, "reply_to": "me", "correlation_id": "c-1"}, 0),
+            record({"id": "b", "task": "nope", "input": {}, "reply_to": "me", "correlation_id": "c-2"}, 1),
+        ]
+    )
+    assert {r["id"]: r["correlation_id"] for r in sink.on("me")} == {"a": "c-1", "b": "c-2"}
 
 
 async def test_an_exception_in_the_batch_path_isolates_the_poison_record() -> None:

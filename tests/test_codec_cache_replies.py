@@ -90,33 +90,55 @@ def test_cache_policy() -> None:
     assert not wants_cache("llm", "completion", {"prompt": ""}, None)  # invalid input is never cached
 
 
-def _reply(rid: str) -> ReplyEvent:
-    return ReplyEvent(id=rid, service="data", task="analyze", ok=True, output={})
+def _reply(rid: str, correlation_id: str | None, service: str = "data", task: str = "analyze") -> ReplyEvent:
+    return ReplyEvent(id=rid, correlation_id=correlation_id, service=service, task=task, ok=True, output={})  # type: ignore[arg-type]
 
 
-async def test_router_answers_each_id_once_and_drops_unknown() -> None:
+async def test_router_answers_each_call_once_by_correlation_id_and_drops_the_rest() -> None:
     router = ReplyRouter()
-    future = router.expect("a")
+    corr, future = router.expect("a", "data", "analyze")
+    assert len(corr) >= 24  # unguessable: 18 random bytes
     with pytest.raises(DuplicateRequestIdError):
-        router.expect("a")
-    assert router.resolve(_reply("a"))
+        router.expect("a", "data", "analyze")
+    assert not router.resolve(_reply("a", None))  # the request id alone never resolves a call
+    assert not router.resolve(_reply("a", "guess"))
+    assert router.resolve(_reply("a", corr))
     assert (await future).id == "a"
-    assert not router.resolve(_reply("a"))  # duplicate delivery
-    assert not router.resolve(_reply("zzz"))  # nobody waits
-    assert router.dropped == 2 and len(router) == 0
+    assert not router.resolve(_reply("a", corr))  # duplicate delivery
+    assert router.dropped == 3 and router.foreign == 0 and len(router) == 0
+
+
+async def test_router_drops_a_reply_from_another_service_or_request_and_keeps_waiting() -> None:
+    router = ReplyRouter()
+    corr, future = router.expect("a", "data", "analyze")
+    assert not router.resolve(_reply("a", corr, service="nlp", task="embed"))
+    assert not router.resolve(_reply("b", corr))
+    assert router.foreign == 2 and not future.done()
+    assert router.resolve(_reply("a", corr))
+
+
+async def test_a_retry_with_the_same_request_id_never_gets_the_late_answer_of_the_first_call() -> None:
+    router = ReplyRouter()
+    first, _ = router.expect("same", "data", "analyze")
+    router.forget(first)  # the first call timed out (504)
+    second, future = router.expect("same", "data", "analyze")
+    assert second != first
+    assert not router.resolve(_reply("same", first))  # the late answer to the first call
+    assert not future.done()
+    assert router.resolve(_reply("same", second))
 
 
 async def test_router_forget_then_late_reply_is_dropped() -> None:
     router = ReplyRouter()
-    future = router.expect("b")
-    router.forget("b")
+    corr, future = router.expect("b", "data", "analyze")
+    router.forget(corr)
     assert future.cancelled()
-    assert not router.resolve(_reply("b"))
+    assert not router.resolve(_reply("b", corr))
 
 
 async def test_router_fail_all() -> None:
     router = ReplyRouter()
-    futures = [router.expect(str(i)) for i in range(3)]
+    futures = [router.expect(str(i), "data", "analyze")[1] for i in range(3)]
     router.fail_all(RuntimeError("bye"))
     for f in futures:
         with pytest.raises(RuntimeError):

@@ -160,7 +160,7 @@ def test_broker_config_binds_loopback_and_uses_rf_1(tmp_path: Path) -> None:
         assert props[key] == "1", key
     assert props["group.initial.rebalance.delay.ms"] == "0"
     assert props["num.partitions"] == "4"
-    assert props["auto.create.topics.enable"] == "true"
+    assert props["auto.create.topics.enable"] == "false"
     every_address = ",".join(v for k, v in props.items() if "listeners" in k or "servers" in k)
     assert "0.0.0.0" not in every_address and "localhost" not in every_address
 

@@ -17,16 +17,19 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLarg
 
 from streams.failures import Verdict, classify
 from streams.settings import Settings
+from streams.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 
 
 async def test_a_record_over_the_producer_limit_is_refused_at_send_and_is_permanent(infra_settings: Settings) -> None:
+    topic = f"t{uuid.uuid4().hex[:8]}.size"
+    await ensure_topics(infra_settings, [(topic, 1)])  # the broker creates no topic on demand
     producer = AIOKafkaProducer(bootstrap_servers=infra_settings.kafka_bootstrap, max_request_size=64 * 1024)
     await producer.start()
     try:
         with pytest.raises(MessageSizeTooLargeError) as caught:
-            await producer.send(f"t{uuid.uuid4().hex[:8]}.size", b"x" * 100_000)
+            await producer.send(topic, b"x" * 100_000)
     finally:
         await producer.stop()
     assert classify(caught.value) is Verdict.PERMANENT
