@@ -22,6 +22,8 @@ infra_app = typer.Typer(no_args_is_help=True, help="Local Kafka (KRaft) and Redi
 schemas_app = typer.Typer(no_args_is_help=True, help="JSON Schema files of the wire contract.")
 app.add_typer(infra_app, name="infra")
 app.add_typer(schemas_app, name="schemas")
+topics_app = typer.Typer(no_args_is_help=True, help="Create aisemble's topics (the broker creates none on demand).")
+app.add_typer(topics_app, name="topics")
 
 
 def _logging() -> None:
@@ -87,6 +89,33 @@ def agent(
 
 
 Cluster = Annotated[bool, typer.Option("--cluster", help="A 3-node KRaft cluster on 127.0.0.1:19092,19094,19096.")]
+
+
+@topics_app.command("create")
+def topics_create(
+    reply: Annotated[
+        list[str] | None,
+        typer.Option(help="Also create the reply topic {prefix}.replies.NAME for a raw client (repeatable)."),
+    ] = None,
+    partitions: Annotated[int, typer.Option(help="Partitions of each reply topic.")] = 1,
+) -> None:
+    """Create every service's request, results and DLQ topics, and the named reply topics (idempotent)."""
+    import asyncio
+
+    from streams.topics import ensure_service_topics, ensure_topics, reply_topic_name
+
+    _logging()
+    settings = get_settings()
+
+    async def create() -> list[str]:
+        created = await ensure_service_topics(settings, settings.services)
+        names = [reply_topic_name(settings.topic_prefix, name) for name in reply or []]
+        return created + await ensure_topics(settings, [(name, partitions) for name in names])
+
+    created = asyncio.run(create())
+    typer.echo("created: " + (", ".join(created) if created else "nothing (all exist)"))
+    for name in reply or []:
+        typer.echo(f"reply topic: {reply_topic_name(settings.topic_prefix, name)}")
 
 
 @infra_app.command("up")

@@ -65,3 +65,22 @@ async def test_reply_to_outside_the_policy_or_missing_is_refused_and_creates_not
     assert {r["id"] for r in replies} == set(good)
     assert created == [], "a refused reply_to must never create a topic"
     assert nlp_requests == [], "nothing was written into another service's request topic"
+
+
+def test_topics_create_makes_the_service_and_reply_topics(infra_settings: Settings) -> None:
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    env = {**os.environ, "AISEMBLE_KAFKA_BOOTSTRAP": infra_settings.kafka_bootstrap, "AISEMBLE_TOPIC_PREFIX": prefix,
+           "AISEMBLE_SERVICES": '["data"]'}  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "aisemble", "topics", "create", "--reply", "me", "--partitions", "2"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert f"{prefix}.replies.me" in out.stdout
+    settings = infra_settings.model_copy(update={"topic_prefix": prefix})
+    assert asyncio.run(partitions_of(settings, f"{prefix}.replies.me")) == [0, 1]
+    assert asyncio.run(partitions_of(settings, f"{prefix}.data.requests")) == [0, 1, 2, 3]
