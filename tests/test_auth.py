@@ -266,6 +266,19 @@ def test_a_configured_key_passes_the_door(
     assert all(k not in r.getMessage() for k in KEYS for r in caplog.records)
 
 
+def test_the_key_is_checked_before_the_route_validates_anything(keyed: TestClient) -> None:
+    # a bad X-Request-Id or an invalid body is not reported to a caller without a key
+    body = _error(
+        keyed.post("/data/process", json={"rows": 1}, headers={"X-Request-Id": "bad id"}), 401, "unauthorized"
+    )
+    assert body.id is None
+    upload = keyed.post(UPLOAD, data={"task": "nope"}, files={"file": ("a.png", b"x")})
+    _error(upload, 401, ErrorCode.UNAUTHORIZED)
+    # the documented exception: FastAPI parses the body before any dependency, so malformed JSON is 400
+    raw = keyed.post("/data/process", content=b"{", headers={"content-type": "application/json"})
+    _error(raw, 400, ErrorCode.INVALID_JSON)
+
+
 def test_health_and_the_openapi_document_need_no_key(keyed: TestClient) -> None:
     assert keyed.get("/openapi.json").status_code == 200
     # /health has no door: without the lifespan the route itself fails (500, the stand-in edge has no
@@ -307,6 +320,17 @@ def test_the_openapi_document_declares_the_security_schemes_and_401(keyed: TestC
             "schema"
         ]["anyOf"]
     assert "security" not in doc["paths"]["/health"]["get"]
+
+
+def test_docker_files_require_keys_for_the_exposed_edge() -> None:
+    yaml = pytest.importorskip("yaml")
+    edge_env = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["edge"]["environment"]
+    assert edge_env["AISEMBLE_EDGE_HOST"] == "0.0.0.0"
+    assert edge_env["AISEMBLE_API_KEYS"].startswith("${AISEMBLE_API_KEYS:?"), "compose must refuse to run without keys"
+    assert "AISEMBLE_ALLOW_INSECURE" not in edge_env
+    dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
+    assert "ENV AISEMBLE_EDGE_HOST=0.0.0.0" in dockerfile and "AISEMBLE_API_KEYS" in dockerfile
+    assert "ENV AISEMBLE_ALLOW_INSECURE" not in dockerfile
 
 
 # --- the `aisemble edge` command: the loopback rule before anything binds --------------------------------
