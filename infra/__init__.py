@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from infra.addresses import local_kafka_port, local_redis_port, parse_bootstrap, parse_redis_url
 from infra.cluster import ClusterHandle, ClusterNode, cluster_status, start_cluster, stop_cluster
@@ -83,6 +83,16 @@ class SettingsLike(Protocol):
 
     @property
     def redis_url(self) -> str: ...
+
+
+def _kafka_options_of(settings: SettingsLike) -> dict[str, Any] | None:
+    """The aiokafka security arguments of aisemble's ``Settings`` (None for PLAINTEXT or other objects), so
+    readiness checks ask a secured broker the way the clients will."""
+    if getattr(settings, "kafka_security_protocol", "PLAINTEXT") == "PLAINTEXT":
+        return None
+    from streams.kafka_security import client_options  # only here: infra does not depend on streams
+
+    return client_options(settings)  # type: ignore[arg-type]
 
 
 def _cache_dir_of(settings: SettingsLike, cache_dir: str | Path | None) -> str | Path | None:
@@ -149,6 +159,7 @@ def start_local(
         version=kafka_version,
         cache_dir=cache,
         timeout=kafka_timeout,
+        client_options=_kafka_options_of(settings),
     )
     try:
         infra.redis = ensure_redis(settings.redis_url, data_dir=redis_data_dir, cache_dir=cache)
@@ -183,6 +194,6 @@ def local_status(
     """``{"kafka": kafka_status(...), "redis": redis_status(...)}`` for ``settings``'s addresses."""
     cache = _cache_dir_of(settings, cache_dir)
     return {
-        "kafka": kafka_status(settings.kafka_bootstrap, cache_dir=cache),
+        "kafka": kafka_status(settings.kafka_bootstrap, cache_dir=cache, client_options=_kafka_options_of(settings)),
         "redis": redis_status(settings.redis_url, cache_dir=cache),
     }

@@ -420,17 +420,21 @@ def stop_kafka(data_dir: str | Path, timeout: float = STOP_TIMEOUT_S) -> bool:
 
 
 def kafka_status(
-    bootstrap: str, data_dir: str | Path | None = None, cache_dir: str | Path | None = None
+    bootstrap: str,
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    client_options: Mapping[str, Any] | None = None,
 ) -> dict[str, str | int | bool | None]:
     """``{"bootstrap", "answers", "pid", "data_dir", "log"}``; pid is that of a broker infra started.
 
-    ``data_dir`` defaults to the default one for the bootstrap's port (when that port is local).
+    ``data_dir`` defaults to the default one for the bootstrap's port (when that port is local);
+    ``client_options`` are the aiokafka security arguments for asking a secured broker.
     """
     data = status_data_dir(data_dir, lambda: default_data_dir(local_kafka_port(bootstrap), cache_dir))
     pid = owned_pid(data / PID_FILE, MAIN_CLASS) if data is not None else None
     return {
         "bootstrap": bootstrap,
-        "answers": kafka_answers(bootstrap),
+        "answers": kafka_answers(bootstrap, options=client_options),
         "pid": pid,
         "data_dir": str(data) if data is not None else None,
         "log": str(data / "logs" / "server.log") if data is not None else None,

@@ -197,3 +197,12 @@ async def test_a_plaintext_client_is_refused_on_the_sasl_ssl_port(secure: Secure
         await ensure_topics(no_ca, [(f"{no_ca.topic_prefix}.never", 1)])
     print(f"NO-CA-CLIENT: {tls_failure.value}")
     assert tls_failure.value.kind == "tls"
+
+
+def test_infra_asks_the_secured_broker_with_the_settings_security(secure: SecureKafka) -> None:
+    import infra
+
+    local = infra.start_local(secure.settings)  # answers over SASL_SSL: starts nothing
+    assert local.kafka is None and local.redis is None
+    assert infra.local_status(secure.settings)["kafka"]["answers"] is True
+    assert infra.kafka_answers(secure.settings.kafka_bootstrap) is False  # PLAINTEXT does not get in
