@@ -403,6 +403,29 @@ def test_edge_command_starts_when_the_rule_allows(tmp_path: Path, env: dict[str,
     assert mark.read_text().startswith(f"run {env['AISEMBLE_EDGE_HOST']}:")
 
 
+def test_run_command_refuses_before_starting_anything(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import infra
+    from aisemble.cli import app
+    from streams.settings import get_settings
+
+    def must_not_start(*args: object, **kwargs: object) -> None:
+        raise AssertionError("aisemble run started infrastructure before the loopback check")
+
+    monkeypatch.setattr(infra, "start_local", must_not_start)
+    for name in [k for k in os.environ if k.startswith("AISEMBLE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AISEMBLE_EDGE_HOST", "0.0.0.0")
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["run", "--services", "data"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2, result.output
+    assert "refusing to serve the edge on '0.0.0.0' without API keys" in result.output
+
+
 # --- integration: a real edge and data agent with keys ---------------------------------------------------
 
 
