@@ -105,6 +105,8 @@ async def health(edge: Edge = Depends(get_edge)) -> ORJSONResponse:
             "reply_topic": edge.reply_topic,
             "listening": listening,
             "waiting": len(edge.router),
+            "replies_dropped": edge.router.dropped,
+            "replies_foreign": edge.router.foreign,
             **edge.load,
         },
         "kafka": kafka,
