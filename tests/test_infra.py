@@ -113,7 +113,7 @@ def test_not_loopback_is_an_infra_error_with_a_useful_message() -> None:
 
 
 def test_ensure_refuses_non_loopback_without_starting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(infra.kafka, "kafka_answers", lambda bootstrap, timeout=3.0: False)
+    monkeypatch.setattr(infra.kafka, "kafka_answers", lambda bootstrap, timeout=3.0, options=None: False)
     monkeypatch.setattr(infra.kafka, "start_kafka", _fail_if_called)
     with pytest.raises(NotLoopback):
         infra.ensure_kafka("kafka:9092")
@@ -128,7 +128,7 @@ def _fail_if_called(*args: object, **kwargs: object) -> None:
 
 
 def test_ensure_starts_nothing_when_the_server_answers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(infra.kafka, "kafka_answers", lambda bootstrap, timeout=3.0: True)
+    monkeypatch.setattr(infra.kafka, "kafka_answers", lambda bootstrap, timeout=3.0, options=None: True)
     monkeypatch.setattr(infra.kafka, "start_kafka", _fail_if_called)
     assert infra.ensure_kafka("broker.example.com:9092") is None  # answering: no loopback rule needed
     monkeypatch.setattr(infra.redis, "redis_answers", lambda url, timeout=2.0: True)
