@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 
-from api.auth import auth_dependencies
+from api.auth import ApiKeyGate, auth_dependencies
 from api.edge import Edge
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
@@ -95,6 +95,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodySizeLimit,
         limit_for=lambda path: vision_limit if path.startswith("/ai/vision") else settings.max_body_bytes,
     )
+    # Outermost: no key, no body read (api/auth.py ApiKeyGate); the dependency below documents and re-checks.
+    open_paths = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    if not settings.metrics_require_key:
+        open_paths.add("/metrics")
+    app.add_middleware(ApiKeyGate, settings=settings, open_paths=frozenset(open_paths))
     install_error_handlers(app)
     app.include_router(health.router)  # open: probes need no key
     service_auth = auth_dependencies(settings)  # API keys on every service route (api/auth.py)

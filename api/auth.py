@@ -27,9 +27,9 @@ a non-loopback address without API keys, unless ``AISEMBLE_ALLOW_INSECURE=true``
 any other name or address (``0.0.0.0``, ``::``, a LAN address, a host name) counts as exposed, since a
 name is not resolved here.
 
-What can go wrong: FastAPI reads and parses a request's body (within the body-size limits) before it runs
-dependencies, so a request without a key whose body is malformed answers 400 (or 413 from the size
-limit) rather than 401; it is never served.
+FastAPI reads and parses a request's body before it runs dependencies, so the check also runs first as an
+ASGI middleware (``ApiKeyGate``) on the raw headers: a request without a valid key is answered 401 before
+any of its body is read.
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ from typing import Literal
 from fastapi import Depends, Request, Security
 from fastapi.params import Depends as DependsParam
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import UnauthorizedError, caller_id, service_of
+from api.errors import UnauthorizedError, caller_id, error_response, service_of
+from schemas import SERVICES, ErrorCode
 from schemas.http import API_KEY_HEADER, API_KEY_SCHEME, BEARER_SCHEME, SECURITY_DESCRIPTION
 from streams.settings import Settings
 
@@ -146,17 +148,70 @@ class ApiKeyAuth:
         client = request.client.host if request.client else "?"
         # the path as repr: a percent-encoded newline cannot forge a log line
         log.info("401 %s %r from %s: API key %s", request.method, request.url.path, client, reason)
-        message = (
-            "the API key is not valid"
-            if presented
-            else f"an API key is required: send it in {API_KEY_HEADER} or as Authorization: Bearer <key>"
-        )
         raise UnauthorizedError(
-            message,
+            _unauthorized_message(bool(presented)),
             request_id=caller_id(request),
             service=service_of(request),
             headers={"WWW-Authenticate": WWW_AUTHENTICATE},
         )
+
+
+class ApiKeyGate:
+    """ASGI middleware: the API-key check on the raw headers, before anything reads the request body.
+
+    ``ApiKeyAuth`` (the dependency) documents the security schemes in OpenAPI and checks again, but FastAPI
+    runs dependencies only after it has read and parsed the body; this gate answers 401 first, so a caller
+    without a key can make the edge read no body at all (an unauthenticated 20 MB upload costs a header
+    parse). ``open_paths`` (``/health``, the OpenAPI document and docs; ``/metrics`` when it needs no key) pass
+    without a key. A no-op when no keys are configured.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings, open_paths: frozenset[str]) -> None:
+        self.app = app
+        self._digests = key_digests(settings)
+        self._open = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._digests or scope["path"] in self._open:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)  # headers only: the body is never read here
+        presented = [request.headers.get(API_KEY_HEADER, "")]
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            presented.append(credentials.strip())
+        presented = [p for p in presented if p]
+        valid = False
+        for value in presented:  # every value against every key: no early exit
+            valid |= matches_any(value, self._digests)
+        if valid:
+            await self.app(scope, receive, send)
+            return
+        reason = "invalid" if presented else "missing"
+        client = request.client.host if request.client else "?"
+        log.info("401 %s %r from %s: API key %s", request.method, request.url.path, client, reason)
+        response = error_response(
+            401,
+            ErrorCode.UNAUTHORIZED,
+            _unauthorized_message(bool(presented)),
+            request_id=caller_id(request),
+            service=_service_of_path(request.url.path),
+            headers={"WWW-Authenticate": WWW_AUTHENTICATE},
+        )
+        await response(scope, receive, send)
+
+
+def _unauthorized_message(presented: bool) -> str:
+    if presented:
+        return "the API key is not valid"
+    return f"an API key is required: send it in {API_KEY_HEADER} or as Authorization: Bearer <key>"
+
+
+def _service_of_path(path: str) -> str:
+    """The service a path belongs to (``/data/...``, ``/ai/<service>/...``), or '' (no route is matched yet)."""
+    parts = path.strip("/").split("/")
+    name = parts[1] if parts[0] == "ai" and len(parts) > 1 else parts[0]
+    return name if name in SERVICES else ""
 
 
 def auth_dependencies(settings: Settings, route: Literal["service", "metrics"] = "service") -> list[DependsParam]:

@@ -274,8 +274,12 @@ def test_the_key_is_checked_before_the_route_validates_anything(keyed: TestClien
     assert body.id is None
     upload = keyed.post(UPLOAD, data={"task": "nope"}, files={"file": ("a.png", b"x")})
     _error(upload, 401, ErrorCode.UNAUTHORIZED)
-    # the documented exception: FastAPI parses the body before any dependency, so malformed JSON is 400
+    # the gate (ApiKeyGate) answers before any body is read or parsed: even malformed JSON is 401
     raw = keyed.post("/data/process", content=b"{", headers={"content-type": "application/json"})
+    _error(raw, 401, ErrorCode.UNAUTHORIZED)
+    assert raw.headers["www-authenticate"].startswith("Bearer")
+    # with a key, the same body is judged on its own
+    raw = keyed.post("/data/process", content=b"{", headers={"content-type": "application/json", "X-API-Key": KEYS[0]})
     _error(raw, 400, ErrorCode.INVALID_JSON)
 
 
