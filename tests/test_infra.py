@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import yaml
 
 import infra
 from infra import kafka_jars
@@ -288,7 +289,7 @@ def test_pom_lists_kafka_and_the_slf4j_binding() -> None:
 
 
 def test_log4j2_yaml_logs_info_to_a_file_in_kafka_logs_dir() -> None:
-    yaml = pytest.importorskip("yaml")
+
     config = yaml.safe_load((ROOT / "infra" / "log4j2.yaml").read_text())["Configuration"]
     assert config["Loggers"]["Root"]["level"] == "INFO"
     assert "${sys:kafka.logs.dir}" in config["Appenders"]["RollingFile"]["fileName"]
@@ -607,7 +608,6 @@ def test_tail(tmp_path: Path) -> None:
 
 
 def test_compose_file_wires_services_to_kafka_and_redis() -> None:
-    yaml = pytest.importorskip("yaml")
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     kafka_env = services["kafka"]["environment"]
     assert services["kafka"]["image"] == "apache/kafka:4.1.1"
@@ -616,6 +616,7 @@ def test_compose_file_wires_services_to_kafka_and_redis() -> None:
     assert "PLAINTEXT://kafka:9092" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
     assert len(base64.urlsafe_b64decode(kafka_env["CLUSTER_ID"] + "==")) == 16
     assert kafka_env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == 1
+    assert kafka_env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"  # topics come from aisemble's setup
     commands = {name: svc.get("command") for name, svc in services.items()}
     assert commands["edge"] == ["aisemble", "edge"]
     for agent in ("data", "nlp", "llm", "vision"):

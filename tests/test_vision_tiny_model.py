@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import transformers
 from PIL import Image
 
 from agents.runner import Failure, Item
@@ -19,8 +20,6 @@ from agents.vision import VisionRunner, build_runner
 from schemas import ErrorCode
 from schemas.vision import ClassifyImageOutput, DescribeOutput
 from streams.settings import Settings, VisionSettings
-
-transformers = pytest.importorskip("transformers")
 
 LABELS = {0: "cat", 1: "dog", 2: "bird"}
 ASTRONAUT = Path(__file__).parent / "data" / "astronaut.jpg"
