@@ -626,5 +626,10 @@ def test_compose_file_wires_services_to_kafka_and_redis() -> None:
         assert svc["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert services["edge"]["environment"]["AISEMBLE_EDGE_HOST"] == "0.0.0.0"
     assert services["edge"]["environment"]["AISEMBLE_REDIS_URL"] == "redis://redis:6379/0"
+    assert services["edge"]["environment"]["AISEMBLE_EDGE_ID"] == "edge-1"  # a stable reply topic
+    assert services["edge"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    redis_cmd = services["redis"]["command"]
+    assert redis_cmd[redis_cmd.index("--maxmemory") + 1] == "256mb"
+    assert redis_cmd[redis_cmd.index("--maxmemory-policy") + 1] == "allkeys-lru"
     published = [p for svc in services.values() for p in svc.get("ports", [])]
     assert published and all(p.startswith("127.0.0.1:") for p in published)
