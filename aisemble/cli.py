@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from aisemble import lag_cmd
 from schemas import SERVICES
 from streams.settings import get_settings
 
@@ -24,6 +25,7 @@ app.add_typer(infra_app, name="infra")
 app.add_typer(schemas_app, name="schemas")
 topics_app = typer.Typer(no_args_is_help=True, help="Create aisemble's topics (the broker creates none on demand).")
 app.add_typer(topics_app, name="topics")
+app.command("lag")(lag_cmd.lag)  # aisemble/lag_cmd.py
 
 
 def _logging() -> None:
