@@ -53,11 +53,6 @@ def render(report: LagReport, prefix: str) -> Table:
     return table
 
 
-def document(report: LagReport, prefix: str) -> dict[str, object]:
-    """The JSON document of ``--json`` and ``GET /lag``."""
-    return {"prefix": prefix, **report.as_dict()}
-
-
 async def _one_shot(monitor: LagMonitor, interval_s: float) -> LagReport:
     report = await monitor.read()
     if interval_s > 0:
@@ -69,12 +64,13 @@ async def _one_shot(monitor: LagMonitor, interval_s: float) -> LagReport:
 async def _watch(monitor: LagMonitor, interval_s: float, as_json: bool, prefix: str) -> None:
     from rich.live import Live
 
+    from streams.lag import lag_document
     from streams.lag_probe import LagUnavailable
 
     if as_json:
         while True:
             report = await monitor.read()
-            typer.echo(json.dumps(document(report, prefix)))
+            typer.echo(json.dumps(lag_document(report, prefix)))
             await asyncio.sleep(interval_s)
     with Live(auto_refresh=False) as live:
         while True:
@@ -105,6 +101,7 @@ def lag(
     """
     from rich.console import Console
 
+    from streams.lag import lag_document
     from streams.lag_probe import LagMonitor, LagUnavailable
     from streams.settings import get_settings
 
@@ -128,7 +125,7 @@ def lag(
     if report is None:
         return
     if as_json:
-        typer.echo(json.dumps(document(report, prefix)))
+        typer.echo(json.dumps(lag_document(report, prefix)))
     else:
         console = Console()
         if not console.is_terminal:  # piped: don't cut names to 80 columns

@@ -131,6 +131,14 @@ class GroupLag:
     def lag(self) -> int:
         return self.total.lag
 
+    @property
+    def rate_per_s(self) -> float | None:
+        return self.total.rate_per_s
+
+    @property
+    def drain_s(self) -> float | None:
+        return self.total.drain_s
+
     def as_dict(self) -> dict[str, object]:
         return {
             "group": self.group,
@@ -155,12 +163,22 @@ class LagReport:
     def group(self, name: str) -> GroupLag | None:
         return next((g for g in self.groups if g.group == name), None)
 
+    @property
+    def services(self) -> dict[str, GroupLag]:
+        """``{service: its agents' group}`` for the groups that belong to a service (the scaling signal)."""
+        return {g.service: g for g in self.groups if g.service is not None}
+
     def as_dict(self) -> dict[str, object]:
         return {
             "taken_at": round(self.wall_time, 3),
             "interval_s": _round(self.interval_s),
             "groups": [g.as_dict() for g in self.groups],
         }
+
+
+def lag_document(report: LagReport, prefix: str) -> dict[str, object]:
+    """The JSON document of ``aisemble lag --json`` and ``GET /lag``: the report with the topic prefix."""
+    return {"prefix": prefix, **report.as_dict()}
 
 
 def partition_lag(committed: int | None, start: int, end: int) -> int:

@@ -78,6 +78,8 @@ def test_two_samples_give_rate_and_drain_time() -> None:
     assert group.total.rate_per_s == 10.0
     assert group.total.drain_s == 8.0
     assert group.topics[TOPIC].lag == 80
+    by_service = compute(after, before).services["data"]
+    assert (by_service.lag, by_service.rate_per_s, by_service.drain_s) == (80, 10.0, 8.0)
 
 
 def test_paused_group_is_not_draining() -> None:
