@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,28 @@ def test_as_dict_is_json() -> None:
         "rate_per_s": 2.0, "drain_s": 3.0, "drain": "3.0 s",
     }
     assert group["topics"][TOPIC]["lag"] == 6
+
+
+def test_keda_example_scales_on_the_names_aisemble_uses() -> None:
+    """infra/keda-scaledobject.example.yaml: the group and topic the agents really use; no more replicas than
+    partitions (the extra ones would get no partition)."""
+    import yaml
+
+    from streams.settings import Settings
+    from streams.topics import consumer_group, service_topics
+
+    path = Path(__file__).parents[1] / "infra" / "keda-scaledobject.example.yaml"
+    manifest = yaml.safe_load(path.read_text())
+    assert manifest["apiVersion"] == "keda.sh/v1alpha1" and manifest["kind"] == "ScaledObject"
+    spec = manifest["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "aisemble-agent-nlp"}
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "kafka"
+    defaults = Settings()
+    assert trigger["metadata"]["consumerGroup"] == consumer_group(defaults.topic_prefix, "nlp")
+    assert trigger["metadata"]["topic"] == service_topics(defaults.topic_prefix, "nlp").requests
+    assert trigger["metadata"]["bootstrapServers"]
+    assert int(trigger["metadata"]["lagThreshold"]) > 0
+    assert spec["minReplicaCount"] == 1
+    assert spec["minReplicaCount"] <= spec["maxReplicaCount"] <= defaults.partitions
+    assert all(isinstance(v, str) for v in trigger["metadata"].values())  # KEDA's metadata is a string map
