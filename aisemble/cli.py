@@ -221,5 +221,10 @@ def run(
         local.stop()  # only what this command started
 
 
+from aisemble import streams_cmd  # noqa: E402  (produce, record, replay)
+
+streams_cmd.register(app)
+
+
 def main() -> None:
     app()
