@@ -11,9 +11,11 @@ Definitions (per group, topic and partition):
   still kept), so a new group's lag counts what it would still have to read, an empty partition has lag 0,
   and a partition whose old records were deleted by retention is not counted from offset 0. A committed
   offset below the log start counts from the log start too (the consumer resets there). Lag is never < 0.
-* **rate_per_s** = (committed now - committed at the previous sample) / seconds between the samples: the
-  group's consumption rate. Unknown (None) without a previous sample, without a commit at either sample,
-  when the committed offset went backwards (a reset), or when no time passed.
+* **rate_per_s** = (resume position now - resume position at the previous sample) / seconds between the
+  samples: the group's consumption rate (the resume position is the one the lag counts from, so a group's
+  first commit counts from the log start, and a partition never committed has rate 0). Unknown (None)
+  without a previous sample of the group or partition, when the position went backwards (an offset reset),
+  or when no time passed.
 * **drain_s** = lag / rate: how long the backlog lasts at the present rate, ignoring new arrivals. 0 when
   the lag is 0; None when the rate is unknown or 0 while there is lag ("not draining": the group is paused,
   dead, or has no members).
@@ -181,10 +183,14 @@ def lag_document(report: LagReport, prefix: str) -> dict[str, object]:
     return {"prefix": prefix, **report.as_dict()}
 
 
+def resume_position(committed: int | None, start: int) -> int:
+    """Where the group resumes on a partition: its committed offset, else (or when below it) the log start."""
+    return start if committed is None else max(committed, start)
+
+
 def partition_lag(committed: int | None, start: int, end: int) -> int:
-    """End offset minus where the group resumes (the committed offset, else the log start); never < 0."""
-    resume = start if committed is None else max(committed, start)
-    return max(end - resume, 0)
+    """End offset minus where the group resumes (``resume_position``); never < 0."""
+    return max(end - resume_position(committed, start), 0)
 
 
 def rate(previous: int | None, current: int | None, seconds: float | None) -> float | None:
@@ -240,8 +246,10 @@ def compute(current: Snapshot, previous: Snapshot | None = None) -> LagReport:
                 start = current.starts.get(key, 0)
                 end = current.ends[key]
                 lag = partition_lag(committed, start, end)
-                was = None if before is None else before.committed.get(key)
-                per_s = rate(was, committed, seconds)
+                per_s = None
+                if before is not None and previous is not None and key in previous.ends:
+                    was = resume_position(before.committed.get(key), previous.starts.get(key, 0))
+                    per_s = rate(was, resume_position(committed, start), seconds)
                 rows.append(PartitionLag(sample.group, topic, partition, committed, start, end, lag, per_s,
                                          drain_time(lag, per_s)))
         by_topic = {topic: totals(r for r in rows if r.topic == topic) for topic in sample.topics}

@@ -3,8 +3,9 @@
 Which groups: ``{prefix}-{service}-agents`` for every configured service (shown even when the group does
 not exist yet: state ``Dead``, no commits, lag = what waits in its request topic), plus every group the
 broker lists whose id starts with ``{prefix}-`` (ad-hoc consumers, services not configured here). Which
-topics: a service group's request topic, and whatever the group committed on or its members subscribe to;
-every partition of each (those the group never committed included).
+topics: a service group's request topic, and whatever the group committed on or its members subscribe to
+(except Kafka's ``__*`` topics and Faust's ``-__assignor-__leader`` topic); every partition of each (those
+the group never committed included).
 
 One sample: ``list_consumer_groups`` once, then per group ``describe_consumer_groups`` (state, members) and
 ``list_consumer_group_offsets``; ``describe_topics`` for the partitions, and one consumer (no group) for the
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MIN_INTERVAL_S = 1.0
 DEFAULT_TIMEOUT_S = 10.0
+FAUST_LEADER_SUFFIX = "-__assignor-__leader"
 
 
 class LagUnavailable(RuntimeError):
@@ -70,6 +72,12 @@ def subscribed_topics(member_metadata: bytes) -> list[str]:
         return topics
     except (struct.error, UnicodeDecodeError):
         return []
+
+
+def internal_topic(topic: str) -> bool:
+    """Kafka's own topics and Faust's leader-election topic (``{group}-__assignor-__leader``, which Faust
+    agents subscribe to but nobody produces to): left out of the report."""
+    return topic.startswith("__") or topic.endswith(FAUST_LEADER_SUFFIX)
 
 
 class LagMonitor:
@@ -229,6 +237,8 @@ class LagMonitor:
             if described["group"] != group or described["error_code"] != 0:
                 continue
             members = described["members"]
-            subscribed = {t for m in members for t in subscribed_topics(m["member_metadata"])}
+            subscribed = {
+                t for m in members for t in subscribed_topics(m["member_metadata"]) if not internal_topic(t)
+            }
             return str(described["state"]) or "Unknown", len(members), subscribed
         return "Dead", 0, set()

@@ -100,11 +100,28 @@ def test_group_without_members_or_commits_is_reported() -> None:
     assert [p.committed for p in empty.partitions] == [None, None]
 
 
-def test_a_new_commit_between_samples_has_no_rate_yet() -> None:
-    before = snap(0.0, {}, {0: 100})
-    after = snap(1.0, {0: 40}, {0: 100})
+def test_a_first_commit_counts_from_the_log_start() -> None:
+    before = snap(0.0, {}, {0: 100}, starts={0: 10})
+    after = snap(2.0, {0: 40}, {0: 100}, starts={0: 10})
     (partition,) = compute(after, before).groups[0].partitions
-    assert partition.rate_per_s is None and partition.lag == 60
+    assert partition.rate_per_s == 15.0 and partition.lag == 60 and partition.drain_s == 4.0
+
+
+def test_a_partition_or_group_missing_from_the_previous_sample_has_no_rate() -> None:
+    before = snap(0.0, {0: 5}, {0: 100})
+    after = snap(1.0, {0: 10, 1: 3}, {0: 100, 1: 10})
+    p0, p1 = compute(after, before).groups[0].partitions
+    assert p0.rate_per_s == 5.0 and p1.rate_per_s is None
+    renamed = Snapshot(0.0, 0.0, (), before.ends, before.starts)
+    assert compute(after, renamed).groups[0].total.rate_per_s is None
+
+
+def test_no_commit_in_either_sample_is_rate_zero() -> None:
+    before = snap(0.0, {}, {0: 0, 1: 0})
+    after = snap(2.0, {}, {0: 300, 1: 0})
+    group = compute(after, before).groups[0]
+    assert [p.rate_per_s for p in group.partitions] == [0.0, 0.0]
+    assert group.lag == 300 and group.total.rate_per_s == 0.0 and group.total.drain_s is None
 
 
 def test_as_dict_is_json() -> None:
@@ -143,3 +160,21 @@ def test_keda_example_scales_on_the_names_aisemble_uses() -> None:
     assert spec["minReplicaCount"] == 1
     assert spec["minReplicaCount"] <= spec["maxReplicaCount"] <= defaults.partitions
     assert all(isinstance(v, str) for v in trigger["metadata"].values())  # KEDA's metadata is a string map
+
+
+def test_lag_route_needs_a_key_like_metrics() -> None:
+    """/lag is operational data: behind the API key unless AISEMBLE_METRICS_REQUIRE_KEY=false (no Kafka here:
+    no lifespan, so a request the gate lets through fails for want of a monitor, 500)."""
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from api.app import create_app
+    from streams.settings import Settings
+
+    keyed = Settings(api_keys=[SecretStr("k" * 24)])
+    client = TestClient(create_app(keyed), raise_server_exceptions=False)
+    assert client.get("/lag").status_code == 401
+    assert client.get("/lag", headers={"X-API-Key": "k" * 24}).status_code == 500
+    client = TestClient(create_app(keyed.model_copy(update={"metrics_require_key": False})),
+                        raise_server_exceptions=False)
+    assert client.get("/lag").status_code == 500
