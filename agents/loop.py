@@ -56,6 +56,38 @@ Release = Callable[[Sequence[dict[str, object]]], Awaitable[None]]
 SEND_ENQUEUE_TIMEOUT_S = 10.0
 
 
+class BatchObserver(Protocol):
+    """Told what each batch did (``agents.metrics.AgentMetrics`` turns it into Prometheus metrics); every
+    method is called on the event loop and must not block."""
+
+    def batch(self, size: int, waits_s: Sequence[float]) -> None:
+        """A batch of ``size`` records was picked up; ``waits_s``: each record's time since its timestamp."""
+
+    def inference(self, size: int, seconds: float) -> None:
+        """The runner ran ``size`` items in one call, in ``seconds``."""
+
+    def replied(self, ok: bool, code: str | None) -> None:
+        """A reply was delivered (``code``: its error code when not ``ok``)."""
+
+    def dead_letter(self, reason: str) -> None:
+        """A record was dead-lettered (``reason``: the error code)."""
+
+    def cache_hits(self, count: int) -> None:
+        """``count`` requests of a batch were answered from the cache."""
+
+    def retries(self, count: int) -> None:
+        """``count`` sends failed retriably and are sent again."""
+
+
+class _NoObserver:
+    def batch(self, size: int, waits_s: Sequence[float]) -> None: ...
+    def inference(self, size: int, seconds: float) -> None: ...
+    def replied(self, ok: bool, code: str | None) -> None: ...
+    def dead_letter(self, reason: str) -> None: ...
+    def cache_hits(self, count: int) -> None: ...
+    def retries(self, count: int) -> None: ...
+
+
 class Sink(Protocol):
     """Where replies and dead letters go."""
 
@@ -124,6 +156,7 @@ class BatchProcessor:
         release: Release | None = None,
         retry_s: float = 60.0,
         reply_policy: ReplyTopicPolicy | None = None,
+        observer: BatchObserver | None = None,
     ) -> None:
         self.service = service
         self.runner = runner
@@ -138,6 +171,7 @@ class BatchProcessor:
         self._retry_s = retry_s
         self._reply_policy = reply_policy
         self._max_event_bytes = max_event_bytes
+        self._observer: BatchObserver = observer or _NoObserver()
         self._topics = service_topics(topic_prefix, service)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{service}-model")
         # Read once: a model's name cannot change while the process runs (the runner is loaded by now).
@@ -168,6 +202,7 @@ class BatchProcessor:
     async def process(self, records: Sequence[Record]) -> None:
         """Handle one micro-batch; returns once every reply and dead letter is settled."""
         picked_ms = _now_ms()
+        self._observer.batch(len(records), [(picked_ms - r.timestamp_ms) / 1000.0 for r in records])
         out: list[_Delivery] = []
         pending: list[_Pending] = []
 
@@ -231,6 +266,8 @@ class BatchProcessor:
             )
             out.append(self._reply(p.record, p.event, reply))
         self.stats.cache_hits += len(hit_ids)
+        if hit_ids:
+            self._observer.cache_hits(len(hit_ids))
         return [p for p in pending if id(p) not in hit_ids]
 
     async def _run(
@@ -245,6 +282,8 @@ class BatchProcessor:
         started = time.perf_counter()
         outcomes = await self._run_model(runnable) if runnable else []
         inference_ms = (time.perf_counter() - started) * 1000.0
+        if runnable:
+            self._observer.inference(len(runnable), inference_ms / 1000.0)
         results = iter(outcomes)
         merged: list[Outcome] = [next(results) if isinstance(i, Item) else i for i in items]
 
@@ -321,6 +360,7 @@ class BatchProcessor:
     def _letter(self, record: Record, reason: BadEvent | ErrorInfo) -> _Delivery:
         """A dead letter to settle; it always fits the event limit (see ``streams.codec.dead_letter``)."""
         self.stats.dead_letters += 1
+        self._observer.dead_letter(str(reason.code))
         log.warning("dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
         letter = dead_letter(
             self.service,
@@ -367,6 +407,8 @@ class BatchProcessor:
             for d, result in zip(todo, results, strict=True):
                 if not isinstance(result, BaseException):
                     delivered.add(id(d))
+                    if d.reply is not None:
+                        self._observer.replied(d.reply.ok, d.reply.error.code if d.reply.error else None)
                     continue
                 if classify(result) is Verdict.RETRIABLE:
                     retry.append(d)
@@ -381,6 +423,7 @@ class BatchProcessor:
                               d.source.topic, d.source.partition, d.source.offset, result)  # fmt: skip
             if retry:
                 self.stats.retries += len(retry)
+                self._observer.retries(len(retry))
                 self.delivery_state, self.last_error = "retrying", repr(results[todo.index(retry[0])])
                 if time.monotonic() + delay > deadline:
                     raise DeliveryError(

@@ -31,7 +31,8 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agents.loop import BatchProcessor
+from agents.loop import BatchObserver, BatchProcessor
+from agents.metrics import serve_agent_metrics
 from agents.runner import ModelRunner
 from schemas import Service
 from streams.app import create_app, request_topic
@@ -231,9 +232,10 @@ class BatchLoop:
 
 
 def create_agent_app(
-    service: Service, settings: Settings, runner: ModelRunner
+    service: Service, settings: Settings, runner: ModelRunner, observer: BatchObserver | None = None
 ) -> tuple[faust.App, BatchLoop]:
-    """The Faust app of one service's agent, with its agent and heartbeat timer registered."""
+    """The Faust app of one service's agent, with its agent and heartbeat timer registered; ``observer``
+    (e.g. ``agents.metrics.AgentMetrics``) is told what each batch did."""
     app = create_app(settings, service)
     topic = request_topic(app, settings, service)
     conf = settings.service(service)
@@ -251,6 +253,7 @@ def create_agent_app(
         release=build_hook(service, "make_release", settings, redis),
         retry_s=settings.delivery_retry_s,
         reply_policy=ReplyTopicPolicy.build(settings.topic_prefix, settings.reply_to_allow),
+        observer=observer,
     )
     loop = BatchLoop(app, processor, conf.max_batch, conf.max_wait_ms, settings.shutdown_grace_s)
     info = AgentInfo(
@@ -309,12 +312,13 @@ def run_agent(service: Service, settings: Settings, runner_factory: str | None =
     of the built-in one.
     """
     asyncio.run(ensure_service_topics(settings, [service]))
+    served = serve_agent_metrics(service, settings)  # None unless AISEMBLE_AGENT_METRICS_PORT is set
     runner = load_factory(runner_factory)(settings) if runner_factory else build_runner(service, settings)
     started = time.perf_counter()
     runner.load()
     log.info("%s model(s) loaded and warm in %.1fs", service, time.perf_counter() - started)
     asyncio.set_event_loop(asyncio.new_event_loop())  # asyncio.run above cleared it; Faust wants one
-    app, loop = create_agent_app(service, settings, runner)
+    app, loop = create_agent_app(service, settings, runner, served[0] if served else None)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), override_logging=False)
     try:
         worker.execute_from_commandline()

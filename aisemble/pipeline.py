@@ -4,6 +4,10 @@ Used by ``aisemble run``, the tests and the benchmarks, so all three run exactly
 ``Pipeline.isolated`` gives a unique topic prefix, consumer groups, edge id and port, so concurrent test
 modules and benchmarks never see each other's events. ``start`` returns once ``/health`` says 200 (every
 agent has loaded its model and sent a heartbeat); processes are stopped by PID (SIGTERM, then SIGKILL).
+
+Agent metrics: when ``AISEMBLE_AGENT_METRICS_PORT`` is set (in the environment or the ``env`` given), each
+agent process gets its own port, kept across restarts and listed in ``metrics_ports``: the setting's port
+for the first agent, the next port for the next one, and so on; ``0`` gives each a free port.
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ class Pipeline:
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.args: dict[str, list[str]] = {}
+        self.proc_env: dict[str, dict[str, str]] = {}
+        self.metrics_ports: dict[str, int] = {}  # agent process name -> its metrics port
+        port = self.env.get("AISEMBLE_AGENT_METRICS_PORT", "").strip()
+        self._metrics_base = int(port) if port.isdigit() else settings.agent_metrics_port
         self.url = f"http://127.0.0.1:{self.port}"
 
     @classmethod
@@ -76,21 +84,34 @@ class Pipeline:
             **env,
         )
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         out = None
         if self.log_dir is not None:
             out = (self.log_dir / f"{self.prefix}-{name}.log").open("ab")
         self.args[name] = args
+        if env is not None:
+            self.proc_env[name] = env
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "aisemble", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "aisemble", *args],
+            env={**self.env, **self.proc_env.get(name, {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
+
+    def _agent_env(self, name: str) -> dict[str, str]:
+        """The metrics port of a new agent process (see the module docstring); none when metrics are off."""
+        if self._metrics_base is None:
+            return {}
+        port = free_port() if self._metrics_base == 0 else self._metrics_base + len(self.metrics_ports)
+        self.metrics_ports[name] = port
+        return {"AISEMBLE_AGENT_METRICS_PORT": str(port)}
 
     def add_agent(self, service: str, *extra: str) -> str:
         """Start one more agent process for ``service`` (joins the same consumer group); returns its name.
 
         ``extra`` arguments go to ``aisemble agent`` (e.g. ``--runner module:function``)."""
         name = f"{service}-{sum(1 for n in self.procs if n.startswith(service))}"
-        self._spawn(name, ["agent", service, *extra])
+        self._spawn(name, ["agent", service, *extra], self._agent_env(name))
         return name
 
     def restart(self, name: str) -> None:
@@ -105,7 +126,7 @@ class Pipeline:
 
     def start(self, timeout_s: float = 300.0) -> Pipeline:
         for service in self.services:
-            self._spawn(service, ["agent", service])
+            self._spawn(service, ["agent", service], self._agent_env(service))
         self._spawn("edge", ["edge"])
         deadline = time.monotonic() + timeout_s
         last = ""

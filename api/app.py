@@ -20,8 +20,10 @@ from api.auth import ApiKeyGate, auth_dependencies
 from api.edge import Edge
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
-from api.routes import data, health, llm, nlp, vision
+from api.metrics import EdgeMetrics, RequestMetrics
+from api.routes import data, health, lag, llm, metrics, nlp, vision
 from streams.kafka_security import client_options
+from streams.lag_probe import LagMonitor
 from streams.redis import connect
 from streams.replies import ReplyListener, ReplyRouter
 from streams.settings import Settings, get_settings
@@ -44,6 +46,7 @@ async def _refresh_models_forever(edge: Edge, interval_s: float) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The edge app; ``settings`` defaults to the environment's."""
     settings = settings or get_settings()
+    edge_metrics = EdgeMetrics()  # this app's own registry (api/metrics.py), served at /metrics
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,8 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = connect(settings)
         router = ReplyRouter()
         listener = ReplyListener(settings.kafka_bootstrap, reply_topic, router, options=client_options(settings))
-        edge = Edge(settings, producer, redis, router, listener, reply_topic)
+        edge = Edge(settings, producer, redis, router, listener, reply_topic, metrics=edge_metrics)
         refresher: asyncio.Task[None] | None = None
+        app.state.lag = lag_monitor = LagMonitor(settings)  # GET /lag and /metrics; connects on first read
         try:
             await producer.start()
             await listener.start(await wait_for_partitions(settings, reply_topic))
@@ -83,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await listener.stop()
             await producer.stop()
             await redis.aclose()
+            await lag_monitor.close()
 
     app = FastAPI(
         title="aisemble edge",
@@ -98,10 +103,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost: no key, no body read (api/auth.py ApiKeyGate); the dependency below documents and re-checks.
     open_paths = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
     if not settings.metrics_require_key:
-        open_paths.add("/metrics")
+        open_paths.update({"/metrics", "/lag"})  # operational data: same access as /metrics
     app.add_middleware(ApiKeyGate, settings=settings, open_paths=frozenset(open_paths))
+    app.add_middleware(RequestMetrics, metrics=edge_metrics)  # outermost: counts 401s and 413s too
+    app.state.metrics = edge_metrics
     install_error_handlers(app)
     app.include_router(health.router)  # open: probes need no key
+    app.include_router(metrics.router, dependencies=auth_dependencies(settings, route="metrics"))
+    app.include_router(lag.router, dependencies=auth_dependencies(settings, route="metrics"))  # like /metrics
     service_auth = auth_dependencies(settings)  # API keys on every service route (api/auth.py)
     for module in (data, nlp, llm, vision):
         app.include_router(module.router, dependencies=service_auth)

@@ -38,6 +38,7 @@ from redis.asyncio import Redis
 
 from api.errors import DuplicateIdError, OverloadedError, ReplyTimeoutError, UnavailableError
 from api.guards import BrokerState, InFlightLimit
+from api.metrics import EdgeMetrics, note_call
 from schemas import ReplyEvent, RequestEvent, Service
 from streams.cache import ResultCache, wants_cache
 from streams.codec import encode
@@ -68,8 +69,10 @@ class Edge:
         router: ReplyRouter,
         listener: ReplyListener,
         reply_topic: str,
+        metrics: EdgeMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.producer = producer
         self.redis = redis
         self.router = router
@@ -163,6 +166,7 @@ class Edge:
             ReplyTimeoutError: no reply within the timeout (504). DuplicateIdError: the id is in flight (409).
         """
         request_id = request_id or uuid.uuid4().hex
+        note_call(service, task)  # labels the request counted by api.metrics.RequestMetrics
         if not self.in_flight.try_acquire():
             raise OverloadedError(
                 f"the edge holds {self.in_flight.limit} requests already; retry after {RETRY_AFTER_S} s",
@@ -189,6 +193,8 @@ class Edge:
         key = self.cache_key(service, task, payload, cache)
         if key is not None:
             hit = await self.cache.get(key)
+            if self.metrics is not None:
+                self.metrics.cache_lookup(service, hit is not None)
             if hit is not None:
                 elapsed = (time.perf_counter() - started) * 1000.0
                 return hit.model_copy(

@@ -123,6 +123,11 @@ class Settings(BaseSettings):
         default_factory=list, description="When set, every service route needs one of these (X-API-Key or Bearer)."
     )
     metrics_require_key: bool = Field(default=True, description="Whether /metrics needs an API key too.")
+    agent_metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="Agent metrics port (None = off, 0 = a free one); `aisemble run` gives its agents port, port+1...",
+    )  # fmt: skip
+    agent_metrics_host: str = Field(default="127.0.0.1", description="Where agents serve their metrics.")
     allow_insecure: bool = Field(
         default=False, description="Let the edge listen on a non-loopback address without API keys."
     )
