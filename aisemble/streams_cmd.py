@@ -305,13 +305,15 @@ def _compare(a: Path, b: Path, json_out: bool) -> None:
     if json_out:
         typer.echo(orjson.dumps([dict(zip(("metric", "A", "B", "B/A"), r, strict=True)) for r in rows]).decode())
         return
-    table = Table(title=f"A = {a}   B = {b}")
+    console = Console()
+    console.print(f"A: {a}\nB: {b}", soft_wrap=True)
+    table = Table()
     table.add_column("metric")
     for column in (f"A {ra.get('mode', '')}", f"B {rb.get('mode', '')}", "B/A"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(*row)
-    Console(width=max(100, len(str(a)) + len(str(b)) + 20)).print(table)
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
