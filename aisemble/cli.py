@@ -5,6 +5,7 @@ aisemble edge                 the REST edge (127.0.0.1:8080 by default)
 aisemble agent SERVICE        one service's agent (data, nlp, llm, vision)
 aisemble infra up|down|status the local Kafka (KRaft) and Redis
 aisemble schemas export|check the JSON Schema files of the wire contract
+aisemble monitor              the brief's performance monitor: latency and success per endpoint
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from aisemble import lag_cmd
+from aisemble import lag_cmd, monitor
 from schemas import SERVICES
 from streams.settings import get_settings
 
@@ -26,6 +27,7 @@ app.add_typer(schemas_app, name="schemas")
 topics_app = typer.Typer(no_args_is_help=True, help="Create aisemble's topics (the broker creates none on demand).")
 app.add_typer(topics_app, name="topics")
 app.command("lag")(lag_cmd.lag)  # aisemble/lag_cmd.py
+app.command("monitor")(monitor.monitor)  # aisemble/monitor.py
 
 
 def _logging() -> None:
@@ -212,6 +214,9 @@ def run(
     try:
         pipeline.start()
         typer.echo(f"aisemble: ready on {pipeline.url} with agents {', '.join(chosen)}; Ctrl-C stops")
+        host = settings.agent_metrics_host
+        ports = ", ".join(f"{n} http://{host}:{p}/metrics" for n, p in pipeline.metrics_ports.items())
+        typer.echo(f"aisemble: metrics on {pipeline.url}/metrics" + (f"; agents: {ports}" if ports else ""))
         supervise(pipeline, should_stop=lambda: bool(stopping))
         typer.echo("aisemble: stopping (SIGTERM)")
     except KeyboardInterrupt:
