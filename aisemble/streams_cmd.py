@@ -190,9 +190,9 @@ def record(
     """
     import time
 
+    from streams.recorder import Window
+    from streams.recorder import record as run_record
     from streams.recording import RecordingError, parse_offsets, parse_time, write_recording
-    from streams.replay import Window
-    from streams.replay import record as run_record
 
     if last is not None and any(v is not None for v in (since, until, from_offset, to_offset)):
         raise _fail("--last cannot be combined with --since/--until or --from-offset/--to-offset")

@@ -84,6 +84,14 @@ def test_produce_record_replay_compare(infra_settings: Settings, tmp_path: Path)
         recording = read_recording(rec)
         assert recording.requests[0].reply is not None and recording.requests[0].reply["ok"] is True
         span = recording.span_s
+        # The other windows: offsets per partition (to excluded), and a time window (until excluded).
+        by_offset = _json(_cli(env, "record", "data", "--out", str(tmp_path / "o.jsonl"), "--from-offset", "0",
+                               "--to-offset", "0:10,1:10,2:10,3:10", "--json", timeout=60))
+        assert by_offset["recorded"] == 40
+        first = recording.requests[0].timestamp_ms
+        by_time = _json(_cli(env, "record", "data", "--out", str(tmp_path / "t.jsonl"), "--since", str(first),
+                             "--until", str(first + 2000), "--json", timeout=60))
+        assert by_time["recorded"] == sum(1 for r in recording.requests if r.timestamp_ms < first + 2000)
 
         one_x, fast = tmp_path / "one_x", tmp_path / "max"
         r1 = _json(_cli(env, "replay", str(rec), "--speed", "1", "--report", str(one_x), "--json", timeout=150))

@@ -8,6 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from streams.recorder import Window
 from streams.recording import (
     RecordedRequest,
     Recording,
@@ -70,6 +71,8 @@ def test_parse_offsets_and_windows() -> None:
     assert offsets_for(7, [0, 1], begin) == {0: 7, 1: 7}
     assert offsets_for(None, [0, 1], end) == {0: 100, 1: 8}
     assert last_n_start(begin, end, 10) == {0: 90, 1: 5, 2: 0}
+    window = Window(from_offsets=0, to_offsets={0: 10, 3: 4})
+    assert orjson.loads(orjson.dumps(window.describe())) == {"from_offset": 0, "to_offset": {"0": 10, "3": 4}}
 
 
 def _recording(tmp_path: Path) -> Path:
