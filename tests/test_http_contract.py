@@ -52,7 +52,7 @@ SERVICE_OPERATIONS = [
     "/ai/vision/analyze",
     "/ai/vision/analyze/upload",
 ]
-AGENT_PATHS = {"/data/process", "/health"}  # the operations whose agent runs here
+AGENT_PATHS = {"/data/process", "/health", "/lag"}  # the operations whose agent runs here
 STATUSES: Counter[str] = Counter()  # "<method> <path> <mode> <status>" -> answers seen by the fuzz tests
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,7 @@ def _fuzz(
         ("POST", "/data/process", GenerationMode.POSITIVE, 50),
         ("POST", "/data/process", GenerationMode.NEGATIVE, 50),
         ("GET", "/health", GenerationMode.POSITIVE, 3),  # no parameters: nothing negative to generate
+        ("GET", "/lag", GenerationMode.POSITIVE, 3),
     ],
 )
 def test_routes_with_their_agent_never_5xx_and_conform(
@@ -142,7 +143,7 @@ def test_routes_without_an_agent_conform_and_only_time_out(
 
 def test_every_operation_is_fuzzed(api_schema: BaseSchema) -> None:
     operations = {f"{op.ok().method.upper()} {op.ok().path}" for op in api_schema.get_all_operations()}
-    assert operations == {"GET /health", *(f"POST {p}" for p in SERVICE_OPERATIONS)}
+    assert operations == {"GET /health", "GET /lag", *(f"POST {p}" for p in SERVICE_OPERATIONS)}
 
 
 # --- the document itself ---------------------------------------------------------------------------------

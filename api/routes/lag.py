@@ -15,6 +15,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import ORJSONResponse
 
+from api.errors import error_response
+from schemas import ErrorCode
+from schemas.http import ErrorBody
 from streams.lag import lag_document
 from streams.lag_probe import LagMonitor, LagUnavailable
 
@@ -25,7 +28,7 @@ router = APIRouter(tags=["lag"])
     "/lag",
     responses={
         200: {"description": "lag, consumption rate and drain time per group, topic and partition"},
-        503: {"description": "the broker could not be asked for offsets"},
+        503: {"model": ErrorBody, "description": "the broker could not be asked for offsets"},
     },
 )
 async def lag(request: Request) -> ORJSONResponse:
@@ -34,5 +37,5 @@ async def lag(request: Request) -> ORJSONResponse:
     try:
         report = await monitor.read()
     except LagUnavailable as exc:
-        return ORJSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+        return error_response(503, ErrorCode.UNAVAILABLE, f"consumer lag unavailable: {exc}")
     return ORJSONResponse(lag_document(report, monitor.settings.topic_prefix))
