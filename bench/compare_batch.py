@@ -26,6 +26,8 @@ from pathlib import Path
 
 import orjson
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from aisemble.pipeline import Pipeline
 from bench.samples_nlp import sample_items
 from streams.settings import Settings
