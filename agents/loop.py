@@ -42,7 +42,7 @@ from typing import Protocol
 from agents.errors import DeliveryError
 from agents.runner import Failure, Item, ModelRunner, Outcome, unknown_task
 from schemas import ErrorCode, ErrorInfo, ReplyEvent, RequestEvent, Service
-from streams.cache import ResultCache, wants_cache
+from streams.cache import ResultCache, cache_key, wants_cache
 from streams.codec import BadEvent, Record, dead_letter, decode_request, encode
 from streams.failures import Verdict, classify
 from streams.policy import ReplyTopicPolicy
@@ -111,6 +111,7 @@ class BatchStats:
     retries: int = 0
     lost_letters: int = 0
     isolated: int = 0
+    deduplicated: int = 0
 
 
 @dataclass(slots=True)
@@ -134,6 +135,12 @@ class _Pending:
 
 def _now_ms() -> float:
     return time.time() * 1000.0
+
+
+def _latest_deadline(batch: list[_Pending], group: list[int]) -> float | None:
+    """The deadline a shared run may stop at: the latest of its members' (None when any has none)."""
+    deadlines = [batch[n].event.deadline_ms for n in group]
+    return None if any(d is None for d in deadlines) else max(d for d in deadlines if d is not None)
 
 
 class BatchProcessor:
@@ -273,8 +280,10 @@ class BatchProcessor:
     async def _run(
         self, batch: list[_Pending], picked_ms: float, out: list[_Delivery]
     ) -> list[tuple[_Pending, _Delivery]]:
+        unique, source_of = self._deduplicate(batch)
         items: list[Item | Failure] = [
-            Item(p.event.task, dict(p.event.input), p.event.deadline_ms) for p in batch
+            Item(batch[group[0]].event.task, dict(batch[group[0]].event.input), _latest_deadline(batch, group))
+            for group in unique
         ]
         if self._prepare is not None:
             items = await self._prepare([i for i in items if isinstance(i, Item)])
@@ -285,7 +294,8 @@ class BatchProcessor:
         if runnable:
             self._observer.inference(len(runnable), inference_ms / 1000.0)
         results = iter(outcomes)
-        merged: list[Outcome] = [next(results) if isinstance(i, Item) else i for i in items]
+        merged_unique: list[Outcome] = [next(results) if isinstance(i, Item) else i for i in items]
+        merged = [merged_unique[source_of[n]] for n in range(len(batch))]
 
         ran: list[tuple[_Pending, _Delivery]] = []
         done_ms = _now_ms()
@@ -313,6 +323,28 @@ class BatchProcessor:
             out.append(delivery)
             ran.append((p, delivery))
         return ran
+
+    def _deduplicate(self, batch: list[_Pending]) -> tuple[list[list[int]], list[int]]:
+        """Identical reproducible requests of a batch (same task, model and input: what makes a cache key)
+        run once and share the outcome. Returns the groups of batch positions (first member runs) and, per
+        position, the index of its group."""
+        groups: list[list[int]] = []
+        source_of: list[int] = []
+        by_key: dict[str, int] = {}
+        for n, p in enumerate(batch):
+            key = p.cache_key
+            if key is None and wants_cache(self.service, p.event.task, p.event.input, None):
+                key = cache_key("", self.service, p.event.task, self.models[p.event.task], p.event.input)
+            if key is not None and key in by_key:
+                groups[by_key[key]].append(n)
+                source_of.append(by_key[key])
+                continue
+            if key is not None:
+                by_key[key] = len(groups)
+            source_of.append(len(groups))
+            groups.append([n])
+        self.stats.deduplicated += len(batch) - len(groups)
+        return groups, source_of
 
     async def _run_model(self, items: list[Item]) -> list[Outcome]:
         loop = asyncio.get_running_loop()

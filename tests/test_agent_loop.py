@@ -295,3 +295,26 @@ async def test_an_oversized_reply_is_never_cached() -> None:
         ]
     )
     assert list(cache.store) == [orjson.dumps({"x": 1}).decode()]
+
+
+async def test_identical_requests_in_a_batch_run_once_and_fan_out() -> None:
+    runner, sink = EchoRunner(), ListSink()
+    proc = processor(runner, sink)
+    same = {"task": "echo", "input": {"x": 7}, "reply_to": "me", "cache": False}
+    records = [record({"id": f"s{i}", **same}, i) for i in range(3)]
+    records.append(record({"id": "other", "task": "echo", "input": {"x": 8}, "reply_to": "me"}, 3))
+    await proc.process(records)
+    assert runner.calls == [2]  # three identical requests ran once
+    replies = {r["id"]: r for r in sink.on("me")}
+    assert {rid: r["output"] for rid, r in replies.items()} == {"s0": {"y": 14}, "s1": {"y": 14}, "s2": {"y": 14},
+                                                                "other": {"y": 16}}  # fmt: skip
+    assert proc.stats.deduplicated == 2
+
+
+async def test_requests_that_are_not_reproducible_are_never_merged() -> None:
+    runner, sink = EchoRunner(), ListSink()
+    # For the LLM only greedy or seeded completions are reproducible; these inputs are neither.
+    proc = BatchProcessor("llm", runner, sink, topic_prefix="p", cache=None, cache_ttl_s=60)  # type: ignore[arg-type]
+    events = [{"id": f"r{i}", "task": "echo", "input": {"x": 1}, "reply_to": "me"} for i in range(2)]
+    await proc.process([record(e, i) for i, e in enumerate(events)])
+    assert runner.calls == [2] and proc.stats.deduplicated == 0
