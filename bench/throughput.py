@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -30,7 +31,8 @@ from bench.common import base_settings, running_pipeline, summary_ms, write_resu
 from bench.random_models import random_vit_base
 
 
-def model_alone(service: str, items: list[Item], batch: int) -> dict[str, object]:
+def model_alone(service: str, items: list[Item], batch: int, more: Sequence[int] = ()) -> dict[str, object]:
+    """Items/s of the runner alone at batch 1, ``batch`` and any ``more`` sizes (one load)."""
     settings = base_settings()
     runner = build_runner(service, settings)  # type: ignore[arg-type]
     t0 = time.perf_counter()
@@ -38,7 +40,7 @@ def model_alone(service: str, items: list[Item], batch: int) -> dict[str, object
     load_s = time.perf_counter() - t0
     failures = 0
     out: dict[str, object] = {"load_s": round(load_s, 2)}
-    for size in (1, batch):
+    for size in dict.fromkeys((1, batch, *more)):
         start = time.perf_counter()
         for i in range(0, len(items), size):
             failures += sum(isinstance(o, Failure) for o in runner.run_batch(items[i : i + size]))
