@@ -22,7 +22,7 @@ backwards even when timestamps do (clock steps, several producers).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,6 +111,25 @@ def write_recording(path: Path, recording: Recording) -> None:
     tmp.replace(path)
 
 
+def json_objects(lines: Iterable[bytes], where: str = "line ") -> Iterator[tuple[int, dict[str, object]]]:
+    """``(line number, object)`` for each non-blank JSON-object line; ``where`` prefixes the line number in
+    errors (e.g. ``"rec.jsonl:"``).
+
+    Raises:
+        RecordingError: a line that is not JSON, or not a JSON object (named by number).
+    """
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise RecordingError(f"{where}{number}: not JSON: {exc}", line=number) from exc
+        if not isinstance(data, dict):
+            raise RecordingError(f"{where}{number}: not a JSON object", line=number)
+        yield number, data
+
+
 def read_recording(path: Path) -> Recording:
     """Read a recording written by ``write_recording`` (or by hand in the same format).
 
@@ -120,15 +139,7 @@ def read_recording(path: Path) -> Recording:
     header: dict[str, object] | None = None
     requests: list[RecordedRequest] = []
     with path.open("rb") as file:
-        for number, raw in enumerate(file, start=1):
-            if not raw.strip():
-                continue
-            try:
-                data = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise RecordingError(f"{path}:{number}: not JSON: {exc}", line=number) from exc
-            if not isinstance(data, dict):
-                raise RecordingError(f"{path}:{number}: not a JSON object", line=number)
+        for number, data in json_objects(file, f"{path}:"):
             if header is None:
                 if data.get("aisemble_recording") != FORMAT_VERSION:
                     raise RecordingError(

@@ -35,6 +35,7 @@ from streams.kafka_security import client_options, start_client
 from streams.recording import (
     Recording,
     RecordingError,
+    json_objects,
     pacing_schedule,
 )
 from streams.replay_report import Sample, output_comparison
@@ -253,15 +254,7 @@ def events_from_lines(lines: Sequence[bytes], task: str | None, run: str) -> lis
         RecordingError: a line that is not a JSON object (named by number), or an event with no ``task``.
     """
     out: list[Outgoing] = []
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise RecordingError(f"line {number}: not JSON: {exc}", line=number) from exc
-        if not isinstance(data, dict):
-            raise RecordingError(f"line {number}: not a JSON object", line=number)
+    for number, data in json_objects(lines):
         new_id = f"p{run}-{len(out)}"
         if task is not None:
             event: dict[str, object] = {"id": new_id, "task": task, "input": data}
