@@ -79,7 +79,21 @@ async def admin_client(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]
 
 
 async def ensure_topics(settings: Settings, names_partitions: Iterable[tuple[str, int]]) -> list[str]:
-    """Create the topics that do not exist yet; return the names created."""
+    """Create the topics that do not exist yet; return the names created, once their partitions show in the
+    broker's metadata.
+
+    Waiting matters because the broker creates no topic on demand: a consumer that subscribes before a
+    just-created topic's metadata has propagated is given an empty assignment, and may sit on it until the
+    next rebalance (seen on a fresh broker: a Faust agent serving nothing for 40 s).
+    """
+    created = await _create_missing(settings, names_partitions)
+    for name in created:
+        if not await wait_for_partitions(settings, name):
+            log.warning("topic %s created, but its partitions are not in the metadata yet", name)
+    return created
+
+
+async def _create_missing(settings: Settings, names_partitions: Iterable[tuple[str, int]]) -> list[str]:
     async with admin_client(settings) as admin:
         existing = set(await admin.list_topics())
         wanted = [
