@@ -26,6 +26,7 @@ class ErrorCode(StrEnum):
     REPLY_UNDELIVERABLE = "reply_undeliverable"  # reply_to topic refused the reply (dead letter)
     REPLY_TO_REFUSED = "reply_to_refused"  # reply_to is outside the reply-topic policy or does not exist (dead letter)
     INTERNAL = "internal"
+    CANCELLED = "cancelled"  # the caller went away (a streaming client disconnected); the row was stopped
     # Edge-side only (HTTP).
     TIMEOUT = "timeout"
     UNAVAILABLE = "unavailable"

@@ -59,6 +59,13 @@ class RequestEvent(BaseModel):
             "policy (cache everything reproducible; the LLM caches only temperature 0 or seeded requests)."
         ),
     )
+    stream: bool = Field(
+        default=False,
+        description=(
+            "true (LLM tasks only): the agent also produces PartialBatchEvents to reply_to while it generates, "
+            "then the final ReplyEvent as usual. Other services ignore it."
+        ),
+    )
 
 
 class ErrorInfo(BaseModel):
@@ -91,6 +98,38 @@ class ReplyEvent(BaseModel):
             "total_ms (picked up to reply produced)."
         ),
     )
+
+
+class PartialDelta(BaseModel):
+    """New text of one streamed request since its previous delta."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: RequestId
+    correlation_id: CorrelationId | None = None
+    attempt: str = Field(
+        description="Unique per generation attempt (a redelivered request is generated again under a new attempt)."
+    )
+    seq: int = Field(ge=0, description="0, 1, 2, ... per attempt; a consumer drops a seq it has seen.")
+    text: str = Field(description="Text decoded since the previous delta (may be empty while a character is split).")
+    tokens: int = Field(ge=0, description="Tokens generated since the previous delta.")
+
+
+class PartialBatchEvent(BaseModel):
+    """Streamed tokens: ONE record per decode step and reply topic, carrying a delta for every streaming row
+    of the step bound for that topic (never one record per token per row). Key = the agent's worker id.
+
+    Partials are an early view: the final ``ReplyEvent`` (same id and correlation_id) is authoritative and
+    carries the whole text. A consumer that relays a stream sends the final text's remainder past what it
+    already relayed, so a lost, late or reordered partial changes nothing but timing.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    partial: Literal[True] = True
+    service: Service
+    task: str
+    deltas: list[PartialDelta]
 
 
 class DeadLetterSource(BaseModel):

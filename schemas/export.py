@@ -12,9 +12,9 @@ import orjson
 from pydantic import BaseModel
 
 from schemas.data import AnalyzeInput, AnalyzeOutput, DataProcessRequest
-from schemas.events import DeadLetterEvent, ReplyEvent, RequestEvent
+from schemas.events import DeadLetterEvent, PartialBatchEvent, ReplyEvent, RequestEvent
 from schemas.http import ErrorBody
-from schemas.llm import CompletionInput, CompletionOutput, LlmCompletionRequest
+from schemas.llm import ChatInput, CompletionInput, CompletionOutput, LlmCompletionRequest
 from schemas.nlp import (
     ClassifyOutput,
     EmbedOutput,
@@ -37,6 +37,7 @@ SCHEMA_DIR = Path(__file__).parent / "jsonschema"
 MODELS: dict[str, type[BaseModel]] = {
     "request-event": RequestEvent,
     "reply-event": ReplyEvent,
+    "partial-batch-event": PartialBatchEvent,
     "dead-letter-event": DeadLetterEvent,
     "data.analyze.input": AnalyzeInput,
     "data.analyze.output": AnalyzeOutput,
@@ -47,6 +48,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "nlp.classify.output": ClassifyOutput,
     "llm.completion.input": CompletionInput,
     "llm.completion.output": CompletionOutput,
+    "llm.chat.input": ChatInput,
     "vision.input": VisionInput,
     "vision.detect_faces.output": FacesOutput,
     "vision.image.output": ImageOutput,

@@ -1,7 +1,11 @@
 """LLM service (``llm``): text completion.
 
 Task ``completion``: input ``{"prompt", "max_tokens", "temperature", "top_p", "seed", "stop"}``,
-output ``{"text", "tokens", "finish_reason"}``.
+output ``{"text", "tokens", "finish_reason", "prompt_tokens"}``.
+
+Task ``chat``: input ``{"messages": [{"role", "content"}, ...], "max_tokens", "temperature", "top_p", "seed",
+"stop"}``; the agent renders the messages with the model's chat template (generation prompt added) and
+completes that; output as ``completion``.
 """
 
 from __future__ import annotations
@@ -12,17 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 
 from schemas.http import JsonInt, WireSafe
 
-LLM_TASKS = ("completion",)
+LLM_TASKS = ("completion", "chat")
+MAX_MESSAGES = 256
 MAX_PROMPT_CHARS = 16_000
 MAX_NEW_TOKENS = 1024
 
 
-class CompletionInput(BaseModel):
-    """Input of the ``completion`` task."""
+class SamplingInput(BaseModel):
+    """The generation parameters shared by ``completion`` and ``chat``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_tokens: JsonInt = Field(default=100, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -59,10 +63,34 @@ class CompletionInput(BaseModel):
         return self.temperature == 0.0 or self.seed is not None
 
 
+class CompletionInput(SamplingInput):
+    """Input of the ``completion`` task."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+
+class ChatMessage(BaseModel):
+    """One message of a ``chat`` input."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class ChatInput(SamplingInput):
+    """Input of the ``chat`` task: the conversation so far; the reply is the assistant's next message."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+
+
 class CompletionOutput(BaseModel):
+    """Output of ``completion`` and ``chat``."""
+
     text: str
     tokens: int = Field(description="Generated tokens (the stop sequence included when it was hit).")
     finish_reason: Literal["stop", "length"]
+    prompt_tokens: int | None = Field(default=None, description="Tokens of the prompt as the model saw it.")
 
 
 class LlmCompletionRequest(CompletionInput, WireSafe):
