@@ -133,6 +133,16 @@ class _Pending:
     cache_key: str | None
 
 
+@dataclass(slots=True)
+class Settlement:
+    """One computed batch, not yet delivered: every reply and dead letter to send, and which pending
+    requests ran the model (their replies are cached once delivered)."""
+
+    records: Sequence[Record]
+    out: list[_Delivery]
+    ran: list[tuple[_Pending, _Delivery]]
+
+
 def _now_ms() -> float:
     return time.time() * 1000.0
 
@@ -194,6 +204,11 @@ class BatchProcessor:
             raise
         except Exception:  # policy: isolate the poison record, never stall the partition
             log.exception("%s batch of %d failed; retrying its records one at a time", self.service, len(records))
+        await self.isolate(records)
+
+    async def isolate(self, records: Sequence[Record]) -> None:
+        """Process each record alone; one that raises is dead-lettered (``internal``). Raises only
+        ``DeliveryError``."""
         for record in records:
             try:
                 await self.process([record])
@@ -208,6 +223,11 @@ class BatchProcessor:
 
     async def process(self, records: Sequence[Record]) -> None:
         """Handle one micro-batch; returns once every reply and dead letter is settled."""
+        await self.deliver(await self.compute(records))
+
+    async def compute(self, records: Sequence[Record]) -> Settlement:
+        """The first half of ``process``: decode, check, answer from the cache, run the model. Sends nothing,
+        so the batch loop can run the model of the next batch while this one's replies are delivered."""
         picked_ms = _now_ms()
         self._observer.batch(len(records), [(picked_ms - r.timestamp_ms) / 1000.0 for r in records])
         out: list[_Delivery] = []
@@ -241,7 +261,17 @@ class BatchProcessor:
 
         self.stats.batches += 1
         self.stats.items += len(records)
-        delivered = await self._settle(out)
+        return Settlement(records, out, ran)
+
+    async def deliver(self, settlement: Settlement) -> None:
+        """The second half of ``process``: settle every reply and dead letter (see the module docstring),
+        then cache the successful replies and run the ``release`` hook.
+
+        Raises:
+            DeliveryError: retriable failures lasted longer than ``retry_s``.
+        """
+        ran = settlement.ran
+        delivered = await self._settle(settlement.out)
         if self._cache is not None:
             entries = [
                 (p.cache_key, d.reply.model_copy(update={"correlation_id": None}), self._cache_ttl_s)
