@@ -8,7 +8,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import orjson
@@ -17,6 +17,7 @@ import infra
 from aisemble.pipeline import Pipeline
 from streams.settings import Settings
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -28,12 +29,23 @@ def base_settings() -> Settings:
 
 
 @contextlib.contextmanager
-def running_pipeline(services: list[str], **env: str) -> Iterator[Pipeline]:
-    """Kafka and Redis (started if needed) and an isolated pipeline for ``services``."""
+def running_pipeline(
+    services: list[str], runners: Mapping[str, str] | None = None, **env: str
+) -> Iterator[Pipeline]:
+    """Kafka and Redis (started if needed) and an isolated pipeline for ``services``.
+
+    ``runners`` maps a service to a custom runner factory (``module:function``, e.g.
+    ``bench.noop_runner:build``) served by that service's agent instead of the built-in runner.
+    """
     settings = base_settings()
     local = infra.start_local(settings)
     logs = Path(tempfile.mkdtemp(prefix="aisemble-bench-"))
-    pipeline = Pipeline.isolated(settings, services, logs, **env)
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    pipeline = Pipeline.isolated(settings, services, logs, PYTHONPATH=pythonpath, **env)
+    custom = dict(runners or {})
+    pipeline.services = [s for s in services if s not in custom]  # the edge still serves every service
+    for service, factory in custom.items():
+        pipeline.add_agent(service, "--runner", factory)
     try:
         yield pipeline.start()
     finally:
