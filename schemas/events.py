@@ -66,6 +66,14 @@ class RequestEvent(BaseModel):
             "then the final ReplyEvent as usual. Other services ignore it."
         ),
     )
+    store_result_s: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Keep the reply in Redis under {prefix}:result:{id} for this many seconds (asynchronous requests: "
+            "GET /requests/{id} reads it even when the edge that took the request is gone). null: not kept."
+        ),
+    )
 
 
 class ErrorInfo(BaseModel):
