@@ -17,6 +17,16 @@
   Only the probe marks it down, so a produce that timed out under a burst does not shed every request.
   Cache hits are still served while Kafka is down.
 
+``Edge.stream`` is ``call`` for a streamed LLM request (``RequestEvent.stream``), with the same admission
+(429, 503, 409 raised before anything is returned), cache policy, produce and deadline: it returns an
+``EdgeStream`` once the request is produced, which yields the request's text as the agent generates it
+(in order, each piece continuing the last: ``streams.replies``) and then the final reply. A cache hit is
+answered as a stream of just that final reply (its whole text in one piece), without Kafka. The stream
+holds its in-flight slot until ``EdgeStream.close``; its deadline is ``request_timeout_s`` from the start
+for the whole stream. A stream closed before its final reply (the client went away, or the deadline
+passed) sets the request's cancel key in Redis (TTL ``request_timeout_s``) so the agent can stop
+generating, in a background task (best effort: a Redis failure is logged).
+
 What can go wrong: a request that timed out while producing may still reach the broker later (the
 producer keeps what it already accepted until its own timeout), so a 503 means "maybe not processed",
 never "processed": its reply, if any, is dropped. A caller that retries may get its request run twice
@@ -35,6 +45,7 @@ import uuid
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from api.errors import DuplicateIdError, OverloadedError, ReplyTimeoutError, UnavailableError
 from api.guards import BrokerState, InFlightLimit
@@ -42,8 +53,9 @@ from api.metrics import EdgeMetrics, note_call
 from schemas import ReplyEvent, RequestEvent, Service
 from streams.cache import ResultCache, wants_cache
 from streams.codec import encode
+from streams.redis import guarded
 from streams.registry import models_by_service
-from streams.replies import DuplicateRequestIdError, ReplyListener, ReplyRouter
+from streams.replies import DuplicateRequestIdError, ReplyListener, ReplyRouter, StreamItem, StreamText
 from streams.settings import Settings
 from streams.topics import service_topics
 
@@ -51,6 +63,11 @@ log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 1.0  # how often the broker view is refreshed by a metadata request
 RETRY_AFTER_S = 1  # the Retry-After of a 429
+
+
+def cancel_key(prefix: str, request_id: str) -> str:
+    """The Redis key that tells the LLM agent a streamed request's caller went away (the one place it is built)."""
+    return f"{prefix}:cancel:{request_id}"
 
 
 def _broker_failure(exc: BaseException) -> bool:
@@ -84,6 +101,7 @@ class Edge:
         self.broker = BrokerState()
         self._probe_now = asyncio.Event()
         self._probe_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()  # cancel-key writes in flight
 
     async def start(self) -> None:
         """Start the broker probe (the producer must be started)."""
@@ -96,6 +114,8 @@ class Edge:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe_task
             self._probe_task = None
+        for task in list(self._background):
+            task.cancel()
 
     @property
     def kafka_state(self) -> dict[str, object]:
@@ -190,24 +210,10 @@ class Edge:
         timeout_s: float | None,
     ) -> ReplyEvent:
         started = time.perf_counter()
-        key = self.cache_key(service, task, payload, cache)
-        if key is not None:
-            hit = await self.cache.get(key)
-            if self.metrics is not None:
-                self.metrics.cache_lookup(service, hit is not None)
-            if hit is not None:
-                elapsed = (time.perf_counter() - started) * 1000.0
-                return hit.model_copy(
-                    update={"id": request_id, "cached": True, "timings_ms": {"edge_ms": elapsed}}
-                )
-
-        if self.broker.down:
-            raise UnavailableError(
-                f"Kafka is unavailable (down for {time.time() - self.broker.since:.1f} s): {self.broker.last_error}",
-                request_id=request_id,
-                service=service,
-                task=task,
-            )
+        hit = await self._cached(service, task, payload, cache, request_id, started)
+        if hit is not None:
+            return hit
+        self._check_broker(service, task, request_id)
         timeout_s = timeout_s or self.settings.request_timeout_s
         try:
             correlation_id, future = self.router.expect(request_id, service, task)
@@ -223,23 +229,7 @@ class Edge:
             cache=cache,
         )
         try:
-            topic = service_topics(self.settings.topic_prefix, service).requests
-            try:
-                await asyncio.wait_for(
-                    self.producer.send_and_wait(topic, encode(event), key=request_id.encode()),
-                    min(self.settings.produce_timeout_s, timeout_s),
-                )
-            except (KafkaError, TimeoutError) as exc:
-                if _broker_failure(exc):  # the probe, run now, judges: a slow ack under load is no outage
-                    self.broker.suspect(f"produce: {exc!r}")
-                    self._probe_now.set()
-                raise UnavailableError(
-                    f"could not produce the request to Kafka: {exc!r}",
-                    request_id=request_id,
-                    service=service,
-                    task=task,
-                ) from exc
-            self.broker.mark_ok()
+            await self._produce(service, event, timeout_s)
             remaining = timeout_s - (time.perf_counter() - started)
             try:
                 reply = await asyncio.wait_for(asyncio.shield(future), max(remaining, 0.001))
@@ -252,7 +242,209 @@ class Edge:
                 ) from exc
         finally:
             self.router.forget(correlation_id)
+        return _final(reply, started)
+
+    async def _cached(
+        self,
+        service: Service,
+        task: str,
+        payload: dict[str, object],
+        cache: bool | None,
+        request_id: str,
+        started: float,
+    ) -> ReplyEvent | None:
+        """The cached reply for this request under the service's cache policy, or None."""
+        key = self.cache_key(service, task, payload, cache)
+        if key is None:
+            return None
+        hit = await self.cache.get(key)
+        if self.metrics is not None:
+            self.metrics.cache_lookup(service, hit is not None)
+        if hit is None:
+            return None
         elapsed = (time.perf_counter() - started) * 1000.0
-        return reply.model_copy(
-            update={"correlation_id": None, "timings_ms": {**reply.timings_ms, "edge_ms": round(elapsed, 3)}}
-        )
+        return hit.model_copy(update={"id": request_id, "cached": True, "timings_ms": {"edge_ms": elapsed}})
+
+    def _check_broker(self, service: Service, task: str, request_id: str) -> None:
+        if self.broker.down:
+            raise UnavailableError(
+                f"Kafka is unavailable (down for {time.time() - self.broker.since:.1f} s): {self.broker.last_error}",
+                request_id=request_id,
+                service=service,
+                task=task,
+            )
+
+    async def _produce(self, service: Service, event: RequestEvent, timeout_s: float) -> None:
+        """Hand ``event`` to Kafka within ``produce_timeout_s``; ``UnavailableError`` (503) otherwise."""
+        topic = service_topics(self.settings.topic_prefix, service).requests
+        try:
+            await asyncio.wait_for(
+                self.producer.send_and_wait(topic, encode(event), key=event.id.encode()),
+                min(self.settings.produce_timeout_s, timeout_s),
+            )
+        except (KafkaError, TimeoutError) as exc:
+            if _broker_failure(exc):  # the probe, run now, judges: a slow ack under load is no outage
+                self.broker.suspect(f"produce: {exc!r}")
+                self._probe_now.set()
+            raise UnavailableError(
+                f"could not produce the request to Kafka: {exc!r}",
+                request_id=event.id,
+                service=service,
+                task=event.task,
+            ) from exc
+        self.broker.mark_ok()
+
+    async def stream(
+        self,
+        service: Service,
+        task: str,
+        payload: dict[str, object],
+        *,
+        cache: bool | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> EdgeStream:
+        """Start one streamed request (see the module docstring); the caller must ``close()`` what it gets.
+
+        Raises (before anything is streamed): the errors of ``call`` but ``ReplyTimeoutError``, which the
+        stream's ``next`` raises instead.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        note_call(service, task)
+        if not self.in_flight.try_acquire():
+            raise OverloadedError(
+                f"the edge holds {self.in_flight.limit} requests already; retry after {RETRY_AFTER_S} s",
+                request_id=request_id,
+                service=service,
+                task=task,
+                retry_after_s=RETRY_AFTER_S,
+            )
+        started = time.perf_counter()
+        timeout_s = timeout_s or self.settings.request_timeout_s
+        try:
+            hit = await self._cached(service, task, payload, cache, request_id, started)
+            if hit is not None:
+                queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+                queue.put_nowait(hit)
+                return EdgeStream(self, service, task, request_id, None, queue, started, timeout_s)
+            self._check_broker(service, task, request_id)
+            try:
+                correlation_id, _, queue = self.router.expect_stream(request_id, service, task)
+            except DuplicateRequestIdError as exc:
+                raise DuplicateIdError(str(exc), request_id=request_id, service=service, task=task) from exc
+            event = RequestEvent(
+                id=request_id,
+                correlation_id=correlation_id,
+                task=task,
+                input=payload,
+                reply_to=self.reply_topic,
+                deadline_ms=int((time.time() + timeout_s) * 1000),
+                cache=cache,
+                stream=True,
+            )
+            try:
+                await self._produce(service, event, timeout_s)
+            except BaseException:
+                self.router.forget(correlation_id)
+                raise
+        except BaseException:
+            self.in_flight.release()
+            raise
+        return EdgeStream(self, service, task, request_id, correlation_id, queue, started, timeout_s)
+
+    def _cancel_later(self, request_id: str) -> None:
+        """Set ``request_id``'s cancel key (TTL ``request_timeout_s``) in a background task."""
+        task = asyncio.create_task(self._cancel(request_id), name=f"cancel-{request_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel(self, request_id: str) -> None:
+        key = cancel_key(self.settings.topic_prefix, request_id)
+        ttl_ms = max(int(self.settings.request_timeout_s * 1000), 1)
+        try:
+            await guarded(self.redis, lambda: self.redis.set(key, "1", px=ttl_ms))
+        except (RedisError, OSError) as exc:
+            log.warning("could not set the cancel key of %s: %r", request_id, exc)
+
+
+def _final(reply: ReplyEvent, started: float) -> ReplyEvent:
+    """The reply as the caller gets it: no correlation id, the edge's time added."""
+    elapsed = (time.perf_counter() - started) * 1000.0
+    return reply.model_copy(
+        update={"correlation_id": None, "timings_ms": {**reply.timings_ms, "edge_ms": round(elapsed, 3)}}
+    )
+
+
+class EdgeStream:
+    """One streamed request in flight (``Edge.stream``): ``next()`` gives its text (``StreamText``) in order,
+    then its final ``ReplyEvent`` (ok or not), after which the stream is ``finished``.
+
+    It holds one in-flight slot until ``close()`` (idempotent, synchronous: safe in any ``finally``, even a
+    cancelled one). Closing an unfinished stream forgets its waiter (later partials and the reply are
+    dropped) and sets its cancel key.
+    """
+
+    def __init__(
+        self,
+        edge: Edge,
+        service: Service,
+        task: str,
+        request_id: str,
+        correlation_id: str | None,
+        queue: asyncio.Queue[StreamItem],
+        started: float,
+        timeout_s: float,
+    ) -> None:
+        self._edge = edge
+        self.service = service
+        self.task = task
+        self.request_id = request_id
+        self._correlation_id = correlation_id  # None: answered from the cache, nothing waits on Kafka
+        self._queue = queue
+        self._started = started
+        self.timeout_s = timeout_s
+        self.finished = False
+        self.closed = False
+
+    @property
+    def cached(self) -> bool:
+        return self._correlation_id is None
+
+    async def next(self) -> StreamText | ReplyEvent:
+        """The next piece of text, or the final reply.
+
+        Raises:
+            ReplyTimeoutError: the stream's deadline passed first (504 ``timeout``).
+            EdgeError: the edge is shutting down (503 ``unavailable``); RuntimeError: ``next`` after the end.
+        """
+        if self.finished or self.closed:
+            raise RuntimeError("the stream has ended")
+        remaining = self.timeout_s - (time.perf_counter() - self._started)
+        try:
+            item = await asyncio.wait_for(self._queue.get(), max(remaining, 0.001))
+        except TimeoutError as exc:
+            raise ReplyTimeoutError(
+                f"the stream did not end within {self.timeout_s:.1f}s (request id {self.request_id})",
+                request_id=self.request_id,
+                service=self.service,
+                task=self.task,
+            ) from exc
+        if isinstance(item, BaseException):
+            raise UnavailableError(
+                f"the stream was cut: {item}", request_id=self.request_id, service=self.service, task=self.task
+            ) from item
+        if isinstance(item, ReplyEvent):
+            self.finished = True
+            return _final(item, self._started)
+        return item
+
+    def close(self) -> None:
+        """Release the slot; an unfinished stream is forgotten and its cancel key set (see the class)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._edge.in_flight.release()
+        if self._correlation_id is not None:
+            self._edge.router.forget(self._correlation_id)
+            if not self.finished:
+                self._edge._cancel_later(self.request_id)

@@ -10,6 +10,15 @@ the reply arrives (and pops it), ``forget`` drops it on timeout. A reply nobody 
 duplicate after at-least-once redelivery, another edge's, or with no correlation id) is dropped and
 counted (``dropped``), so each call is answered once. One request id may wait only once at a time.
 
+Streams (``RequestEvent.stream``): ``expect_stream`` registers a call that also has a queue. The listener
+hands each ``PartialDelta`` of a ``PartialBatchEvent`` to ``partial``, which puts on the queue, in order,
+only text that continues what was queued before: it locks onto the first ``attempt`` it sees (deltas of
+another attempt are dropped), drops a ``seq`` it has seen, holds a delta that arrives ahead of its turn
+until the gap fills (at most ``MAX_AHEAD``), and never skips a gap: text after a lost partial is only
+relayed through the final reply. The final ``ReplyEvent`` resolves the future and is queued last; partials
+after it find no waiter and are dropped. So what was queued is always a prefix of the locked attempt's
+text, and the final reply (authoritative, ``schemas.events.PartialBatchEvent``) carries the rest.
+
 ``ReplyListener`` consumes the reply topic with a plain aiokafka consumer and manual partition
 assignment (no consumer group, so no rebalance pauses), positioned at the end *before* the edge serves
 its first request: a reply can only come after its request, so nothing is missed.
@@ -30,22 +39,63 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
 from pydantic import ValidationError
 
 from schemas import ReplyEvent
+from schemas.events import PartialBatchEvent, PartialDelta
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 2.0
+MAX_AHEAD = 4096  # deltas one stream holds while waiting for a gap to fill (more are dropped: the final fills in)
 
 
 class DuplicateRequestIdError(ValueError):
     """A request id is already waiting for its reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamText:
+    """Text of one stream, in order, continuing what was queued before; ``tokens`` generated for it."""
+
+    text: str
+    tokens: int
+
+
+StreamItem = StreamText | ReplyEvent | BaseException  # the final reply (or the failure) comes last
+
+
+@dataclass(slots=True)
+class _StreamState:
+    """Where one stream stands: the attempt it follows, the next seq due, deltas that came early."""
+
+    queue: asyncio.Queue[StreamItem]
+    attempt: str | None = None
+    next_seq: int = 0
+    ahead: dict[int, PartialDelta] = field(default_factory=dict)
+
+    def accept(self, delta: PartialDelta) -> list[StreamText] | None:
+        """The text ``delta`` releases, in order (maybe none); None when it is dropped (other attempt, seen seq)."""
+        if self.attempt is None:
+            self.attempt = delta.attempt
+        elif delta.attempt != self.attempt:
+            return None
+        if delta.seq < self.next_seq or delta.seq in self.ahead or len(self.ahead) >= MAX_AHEAD:
+            return None
+        self.ahead[delta.seq] = delta
+        released = []
+        while self.next_seq in self.ahead:
+            due = self.ahead.pop(self.next_seq)
+            self.next_seq += 1
+            if due.text:
+                released.append(StreamText(due.text, due.tokens))
+        return released
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +104,7 @@ class _Waiter:
     service: str
     task: str
     future: asyncio.Future[ReplyEvent]
+    stream: _StreamState | None = None
 
 
 class ReplyRouter:
@@ -64,6 +115,7 @@ class ReplyRouter:
         self._in_flight: dict[str, str] = {}  # request id -> correlation id
         self.dropped = 0  # replies nobody waits for (late, duplicate, another edge's, no correlation id)
         self.foreign = 0  # replies whose correlation id is known but whose id, service or task differ
+        self.partials_dropped = 0  # deltas nobody streams, of another attempt, seen before, or foreign
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -82,6 +134,42 @@ class ReplyRouter:
         self._in_flight[request_id] = correlation_id
         return correlation_id, future
 
+    def expect_stream(
+        self, request_id: str, service: str, task: str
+    ) -> tuple[str, asyncio.Future[ReplyEvent], asyncio.Queue[StreamItem]]:
+        """``expect`` for a streamed request: also a queue of its text (``StreamText``), then its final reply
+        (or the exception of ``fail_all``). The queue holds at most the request's generated deltas plus one.
+
+        Raises:
+            DuplicateRequestIdError: ``request_id`` is already waiting.
+        """
+        correlation_id, future = self.expect(request_id, service, task)
+        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
+        self._waiting[correlation_id] = _Waiter(request_id, service, task, future, _StreamState(queue))
+        return correlation_id, future, queue
+
+    def partial(self, event: PartialBatchEvent) -> int:
+        """Hand each delta of ``event`` to its stream; returns how many were taken (the others are counted)."""
+        taken = 0
+        for delta in event.deltas:
+            waiter = self._waiting.get(delta.correlation_id) if delta.correlation_id else None
+            stream = waiter.stream if waiter is not None else None
+            if (
+                waiter is None
+                or stream is None
+                or (delta.id, event.service, event.task) != (waiter.request_id, waiter.service, waiter.task)
+            ):
+                self.partials_dropped += 1
+                continue
+            released = stream.accept(delta)
+            if released is None:
+                self.partials_dropped += 1
+                continue
+            taken += 1
+            for text in released:
+                stream.queue.put_nowait(text)
+        return taken
+
     def resolve(self, reply: ReplyEvent) -> bool:
         """Hand a reply to the request it answers; False when it is dropped (counted)."""
         waiter = self._waiting.get(reply.correlation_id) if reply.correlation_id else None
@@ -94,6 +182,8 @@ class ReplyRouter:
             return False
         self._pop(reply.correlation_id or "")
         waiter.future.set_result(reply)
+        if waiter.stream is not None:
+            waiter.stream.queue.put_nowait(reply)
         return True
 
     def forget(self, correlation_id: str) -> None:
@@ -114,6 +204,22 @@ class ReplyRouter:
         for waiter in waiting.values():
             if not waiter.future.done():
                 waiter.future.set_exception(exc)
+                if waiter.stream is not None:
+                    waiter.future.exception()  # retrieved: a stream's caller reads the failure from its queue
+            if waiter.stream is not None:
+                waiter.stream.queue.put_nowait(exc)
+
+
+def parse_reply_record(value: bytes) -> ReplyEvent | PartialBatchEvent:
+    """A record of a reply topic: a ``PartialBatchEvent`` (``"partial": true``) or a ``ReplyEvent``.
+
+    Raises:
+        orjson.JSONDecodeError: not JSON. ValidationError: neither event.
+    """
+    data = orjson.loads(value)
+    if isinstance(data, dict) and data.get("partial") is True:
+        return PartialBatchEvent.model_validate(data)
+    return ReplyEvent.model_validate(data)
 
 
 class ReplyListener:
@@ -179,11 +285,14 @@ class ReplyListener:
                     self.positions[tp.partition] = record.offset + 1
                     self.received += 1
                     try:
-                        reply = ReplyEvent.model_validate_json(record.value or b"")
-                    except ValidationError:
+                        event = parse_reply_record(record.value or b"")
+                    except (ValidationError, orjson.JSONDecodeError):
                         log.warning("dropping unreadable reply at %s:%s", record.partition, record.offset)
                         continue
-                    self._router.resolve(reply)
+                    if isinstance(event, PartialBatchEvent):
+                        self._router.partial(event)
+                    else:
+                        self._router.resolve(event)
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
