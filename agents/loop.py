@@ -9,7 +9,8 @@ For each batch (``BatchProcessor.process``):
 4. the rest run through the service's runner in ONE ``run_batch`` call, on a dedicated worker thread
    so the event loop (Kafka heartbeats, other agents) keeps running;
 5. every reply is produced to its ``reply_to`` (or the results topic) and the call returns only when
-   every reply and dead letter is settled (see below); then successful replies are cached and the
+   every reply and dead letter is settled (see below); then successful replies are cached, the replies of
+   asynchronous requests (``store_result_s``) are kept in Redis (``streams.results``), and the
    optional ``release`` hook runs (vision deletes its consumed claim checks).
 
 Delivery policy (the failure classes are in ``streams.failures``):
@@ -46,6 +47,7 @@ from streams.cache import ResultCache, cache_key, wants_cache
 from streams.codec import BadEvent, Record, dead_letter, decode_request, encode
 from streams.failures import Verdict, classify
 from streams.policy import ReplyTopicPolicy
+from streams.results import store_replies
 from streams.topics import service_topics
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ class BatchStats:
     lost_letters: int = 0
     isolated: int = 0
     deduplicated: int = 0
+    results_not_kept: int = 0  # replies of asynchronous requests that Redis did not take (streams.results)
 
 
 @dataclass(slots=True)
@@ -124,6 +127,7 @@ class _Delivery:
     source: Record
     reply: ReplyEvent | None = None
     ack: Awaitable[object] | None = field(default=None, repr=False)
+    keep_s: int | None = None  # the request's store_result_s: keep the reply in Redis this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +283,9 @@ class BatchProcessor:
                 if p.cache_key is not None and d.reply is not None and d.reply.ok and id(d) in delivered
             ]
             await self._cache.put_many(entries)
+            # Asynchronous requests: keep every settled reply for GET /requests/{id}; never raises (streams.results).
+            kept = [(d.reply, d.keep_s) for d in settlement.out if d.reply is not None and d.keep_s is not None]
+            self.stats.results_not_kept += await store_replies(self._cache.redis, self._cache.prefix, kept)
         if self._release is not None and ran:
             await self._release([dict(p.event.input) for p, _ in ran])
 
@@ -417,7 +424,7 @@ class BatchProcessor:
             )
             value = encode(reply)
         topic = event.reply_to or self._topics.results
-        return _Delivery(topic, event.id.encode(), value, record, reply)
+        return _Delivery(topic, event.id.encode(), value, record, reply, keep_s=event.store_result_s)
 
     def _letter(self, record: Record, reason: BadEvent | ErrorInfo) -> _Delivery:
         """A dead letter to settle; it always fits the event limit (see ``streams.codec.dead_letter``)."""

@@ -54,6 +54,11 @@ class ResultCache:
         self._redis = redis
         self.prefix = prefix
 
+    @property
+    def redis(self) -> Redis:
+        """The client this cache uses (its breaker guards every call made through ``streams.redis.guarded``)."""
+        return self._redis
+
     def key(self, service: str, task: str, model: str, payload: Mapping[str, object]) -> str:
         return cache_key(self.prefix, service, task, model, payload)
 
