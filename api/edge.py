@@ -27,6 +27,11 @@ for the whole stream. A stream closed before its final reply (the client went aw
 passed) sets the request's cancel key in Redis (TTL ``request_timeout_s``) so the agent can stop
 generating, in a background task (best effort: a Redis failure is logged).
 
+Asynchronous requests (``api.async_requests``) run ``call`` in a background task (``spawn``) with
+``store_result_s`` (the agent keeps the reply in Redis) and ``on_produced`` (told once the request is
+produced, so the route answers 202 only then); the task holds its in-flight slot until the reply or the
+timeout, like a synchronous call.
+
 What can go wrong: a request that timed out while producing may still reach the broker later (the
 producer keeps what it already accepted until its own timeout), so a 503 means "maybe not processed",
 never "processed": its reply, if any, is dropped. A caller that retries may get its request run twice
@@ -41,6 +46,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -101,7 +107,7 @@ class Edge:
         self.broker = BrokerState()
         self._probe_now = asyncio.Event()
         self._probe_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()  # cancel-key writes in flight
+        self._background: set[asyncio.Task[None]] = set()  # cancel-key writes, asynchronous requests
 
     async def start(self) -> None:
         """Start the broker probe (the producer must be started)."""
@@ -116,6 +122,13 @@ class Edge:
             self._probe_task = None
         for task in list(self._background):
             task.cancel()
+
+    def spawn(self, work: Coroutine[object, object, None], name: str) -> asyncio.Task[None]:
+        """Run ``work`` in a background task that the edge holds until it ends and cancels on ``stop``."""
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     @property
     def kafka_state(self) -> dict[str, object]:
@@ -177,8 +190,13 @@ class Edge:
         cache: bool | None = None,
         request_id: str | None = None,
         timeout_s: float | None = None,
+        store_result_s: int | None = None,
+        on_produced: Callable[[], None] | None = None,
     ) -> ReplyEvent:
         """Serve one request through the cache or the service's agents.
+
+        ``store_result_s`` goes into the request event (the agent keeps the reply in Redis that long);
+        ``on_produced`` is called once Kafka has taken the request (never for a cache hit).
 
         Raises:
             OverloadedError: ``max_in_flight`` requests are already held (429, at once).
@@ -196,7 +214,7 @@ class Edge:
                 retry_after_s=RETRY_AFTER_S,
             )
         try:
-            return await self._call(service, task, payload, cache, request_id, timeout_s)
+            return await self._call(service, task, payload, cache, request_id, timeout_s, store_result_s, on_produced)
         finally:
             self.in_flight.release()
 
@@ -208,6 +226,8 @@ class Edge:
         cache: bool | None,
         request_id: str,
         timeout_s: float | None,
+        store_result_s: int | None = None,
+        on_produced: Callable[[], None] | None = None,
     ) -> ReplyEvent:
         started = time.perf_counter()
         hit = await self._cached(service, task, payload, cache, request_id, started)
@@ -227,9 +247,12 @@ class Edge:
             reply_to=self.reply_topic,
             deadline_ms=int((time.time() + timeout_s) * 1000),
             cache=cache,
+            store_result_s=store_result_s,
         )
         try:
             await self._produce(service, event, timeout_s)
+            if on_produced is not None:
+                on_produced()
             remaining = timeout_s - (time.perf_counter() - started)
             try:
                 reply = await asyncio.wait_for(asyncio.shield(future), max(remaining, 0.001))
