@@ -31,7 +31,8 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agents.loop import BatchObserver, BatchProcessor
+from agents.errors import DeliveryError
+from agents.loop import BatchObserver, BatchProcessor, Settlement
 from agents.metrics import serve_agent_metrics
 from agents.runner import ModelRunner
 from schemas import Service
@@ -147,10 +148,15 @@ class BatchLoop:
 
     * Events are read from a ``noack`` stream: Faust acknowledges nothing by itself, not on close, not on
       an exception. An event is acknowledged only after ``BatchProcessor`` settled its reply or dead letter.
-    * Graceful stop (SIGTERM/SIGINT; Faust cancels the agent): the buffer takes no more events, the batch in
-      hand is finished within ``grace_s`` and acknowledged (Faust's consumer commits acknowledged offsets
-      on stop, then leaves the group). Past the grace period the batch is abandoned unacknowledged and is
-      delivered again to whichever agent owns its partition next.
+    * Overlap: a batch is computed (decoded, checked, looked up in the cache, run through the model:
+      ``BatchProcessor.compute``) while the previous batch's replies are produced and acknowledged
+      (``deliver``) in the background. At most one delivery is outstanding: batch N+1's delivery starts
+      only after batch N's has finished, so replies leave in batch order and a partition's events are
+      acknowledged in order. A delivery that fails stops the loop (and the process, as below).
+    * Graceful stop (SIGTERM/SIGINT; Faust cancels the agent): the buffer takes no more events; the batch
+      in hand and the delivery outstanding are finished within ``grace_s`` and acknowledged (Faust's
+      consumer commits acknowledged offsets on stop, then leaves the group). Past the grace period they are
+      abandoned unacknowledged and are delivered again to whichever agent owns their partitions next.
     * Rebalance: waiting events of revoked partitions are dropped (their new owner serves them), and an
       event is acknowledged only while its partition is still assigned here.
     * Anything that escapes (a delivery retry that ran out, a bug) stops the process with an error instead
@@ -168,6 +174,7 @@ class BatchLoop:
             deadline_of=_deadline_monotonic if linger_ms > 0 else None,
         )
         self.failure: BaseException | None = None
+        self._delivering: asyncio.Task[None] | None = None
 
     def on_revoked(self, revoked: set[object]) -> None:
         dropped = self.buffer.drop(lambda e: e.message.tp in revoked)
@@ -194,8 +201,16 @@ class BatchLoop:
         try:
             while events := await self.buffer.take():
                 await self._handle(events)
+            try:
+                await self._wait_delivery()
+            except Exception as exc:
+                self._stop_with(exc)
+                raise AgentStopped(str(exc)) from exc
             if self.failure is not None:
                 raise AgentStopped(str(self.failure))
+        except asyncio.CancelledError:
+            await self._finish_delivery_within(self.grace_s)
+            raise
         finally:
             self.buffer.close()
             feeder.cancel()
@@ -203,32 +218,99 @@ class BatchLoop:
                 await feeder
 
     async def _handle(self, events: list[faust.EventT]) -> None:
-        work = asyncio.create_task(self._process_and_ack(events), name="agent-batch")
+        work = asyncio.create_task(self._step(events), name="agent-batch")
         try:
             await asyncio.shield(work)
         except asyncio.CancelledError:
             if work.done():
                 raise
             log.info("stopping: finishing the batch in hand (%d events) within %.0fs", len(events), self.grace_s)
+            started = time.monotonic()
             try:
                 await asyncio.wait_for(work, self.grace_s)
+                await self._finish_delivery_within(self.grace_s - (time.monotonic() - started))
                 log.info("batch in hand answered and acknowledged")
             except TimeoutError:
+                self._abandon_delivery()
                 log.warning("grace period over: %d events left unacknowledged (delivered again)", len(events))
             except Exception:
                 log.exception("batch in hand failed while stopping")
             raise
         except Exception as exc:
-            self.failure = exc
-            log.critical("agent loop failed, stopping the process (its events are delivered again): %r", exc)
+            self._stop_with(exc)
             raise AgentStopped(str(exc)) from exc
 
-    async def _process_and_ack(self, events: list[faust.EventT]) -> None:
-        await self.processor.process_isolating([_record(e) for e in events])
+    async def _step(self, events: list[faust.EventT]) -> None:
+        """Compute one batch while the previous one is delivered; then start its own delivery."""
+        records = [_record(e) for e in events]
+        try:
+            settlement: Settlement | None = await self.processor.compute(records)
+        except Exception:  # policy: isolate the poison record, never stall the partition
+            log.exception("%s batch of %d failed; retrying its records one at a time", self.processor.service,
+                          len(records))  # fmt: skip
+            settlement = None
+        await self._wait_delivery()  # replies leave in batch order; at most one delivery outstanding
+        if settlement is None:
+            await self.processor.isolate(records)
+            self._ack(events)
+            return
+        task = asyncio.create_task(self._deliver(events, records, settlement), name="agent-deliver")
+        task.add_done_callback(self._delivery_done)
+        self._delivering = task
+
+    async def _deliver(self, events: list[faust.EventT], records: list[Record], settlement: Settlement) -> None:
+        try:
+            await self.processor.deliver(settlement)
+        except DeliveryError:
+            raise
+        except Exception:  # a bug past the model (cache write, release hook): redo the records one at a time
+            log.exception("%s delivery of a batch of %d failed; redoing its records one at a time",
+                          self.processor.service, len(records))  # fmt: skip
+            await self.processor.isolate(records)
+        self._ack(events)
+
+    def _ack(self, events: list[faust.EventT]) -> None:
         assigned = self.app.consumer.assignment()
         for event in events:
             if event.message.tp in assigned:
                 event.ack()
+
+    def _delivery_done(self, task: asyncio.Task[None]) -> None:
+        """A delivery that failed while the loop waited for events stops the loop at once."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._stop_with(exc)
+
+    def _stop_with(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+            log.critical("agent loop failed, stopping the process (its events are delivered again): %r", exc)
+        self.buffer.drop(lambda e: True)  # never run (nor acknowledge) what waits: it is delivered again
+        self.buffer.close()
+
+    async def _wait_delivery(self) -> None:
+        """Wait for the outstanding delivery; its failure propagates."""
+        task, self._delivering = self._delivering, None
+        if task is not None:
+            await task
+
+    def _abandon_delivery(self) -> None:
+        task, self._delivering = self._delivering, None
+        if task is not None and not task.done():
+            task.cancel()
+            log.warning("grace period over: a delivery was abandoned unacknowledged (delivered again)")
+
+    async def _finish_delivery_within(self, seconds: float) -> None:
+        """While stopping: let the outstanding delivery finish within ``seconds``, else abandon it."""
+        task, self._delivering = self._delivering, None
+        if task is None or task.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), max(seconds, 0.0))
+        except TimeoutError:
+            task.cancel()
+            log.warning("grace period over: a delivery was abandoned unacknowledged (delivered again)")
+        except Exception:
+            log.exception("the outstanding delivery failed while stopping")
 
 
 def create_agent_app(
