@@ -86,3 +86,38 @@ def write_result(name: str, result: dict[str, object]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_bytes(orjson.dumps({"machine": machine(), **result}, option=orjson.OPT_INDENT_2))
     return path
+
+
+def descendants(pid: int) -> set[int]:
+    """PIDs of every live descendant of ``pid`` (from /proc; empty where /proc cannot be read)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> dict[int, str]:
+    """The PIDs of ``pids`` still running (zombies aside), with their command names."""
+    out: dict[int, str] = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+        if rest.split()[0] != "Z":
+            out[pid] = name
+    return out

@@ -48,7 +48,16 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aisemble.pipeline import free_port
-from bench.common import RESULTS, base_settings, machine, running_pipeline, summary_ms, write_result
+from bench.common import (
+    RESULTS,
+    alive,
+    base_settings,
+    descendants,
+    machine,
+    running_pipeline,
+    summary_ms,
+    write_result,
+)
 from bench.samples_data import sample_items as data_items
 from bench.samples_nlp import COMBINATIONS, review
 from bench.samples_nlp import sample_items as nlp_items
@@ -183,15 +192,24 @@ async def in_flight(url: str, n: int) -> dict[str, object]:
     }
 
 
-def peak_rss_mb(pid: int) -> float | None:
-    """Peak resident set (VmHWM) of ``pid`` in MiB, from /proc; None where it cannot be read."""
+def _status_mb(pid: int, field: str) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         return None
     return None
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak resident set (VmHWM) of ``pid`` in MiB, from /proc; None where it cannot be read."""
+    return _status_mb(pid, "VmHWM")
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set now (VmRSS) of ``pid`` in MiB; None where it cannot be read."""
+    return _status_mb(pid, "VmRSS")
 
 
 @contextlib.contextmanager
@@ -230,12 +248,70 @@ def per_request_server(service: str, log: Path, timeout_s: float = 300.0) -> Ite
                 proc.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def ray_serve_server(log: Path, timeout_s: float = 600.0) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """``bench/alt_ray_serve.py`` as a subprocess on a free 127.0.0.1 port; yields (url, pid, cleanup).
+
+    Every descendant process Ray starts (raylet, GCS, workers, the replica) is recorded while it runs; after
+    SIGTERM (serve.shutdown, ray.shutdown) ``cleanup`` is filled with any of them still alive, which are then
+    sent SIGKILL by PID (``leftover_killed``)."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    script = Path(__file__).with_name("alt_ray_serve.py")
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), "--service", "nlp", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    cleanup: dict[str, Any] = {}
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while "READY" not in log.read_text(errors="replace"):
+            seen |= descendants(proc.pid)
+            if proc.poll() is not None:
+                raise RuntimeError(f"Ray Serve exited with {proc.returncode}: {log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Ray Serve not ready after {timeout_s}s")
+            time.sleep(0.5)
+        seen |= descendants(proc.pid)
+        yield f"http://127.0.0.1:{port}", proc.pid, cleanup
+    finally:
+        seen |= descendants(proc.pid)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        time.sleep(1.0)
+        left = alive(seen)
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        cleanup.update({"processes_seen": len(seen), "leftover_killed": {str(k): v for k, v in left.items()}})
+
+
 def ray_serve(clients: list[int], duration_s: float) -> dict[str, object]:
+    """REST load against Ray Serve (``@serve.batch(32, 10 ms)``), or why it was skipped."""
     try:
         import ray  # noqa: F401
     except ImportError:
-        return {"skipped": "ray not installed (pip install 'ray[serve]')"}
-    return {"skipped": "ray is installed but the Ray Serve comparison is not implemented yet"}
+        return {"skipped": "ray not installed (pip install -e '.[bench]')"}
+    log = Path(tempfile.mkdtemp(prefix="aisemble-bench-")) / "ray-serve.log"
+    out: dict[str, Any] = {"max_batch_size": 32, "batch_wait_timeout_ms": 10}
+    try:
+        with ray_serve_server(log) as (url, pid, cleanup):
+            out["points"] = load_points(url, clients, duration_s, "ray-serve")
+            out["peak_rss_mb_driver"] = peak_rss_mb(pid)
+            out["rss_mb_all_processes"] = round(sum(rss_mb(p) or 0 for p in descendants(pid) | {pid}), 1)
+    except (RuntimeError, TimeoutError) as exc:
+        return {"skipped": f"Ray Serve did not start: {exc}"[:2000]}
+    out["cleanup"] = cleanup
+    return out
 
 
 def f1(x: float) -> str:
