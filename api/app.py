@@ -21,7 +21,7 @@ from api.edge import Edge
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import EdgeMetrics, RequestMetrics
-from api.routes import data, health, lag, llm, metrics, nlp, vision
+from api.routes import data, health, lag, llm, metrics, nlp, status, vision
 from streams.kafka_security import client_options
 from streams.lag_probe import LagMonitor
 from streams.redis import connect
@@ -101,9 +101,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limit_for=lambda path: vision_limit if path.startswith("/ai/vision") else settings.max_body_bytes,
     )
     # Outermost: no key, no body read (api/auth.py ApiKeyGate); the dependency below documents and re-checks.
-    open_paths = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    open_paths = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", *status.PAGE_PATHS}
     if not settings.metrics_require_key:
-        open_paths.update({"/metrics", "/lag"})  # operational data: same access as /metrics
+        open_paths.update({"/metrics", "/lag", "/status.json"})  # operational data: same access as /metrics
     app.add_middleware(ApiKeyGate, settings=settings, open_paths=frozenset(open_paths))
     app.add_middleware(RequestMetrics, metrics=edge_metrics)  # outermost: counts 401s and 413s too
     app.state.metrics = edge_metrics
@@ -111,6 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)  # open: probes need no key
     app.include_router(metrics.router, dependencies=auth_dependencies(settings, route="metrics"))
     app.include_router(lag.router, dependencies=auth_dependencies(settings, route="metrics"))  # like /metrics
+    app.include_router(status.page_router)  # GET /: the status page, open (it holds no data; api/routes/status.py)
+    app.include_router(status.router, dependencies=auth_dependencies(settings, route="metrics"))  # like /metrics
     service_auth = auth_dependencies(settings)  # API keys on every service route (api/auth.py)
     for module in (data, nlp, llm, vision):
         app.include_router(module.router, dependencies=service_auth)
