@@ -163,15 +163,29 @@ class BatchLoop:
       of letting Faust restart the agent past events it holds unacknowledged.
     """
 
-    def __init__(self, app: faust.App, processor: BatchProcessor, max_batch: int, linger_ms: int, grace_s: float):
+    def __init__(
+        self,
+        app: faust.App,
+        processor: BatchProcessor,
+        max_batch: int,
+        linger_ms: int,
+        grace_s: float,
+        max_batch_bytes: int | None = None,
+    ):
         self.app = app
         self.processor = processor
         self.grace_s = grace_s
+        # Oldest first across partitions (each partition in order), within what waits here; a batch's
+        # events together stay under max_batch_bytes when it is set (always one event at least).
         self.buffer: BatchBuffer[faust.EventT] = BatchBuffer(
             max_batch,
-            capacity=2 * max_batch,
+            capacity=4 * max_batch,
             linger_s=linger_ms / 1000.0,
             deadline_of=_deadline_monotonic if linger_ms > 0 else None,
+            lane_of=lambda e: e.message.tp,
+            age_of=lambda e: e.message.timestamp,
+            cost_of=(lambda e: len(e.message.value or b"")) if max_batch_bytes else None,
+            max_cost=max_batch_bytes,
         )
         self.failure: BaseException | None = None
         self._delivering: asyncio.Task[None] | None = None
@@ -337,7 +351,9 @@ def create_agent_app(
         reply_policy=ReplyTopicPolicy.build(settings.topic_prefix, settings.reply_to_allow),
         observer=observer,
     )
-    loop = BatchLoop(app, processor, conf.max_batch, conf.max_wait_ms, settings.shutdown_grace_s)
+    loop = BatchLoop(
+        app, processor, conf.max_batch, conf.max_wait_ms, settings.shutdown_grace_s, conf.max_batch_bytes
+    )
     info = AgentInfo(
         service=service,
         worker_id=worker_id,

@@ -14,6 +14,12 @@
 * ``drop(pred)`` removes waiting items (a rebalance revoked their partitions: the new owner will serve
   them, so this process must neither run nor acknowledge them).
 * ``close()`` ends it: ``put`` refuses, ``take`` returns what remains and then ``[]``.
+* fairness (``lane_of`` and ``age_of`` given, e.g. the Kafka partition and the record's timestamp): a batch
+  is taken oldest-first across lanes, each lane in its own order (a k-way merge on each lane's head), so a
+  lane the consumer happened to fetch in a large chunk cannot hold back older items of the others, and
+  the items of one partition never overtake each other.
+* cost (``cost_of`` and ``max_cost`` given, e.g. bytes of an image or characters of a text): a batch stops
+  before its total cost would pass ``max_cost``; the first item is always taken, however costly.
 
 The clock is injectable (``clock`` returns seconds) so the linger rules are unit-tested without sleeping
 on a wall clock.
@@ -25,7 +31,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -46,6 +52,10 @@ class BatchBuffer(Generic[T]):
         linger_s: float = 0.0,
         deadline_of: Callable[[T], float | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        lane_of: Callable[[T], Hashable] | None = None,
+        age_of: Callable[[T], float] | None = None,
+        cost_of: Callable[[T], float] | None = None,
+        max_cost: float | None = None,
     ) -> None:
         """
         Args:
@@ -54,9 +64,17 @@ class BatchBuffer(Generic[T]):
             linger_s: after the first item, wait up to this long for more (0 = never wait).
             deadline_of: an item's deadline on ``clock``'s scale (or None); the linger ends before it.
             clock: seconds, monotonic.
+            lane_of, age_of: an item's lane (partition) and age key (smaller = older); both or neither.
+            cost_of, max_cost: an item's cost and the most one batch may carry; both or neither.
         """
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if (lane_of is None) != (age_of is None) or (cost_of is None) != (max_cost is None):
+            raise ValueError("lane_of needs age_of and cost_of needs max_cost (and the other way round)")
+        self._lane_of = lane_of
+        self._age_of = age_of
+        self._cost_of = cost_of
+        self.max_cost = max_cost
         self.max_batch = max_batch
         self.capacity = capacity if capacity is not None else 2 * max_batch
         self.linger_s = max(0.0, linger_s)
@@ -102,9 +120,45 @@ class BatchBuffer(Generic[T]):
             await self._wait_change()
         if self.linger_s > 0 and len(self._items) < self.max_batch:
             await self._linger()
-        batch = [self._items.popleft()[1] for _ in range(min(self.max_batch, len(self._items)))]
+        batch = self._pick()
         self._notify()  # room for put()
         return batch
+
+    def _pick(self) -> list[T]:
+        """Remove and return the next batch (at least one item; the buffer is not empty)."""
+        if self._lane_of is None and self._cost_of is None:
+            return [self._items.popleft()[1] for _ in range(min(self.max_batch, len(self._items)))]
+        order = self._fair_order() if self._lane_of is not None else list(range(len(self._items)))
+        chosen: list[int] = []
+        cost = 0.0
+        for n in order:
+            if len(chosen) == self.max_batch:
+                break
+            if self._cost_of is not None and self.max_cost is not None:
+                item_cost = self._cost_of(self._items[n][1])
+                if chosen and cost + item_cost > self.max_cost:
+                    break
+                cost += item_cost
+            chosen.append(n)
+        taken = set(chosen)
+        batch = [self._items[n][1] for n in chosen]
+        self._items = deque(entry for n, entry in enumerate(self._items) if n not in taken)
+        return batch
+
+    def _fair_order(self) -> list[int]:
+        """Positions of the waiting items, merged oldest-head-first across lanes, each lane in order."""
+        assert self._lane_of is not None and self._age_of is not None
+        lanes: dict[Hashable, deque[int]] = {}
+        for n, (_, item) in enumerate(self._items):
+            lanes.setdefault(self._lane_of(item), deque()).append(n)
+        ages = [self._age_of(item) for _, item in self._items]
+        order: list[int] = []
+        while lanes and len(order) < self.max_batch:
+            lane = min(lanes, key=lambda key: (ages[lanes[key][0]], lanes[key][0]))
+            order.append(lanes[lane].popleft())
+            if not lanes[lane]:
+                del lanes[lane]
+        return order
 
     async def _linger(self) -> None:
         first_arrival = self._items[0][0]

@@ -26,6 +26,11 @@ class ServiceSettings(BaseModel):
         default=0, ge=0, le=60_000, description="Linger for more events after the first (0 = never wait)."
     )
     cache_ttl_s: int = Field(default=3600, ge=1, description="TTL of cached results.")
+    max_batch_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Cost cap of one micro-batch: the sum of its events' sizes in bytes (None = count only).",
+    )
     threads: int | None = Field(
         default=None, ge=1, description="Torch/OpenCV threads; None = library default."
     )
@@ -58,10 +63,23 @@ class LlmSettings(ServiceSettings):
     compile: bool = Field(default=False, description="torch.compile the model (slow start, faster steps).")
     max_prompt_tokens: int = Field(default=1024, ge=16)
     chat_template: bool = Field(default=True, description="Wrap prompts in the model's chat template.")
+    batching: Literal["continuous", "static"] = Field(
+        default="static",
+        description=(
+            "continuous: rows join and leave between decode steps (agents.llm_engine); "
+            "static: one generate per group."
+        ),
+    )
+    max_prefill_tokens: int = Field(
+        default=512,
+        ge=16,
+        description="Prompt tokens prefilled per decode step (continuous batching); longer ones are chunked.",
+    )
 
 
 class VisionSettings(ServiceSettings):
     max_batch: int = 16
+    max_batch_bytes: int | None = 4 * 1024 * 1024  # inline images: a batch holds at most ~4 MiB of them
     classify_model: str = Field(default="", description="HF image-classification model; empty = none.")
     max_pixels: int = Field(default=40_000_000, ge=1, description="Decoded images and outputs above this are refused.")
     formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
@@ -113,6 +131,9 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(default=0.5, gt=0, description="Socket timeout of every Redis call.")
     redis_breaker_failures: int = Field(default=3, ge=1, description="Redis failures in a row that open the breaker.")
     redis_breaker_reset_s: float = Field(default=5.0, gt=0, description="How long an open breaker skips Redis.")
+    async_result_ttl_s: int = Field(
+        default=3600, ge=1, description="How long GET /requests/{id} keeps an asynchronous request's result."
+    )
 
     # Security (issue 7): where agents may write, who the edge answers, a secured Kafka.
     reply_to_allow: list[str] = Field(

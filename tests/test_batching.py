@@ -115,3 +115,41 @@ async def test_close_wakes_a_waiting_taker_and_a_blocked_putter() -> None:
     assert await buf.take() == [1]
     taker = asyncio.create_task(buf.take())
     assert await asyncio.wait_for(taker, 0.5) == []
+
+
+async def test_fair_take_serves_the_oldest_across_partitions_each_in_its_own_order() -> None:
+    # (partition, age) pairs; the consumer handed partition 0 over in one large chunk first.
+    buf: BatchBuffer[tuple[int, float]] = BatchBuffer(
+        4, capacity=20, lane_of=lambda item: item[0], age_of=lambda item: item[1]
+    )
+    for item in [(0, 5.0), (0, 6.0), (0, 7.0), (0, 8.0), (1, 1.0), (1, 2.0), (2, 3.0), (2, 9.0)]:
+        await buf.put(item)
+    assert await buf.take() == [(1, 1.0), (1, 2.0), (2, 3.0), (0, 5.0)]
+    assert await buf.take() == [(0, 6.0), (0, 7.0), (0, 8.0), (2, 9.0)]
+
+
+async def test_fair_take_never_reorders_one_partition_even_when_its_ages_go_backwards() -> None:
+    buf: BatchBuffer[tuple[int, float, str]] = BatchBuffer(
+        2, capacity=20, lane_of=lambda item: item[0], age_of=lambda item: item[1]
+    )
+    for item in [(0, 5.0, "a"), (0, 1.0, "b"), (1, 3.0, "c")]:
+        await buf.put(item)
+    assert [i[2] for i in await buf.take()] == ["c", "a"]  # "b" is older, but it must not overtake "a"
+    assert [i[2] for i in await buf.take()] == ["b"]
+
+
+async def test_a_batch_stops_before_its_cost_would_pass_the_budget_but_takes_one_item_at_least() -> None:
+    buf: BatchBuffer[int] = BatchBuffer(8, capacity=20, cost_of=float, max_cost=10.0)
+    for cost in [4, 5, 2, 30, 1]:
+        await buf.put(cost)
+    assert await buf.take() == [4, 5]  # + 2 would make 11
+    assert await buf.take() == [2]
+    assert await buf.take() == [30]  # alone over the budget: taken anyway, alone
+    assert await buf.take() == [1]
+
+
+def test_lane_and_cost_settings_come_in_pairs() -> None:
+    with pytest.raises(ValueError):
+        BatchBuffer(4, lane_of=lambda item: item)
+    with pytest.raises(ValueError):
+        BatchBuffer(4, max_cost=3.0)
