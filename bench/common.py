@@ -29,9 +29,7 @@ def base_settings() -> Settings:
 
 
 @contextlib.contextmanager
-def running_pipeline(
-    services: list[str], runners: Mapping[str, str] | None = None, **env: str
-) -> Iterator[Pipeline]:
+def running_pipeline(services: list[str], runners: Mapping[str, str] | None = None, **env: str) -> Iterator[Pipeline]:
     """Kafka and Redis (started if needed) and an isolated pipeline for ``services``.
 
     ``runners`` maps a service to a custom runner factory (``module:function``, e.g.
