@@ -99,6 +99,10 @@ class LlmCompletionRequest(CompletionInput, WireSafe):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     cache: bool | None = Field(default=None, description="true: use the result cache; false: bypass it.")
+    stream: bool = Field(
+        default=False,
+        description="true: answer as server-sent events (event: delta {text}, then event: done with the reply event).",
+    )
 
     def to_input(self) -> dict[str, object]:
-        return self.model_dump(exclude={"cache"}, exclude_none=True)
+        return self.model_dump(exclude={"cache", "stream"}, exclude_none=True)

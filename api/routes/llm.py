@@ -1,22 +1,42 @@
-"""``POST /ai/llm/completion``: text completion."""
+"""``POST /ai/llm/completion``: text completion; with ``"stream": true`` as server-sent events (``api.streaming``)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import Response
 
 from api.deps import get_edge, request_id
 from api.edge import Edge
 from api.errors import SERVICE_RESPONSES, reply_response
+from api.streaming import NativeFormat, SseResponse
 from schemas.llm import LlmCompletionRequest
 
 router = APIRouter(tags=["llm"])
 
+STREAM_RESPONSES: dict[int | str, dict[str, object]] = {
+    **SERVICE_RESPONSES,
+    200: {
+        **SERVICE_RESPONSES[200],
+        "content": {
+            "text/event-stream": {
+                "schema": {"type": "string"},
+                "description": "With stream: true: event: delta {text} ..., then event: done (the reply event) "
+                "or event: error (an ErrorBody).",
+            }
+        },
+    },
+}
 
-@router.post("/ai/llm/completion", responses=SERVICE_RESPONSES)
+
+@router.post("/ai/llm/completion", responses=STREAM_RESPONSES)
 async def completion(
     body: LlmCompletionRequest, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
-) -> ORJSONResponse:
-    """Complete a prompt; the body of a 200 is the reply event."""
+) -> Response:
+    """Complete a prompt; the body of a 200 is the reply event, or with ``stream: true`` its SSE stream."""
+    if body.stream:
+        stream = await edge.stream("llm", "completion", body.to_input(), cache=body.cache, request_id=rid)
+        return SseResponse(stream, NativeFormat())
     reply = await edge.call("llm", "completion", body.to_input(), cache=body.cache, request_id=rid)
     return reply_response(reply)
+
+

@@ -1,0 +1,126 @@
+"""The OpenAI-compatible routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/models``.
+
+Requests, responses, errors and stream chunks are in ``api.openai`` (its docstring lists what is supported).
+These routes go through the ``Edge`` like the native ones: same Kafka path, batching, deadlines, in-flight
+limit and cache policy (the llm's for completions: temperature 0 or seeded; embeddings are cached). A
+streamed request (``stream: true``) is served by ``Edge.stream``: a cache hit comes as one chunk with the
+whole text. Every error is in OpenAI's shape. The routes are left out of the OpenAPI document: their
+contract is OpenAI's API reference, not aisemble's ``ErrorBody`` one.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import ORJSONResponse, Response
+
+from api.deps import get_edge, request_id
+from api.edge import Edge
+from api.errors import EdgeError
+from api.openai import (
+    ChatChunks,
+    ChatCompletionRequest,
+    CompletionChunks,
+    CompletionRequest,
+    EmbeddingRequest,
+    OpenAIError,
+    chat_response,
+    completion_response,
+    embedding_response,
+    from_edge_error,
+    from_reply,
+    model_list,
+    parse_body,
+    resolve_model,
+    served_models,
+    to_input,
+    validate,
+)
+from api.streaming import SseResponse
+
+router = APIRouter(tags=["openai"], include_in_schema=False)
+
+
+async def _generate(
+    request: Request, edge: Edge, rid: str | None, model_cls: type[ChatCompletionRequest | CompletionRequest]
+) -> Response:
+    chat = model_cls is ChatCompletionRequest
+    try:
+        body = validate(model_cls, parse_body(await request.body()))
+        model = resolve_model(body.model, "llm", edge.models)
+        payload = to_input(body)
+        task = "chat" if chat else "completion"
+        if body.stream:
+            stream = await edge.stream("llm", task, payload, request_id=rid)
+            chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{stream.request_id}"
+            fmt = ChatChunks(chunk_id, model, body.include_usage) if chat else CompletionChunks(
+                chunk_id, model, body.include_usage
+            )
+            return SseResponse(stream, fmt)
+        created = int(time.time())
+        reply = await edge.call("llm", task, payload, request_id=rid)
+        if not reply.ok:
+            raise from_reply(reply)
+        content = chat_response(reply, model, created) if chat else completion_response(reply, model, created)
+        return ORJSONResponse(content, headers={"X-Request-Id": reply.id})
+    except EdgeError as exc:
+        return from_edge_error(exc).response()
+    except OpenAIError as exc:
+        return exc.response()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    request: Request, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
+) -> Response:
+    """OpenAI's chat completions on the llm task ``chat``."""
+    return await _generate(request, edge, rid, ChatCompletionRequest)
+
+
+@router.post("/v1/completions")
+async def completions(
+    request: Request, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
+) -> Response:
+    """OpenAI's (legacy) completions on the llm task ``completion``."""
+    return await _generate(request, edge, rid, CompletionRequest)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(
+    request: Request, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
+) -> Response:
+    """OpenAI's embeddings on the nlp task ``embed`` (L2-normalised)."""
+    try:
+        body = validate(EmbeddingRequest, parse_body(await request.body()))
+        model = resolve_model(body.model, "nlp", edge.models)
+        reply = await edge.call("nlp", "embed", to_input(body), request_id=rid)
+        if not reply.ok:
+            raise from_reply(reply)
+        content = embedding_response(reply, model, body.encoding_format)
+        return ORJSONResponse(content, headers={"X-Request-Id": reply.id})
+    except EdgeError as exc:
+        return from_edge_error(exc).response()
+    except OpenAIError as exc:
+        return exc.response()
+
+
+@router.get("/v1/models")
+async def models(edge: Edge = Depends(get_edge)) -> ORJSONResponse:
+    """The models the agents serve on these routes (from their heartbeats)."""
+    return ORJSONResponse(model_list(edge.models))
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, edge: Edge = Depends(get_edge)) -> ORJSONResponse:
+    """One model of ``/v1/models``; 404 ``model_not_found`` otherwise."""
+    found = [m for m in model_list(edge.models)["data"] if m["id"] == model_id]  # type: ignore[attr-defined,index]
+    if not found:
+        return OpenAIError(
+            404, f"The model `{model_id}` does not exist or you do not have access to it.", param="model",
+            code="model_not_found",
+        ).response()  # fmt: skip
+    return ORJSONResponse(found[0])
+
+
+__all__ = ["router", "served_models"]
