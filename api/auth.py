@@ -46,6 +46,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import UnauthorizedError, caller_id, error_response, service_of
+from api.openai import from_status
 from schemas import SERVICES, ErrorCode
 from schemas.http import API_KEY_HEADER, API_KEY_SCHEME, BEARER_SCHEME, SECURITY_DESCRIPTION
 from streams.settings import Settings
@@ -190,6 +191,11 @@ class ApiKeyGate:
         reason = "invalid" if presented else "missing"
         client = request.client.host if request.client else "?"
         log.info("401 %s %r from %s: API key %s", request.method, request.url.path, client, reason)
+        if request.url.path.startswith("/v1/"):  # the OpenAI-compatible routes answer in OpenAI's shape
+            message = _unauthorized_message(bool(presented))
+            error = from_status(401, ErrorCode.UNAUTHORIZED, message, headers={"WWW-Authenticate": WWW_AUTHENTICATE})
+            await error.response()(scope, receive, send)
+            return
         response = error_response(
             401,
             ErrorCode.UNAUTHORIZED,
