@@ -1,0 +1,195 @@
+"""The status page at ``GET /`` in a real headless Chromium (selenium), against real Kafka and Redis.
+
+* A keyed pipeline (data agent, ``AISEMBLE_API_KEYS``): the page asks for the key (its data follows the
+  ``/metrics`` rule), keeps it in ``sessionStorage``, then shows the running pipeline (one live agent, Kafka and
+  Redis ok, no banner); after 300 requests the throughput, p95 latency and mean batch figures appear.
+* A Redis outage: the edge and agent use this test's own Redis (``infra.start_redis`` on a free port), stopped
+  by PID: the banner says Redis is down while requests are still answered (counted: ``FAULT-COUNTS:``).
+
+A screenshot of each state is saved under the test's tmp_path (``SCREENSHOT: <path>`` lines with ``pytest -s``).
+Every wait is bounded (``WebDriverWait``); the browser is always quit and every process stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+import infra
+from aisemble.pipeline import Pipeline, free_port
+from streams.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+KEY = "page-key-0123456789abcdef"
+WAIT_S = 30.0  # every wait on the page is bounded by this
+TRAFFIC = 300
+CONCURRENCY = 16
+DASH = "—"
+BAD_WORDS = re.compile(r"\b(NaN|undefined|null|Infinity)\b")
+
+
+@pytest.fixture
+def browser() -> Iterator[WebDriver]:
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _text(driver: WebDriver, element_id: str) -> str:
+    return str(driver.find_element(By.ID, element_id).text)
+
+
+def _state(driver: WebDriver, element_id: str) -> str:
+    return str(driver.find_element(By.ID, element_id).get_attribute("data-state"))
+
+
+def _wait(driver: WebDriver, what: str, condition: Callable[[WebDriver], object]) -> None:
+    """Wait (bounded) until ``condition`` holds; the failure names ``what`` and shows the page's text."""
+    try:
+        WebDriverWait(driver, WAIT_S, poll_frequency=0.25).until(condition)
+    except Exception as exc:  # re-raised with the page's text: a failure must say what it saw
+        body = driver.find_element(By.TAG_NAME, "body").text
+        raise AssertionError(f"{what} not seen within {WAIT_S} s; the page says:\n{body}") from exc
+
+
+def _screenshot(driver: WebDriver, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"status-{name}.png"
+    assert driver.save_screenshot(str(path))
+    print(f"SCREENSHOT: {path}")
+
+
+def _figures(driver: WebDriver, service: str) -> dict[str, str]:
+    columns = ("health", "agents", "lag", "drain", "throughput", "p95", "batch")
+    return {c: _text(driver, f"svc-{service}-{c}") for c in columns}
+
+
+def _clean(driver: WebDriver) -> None:
+    """No "NaN", "undefined", "null" or "Infinity" on the page, and no script error in the console."""
+    body = driver.find_element(By.TAG_NAME, "body").text
+    assert not BAD_WORDS.search(body), body
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]
+    assert not [e for e in errors if "/status.json" not in e["message"]], errors  # a 401 or an outage is logged
+
+
+def _number(text: str) -> float | None:
+    found = re.match(r"[0-9.]+", text)
+    return float(found.group()) if found else None
+
+
+def _send(url: str, count: int, headers: dict[str, str] | None = None) -> tuple[int, int, dict[str, int]]:
+    """``count`` distinct data requests, ``CONCURRENCY`` at a time: (sent, answered 200, statuses)."""
+    statuses: dict[str, int] = {}
+
+    def one(i: int) -> int:
+        body = {"operation": "analyze", "data": {"records": [{"v": i, "tag": uuid.uuid4().hex}]}}
+        try:
+            return http.post("/data/process", json=body).status_code
+        except httpx.HTTPError:
+            return 0
+
+    with httpx.Client(base_url=url, timeout=30, headers=headers) as http, ThreadPoolExecutor(CONCURRENCY) as pool:
+        for status in pool.map(one, range(count)):
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+    return count, statuses.get("200", 0), statuses
+
+
+def test_the_page_asks_for_the_key_then_shows_the_pipeline_and_its_traffic(
+    infra_settings: Settings, tmp_path: Path, browser: WebDriver
+) -> None:
+    started = time.monotonic()
+    pipeline = Pipeline.isolated(infra_settings, ["data"], tmp_path, AISEMBLE_API_KEYS=json.dumps([KEY])).start()
+    try:
+        browser.get(pipeline.url + "/")
+        _wait(browser, "the key form", lambda d: d.find_element(By.ID, "key-form").is_displayed())
+        assert not browser.find_elements(By.ID, "svc-data")  # no figures without the key
+        _screenshot(browser, tmp_path, "asks-for-key")
+
+        browser.find_element(By.ID, "key-input").send_keys(KEY)
+        browser.find_element(By.CSS_SELECTOR, "#key button[type=submit]").click()
+        _wait(browser, "a live data agent", lambda d: (_number(_text(d, "svc-data-agents")) or 0) >= 1)
+        _wait(browser, "Kafka ok", lambda d: _state(d, "kafka-state") == "ok")
+        _wait(browser, "Redis ok", lambda d: _state(d, "redis-state") == "ok")
+        assert not browser.find_element(By.ID, "banner").is_displayed()
+        assert not browser.find_element(By.ID, "key-form").is_displayed()
+        assert browser.execute_script("return sessionStorage.getItem('aisemble.apiKey')") == KEY
+        assert browser.execute_script("return localStorage.length") == 0  # the key lives in this tab only
+        assert _state(browser, "svc-data-health-pill") == "ok"
+        before = _figures(browser, "data")
+        _clean(browser)
+        _screenshot(browser, tmp_path, "running")
+
+        sent, answered, statuses = _send(pipeline.url, TRAFFIC, {"X-API-Key": KEY})
+        _wait(browser, "throughput", lambda d: (_number(_text(d, "svc-data-throughput")) or 0) > 0)
+        _wait(browser, "p95 latency", lambda d: _text(d, "svc-data-p95").endswith("ms"))
+        _wait(browser, "mean batch size", lambda d: (_number(_text(d, "svc-data-batch")) or 0) >= 1)
+        after = _figures(browser, "data")
+        _clean(browser)
+        _screenshot(browser, tmp_path, "after-traffic")
+        assert after["lag"] != DASH and after["drain"] != DASH
+        figures = {"sent": sent, "answered": answered, "statuses": statuses, "before": before, "after": after,
+                   "window": _text(browser, "window"), "elapsed_s": round(time.monotonic() - started, 1)}  # fmt: skip
+        print("STATUS-PAGE: " + json.dumps(figures, ensure_ascii=False))
+        assert answered == sent
+    finally:
+        pipeline.stop()
+
+
+def test_the_banner_says_redis_is_down(infra_settings: Settings, tmp_path: Path, browser: WebDriver) -> None:
+    started = time.monotonic()
+    redis = infra.start_redis(free_port(), tmp_path / "redis")
+    base = infra_settings.model_copy(update={"redis_url": redis.url})
+    pipeline = Pipeline.isolated(base, ["data"], tmp_path)
+    try:
+        pipeline.start()
+        browser.get(pipeline.url + "/")
+        _wait(browser, "Redis ok", lambda d: _state(d, "redis-state") == "ok")
+        _wait(browser, "a live data agent", lambda d: (_number(_text(d, "svc-data-agents")) or 0) >= 1)
+        assert not browser.find_element(By.ID, "banner").is_displayed()
+        _screenshot(browser, tmp_path, "redis-up")
+
+        redis.stop()  # by PID: this test's own Redis
+        stopped = time.monotonic()
+        _wait(browser, "the Redis banner", lambda d: "Redis is down" in _text(d, "banner"))
+        banner_after_s = round(time.monotonic() - stopped, 1)
+        assert _state(browser, "redis-state") == "down"
+        assert _state(browser, "kafka-state") == "ok"
+        assert "Kafka is down" not in _text(browser, "banner")
+        assert _text(browser, "svc-data-agents") == DASH  # unknown while Redis is away, not 0
+        assert _state(browser, "overall") == "degraded"
+        _clean(browser)
+        _screenshot(browser, tmp_path, "redis-down")
+
+        sent, answered, statuses = _send(pipeline.url, 20)  # still served, without the cache
+        counts = {"test": "status_page_redis_down", "sent": sent, "answered": answered, "dead_lettered": 0,
+                  "lost": sent - answered, "statuses": statuses, "banner_after_s": banner_after_s,
+                  "elapsed_s": round(time.monotonic() - started, 1)}  # fmt: skip
+        print("FAULT-COUNTS: " + json.dumps(counts))
+        assert counts["lost"] == 0
+    finally:
+        pipeline.stop()
+        redis.stop()
