@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import ORJSONResponse
+from starlette.responses import Response
 
-from api.deps import get_edge, request_id
-from api.edge import Edge
-from api.errors import SERVICE_RESPONSES, reply_response
+from api.async_requests import ASYNC_RESPONSES, Serve, serve_request
+from api.errors import SERVICE_RESPONSES
 from schemas.nlp import NlpRequest
 
 router = APIRouter(tags=["nlp"])
 
 
-@router.post("/ai/nlp/process", responses=SERVICE_RESPONSES)
-async def process(
-    body: NlpRequest, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
-) -> ORJSONResponse:
-    """Run an NLP task on ``text`` or ``texts``; the body of a 200 is the reply event."""
-    reply = await edge.call("nlp", body.task, body.to_input(), cache=body.cache, request_id=rid)
-    return reply_response(reply)
+@router.post("/ai/nlp/process", responses=SERVICE_RESPONSES | ASYNC_RESPONSES)
+async def process(body: NlpRequest, serve: Serve = Depends(serve_request)) -> Response:
+    """Run an NLP task on ``text`` or ``texts``; the body of a 200 is the reply event (202: ``api.async_requests``)."""
+    return await serve("nlp", body.task, body.to_input(), cache=body.cache)

@@ -13,18 +13,11 @@ import binascii
 from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
-from fastapi.responses import ORJSONResponse
 from redis.exceptions import RedisError
+from starlette.responses import Response
 
-from api.deps import get_edge, request_id
-from api.edge import Edge
-from api.errors import (
-    SERVICE_RESPONSES,
-    InvalidInputError,
-    PayloadTooLargeError,
-    UnavailableError,
-    reply_response,
-)
+from api.async_requests import ASYNC_RESPONSES, Serve, serve_request
+from api.errors import SERVICE_RESPONSES, InvalidInputError, PayloadTooLargeError, UnavailableError
 from schemas.vision import VisionRequest, VisionTask
 from streams.claimcheck import put_claim
 
@@ -37,9 +30,8 @@ def _b64_len(n: int) -> int:
     return 4 * ((n + 2) // 3)
 
 
-async def _analyze(
-    edge: Edge, task: str, image: bytes, params: dict[str, object], cache: bool | None, rid: str | None
-) -> ORJSONResponse:
+async def _analyze(serve: Serve, task: str, image: bytes, params: dict[str, object], cache: bool | None) -> Response:
+    edge, rid = serve.edge, serve.request_id
     settings = edge.settings.vision
     if not image:
         raise InvalidInputError("image is empty", service="vision", task=task)
@@ -69,14 +61,11 @@ async def _analyze(
         cache = False  # a claim key is unique per upload: caching it could never hit
     else:
         payload["image_b64"] = base64.b64encode(image).decode("ascii")
-    reply = await edge.call("vision", task, payload, cache=cache, request_id=rid)
-    return reply_response(reply)
+    return await serve("vision", task, payload, cache=cache)
 
 
-@router.post("/ai/vision/analyze", responses=SERVICE_RESPONSES)
-async def analyze(
-    body: VisionRequest, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
-) -> ORJSONResponse:
+@router.post("/ai/vision/analyze", responses=SERVICE_RESPONSES | ASYNC_RESPONSES)
+async def analyze(body: VisionRequest, serve: Serve = Depends(serve_request)) -> Response:
     """Analyse a base64-encoded image; the body of a 200 is the reply event."""
     try:
         image = base64.b64decode(body.image_b64, validate=True)
@@ -85,10 +74,10 @@ async def analyze(
             f"image_b64: not valid base64 ({exc})", service="vision", task=body.task
         ) from exc
     params = body.model_dump(exclude={"task", "image_b64", "cache"})
-    return await _analyze(edge, body.task, image, params, body.cache, rid)
+    return await _analyze(serve, body.task, image, params, body.cache)
 
 
-@router.post("/ai/vision/analyze/upload", responses=SERVICE_RESPONSES)
+@router.post("/ai/vision/analyze/upload", responses=SERVICE_RESPONSES | ASYNC_RESPONSES)
 async def analyze_upload(
     task: VisionTask = Form(...),
     file: UploadFile = File(...),
@@ -101,9 +90,8 @@ async def analyze_upload(
     top_k: int = Form(5, ge=1, le=100),
     min_face_size: int = Form(30, ge=8, le=4096),
     cache: bool = Form(None),
-    edge: Edge = Depends(get_edge),
-    rid: str | None = Depends(request_id),
-) -> ORJSONResponse:
+    serve: Serve = Depends(serve_request),
+) -> Response:
     """Analyse an uploaded image file (multipart/form-data)."""
     image = await file.read()
     params: dict[str, object] = {
@@ -114,4 +102,4 @@ async def analyze_upload(
         "top_k": top_k,
         "min_face_size": min_face_size,
     }
-    return await _analyze(edge, task, image, params, cache, rid)
+    return await _analyze(serve, task, image, params, cache)

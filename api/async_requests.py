@@ -1,0 +1,356 @@
+"""Asynchronous requests: ``Prefer: respond-async`` (RFC 7240) or ``?wait=false`` on any service route.
+
+A route takes ``serve: Serve = Depends(serve_request)`` and answers in one line, ``await serve(service, task,
+payload, cache=...)``: synchronously (the reply, as before) or, when the caller asked for it, with
+``202 Accepted``, ``Location: /requests/{id}``, ``Preference-Applied: respond-async`` and the body
+``{"id", "status": "pending", "location"}``. ``GET /requests/{id}`` (``api.routes.requests``) then answers
+202 (``Retry-After``) while the request is pending, and once it is done exactly what the synchronous call
+would have answered: 200 with the reply, or the error reply with its status (422, 504, ...). Unknown or
+expired ids are 404. Ids are request ids: the caller's ``X-Request-Id`` when it sent one.
+
+Guarantees, in the order a submission runs:
+
+1. the pending marker ``{prefix}:pending:{id}`` (service, task, deadline, renderer) is written before
+   anything is produced, with a bounded TTL (``request_timeout_s + async_result_ttl_s``); Redis down or
+   hanging is 503 ``unavailable`` (a result could not be kept), never a 202. An id that is pending (marker,
+   no result, deadline not passed) is 409, as a synchronous duplicate is; a done or timed-out id may be used
+   again (its old result is deleted).
+2. the request is produced (``Edge.call`` in a background task, ``Edge.spawn``) with
+   ``store_result_s = async_result_ttl_s``; the 202 is sent only once Kafka has taken it. Refusals before
+   that (429, 503, 409 from this edge's router) are answered as such and the marker is removed.
+3. the reply is kept under ``{prefix}:result:{id}`` for ``async_result_ttl_s`` (``streams.results``) by
+   two paths: the agent, after settling it, which covers an edge that is gone or restarted when the reply
+   comes (nobody reads its reply topic then); and this edge, when its listener hands it the reply, which
+   covers a Redis blip on the agent side. A cache hit at the edge is kept at once (503 if it cannot be).
+
+An asynchronous request has the deadline of a synchronous one (``request_timeout_s``) and holds one of the
+edge's ``max_in_flight`` slots until its reply or its deadline, so the edge's memory stays bounded and
+past the limit the answer is 429, as for a synchronous call.
+
+What can go wrong: when both paths fail to keep the reply, or no agent answers, ``GET`` answers 202 until
+the deadline (plus ``DEADLINE_GRACE_S`` for a reply in flight) and then the synchronous call's 504
+``timeout``; a reply kept later (an agent back after an outage answers ``deadline_exceeded``) replaces it.
+At-least-once delivery may run a request twice; both replies are kept under one key, the last wins.
+
+Other response shapes (the OpenAI routes): ``register_renderer(name, render)`` and ``serve(...,
+render=name)``; the marker names the renderer, so ``GET`` renders the kept ``ReplyEvent`` the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+from fastapi import Depends, Header, Query
+from fastapi.responses import ORJSONResponse
+from pydantic import BaseModel, Field, ValidationError
+from redis.exceptions import RedisError
+from starlette.responses import Response
+
+from api.deps import get_edge, request_id
+from api.edge import Edge
+from api.errors import DuplicateIdError, EdgeError, UnavailableError, reply_response
+from schemas import ErrorCode, ErrorInfo, ReplyEvent, Service
+from streams.redis import guarded
+from streams.results import decode_result, pending_key, result_key, store_replies
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # the Retry-After of a pending request's 202
+DEADLINE_GRACE_S = 1.0  # after the deadline, how long a reply in flight may still land before GET says 504
+DEFAULT_RENDER = "reply"
+
+Render = Callable[[ReplyEvent], Response]
+RENDERERS: dict[str, Render] = {DEFAULT_RENDER: reply_response}
+
+# Set the marker unless the id is pending (marker, no result, deadline not passed); 1 = set, 0 = pending.
+# KEYS: marker, result. ARGV: marker JSON, TTL s, now (epoch ms), grace ms.
+_MARK_PENDING = """
+local old = redis.call('GET', KEYS[1])
+if old and redis.call('EXISTS', KEYS[2]) == 0 then
+  local ok, marker = pcall(cjson.decode, old)
+  local deadline = ok and type(marker) == 'table' and tonumber(marker['deadline_ms']) or nil
+  if deadline and deadline + tonumber(ARGV[4]) > tonumber(ARGV[3]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+
+def register_renderer(name: str, render: Render) -> None:
+    """Let ``serve(..., render=name)`` and ``GET /requests/{id}`` answer a reply as ``render`` shapes it."""
+    RENDERERS[name] = render
+
+
+class AsyncAccepted(BaseModel):
+    """The body of a 202: the request was produced; poll ``location`` for its result."""
+
+    id: str = Field(description="The request id (X-Request-Id, or the edge's own).")
+    status: Literal["pending"]
+    location: str = Field(description="Where the result will be: /requests/{id}.")
+
+
+class Pending(BaseModel):
+    """The pending marker of one asynchronous request (JSON in Redis)."""
+
+    service: Service
+    task: str
+    deadline_ms: int
+    render: str = DEFAULT_RENDER
+
+
+class NotFoundError(EdgeError):
+    status = 404
+    code = ErrorCode.NOT_FOUND
+
+
+ACCEPTED_HEADERS = {
+    "Location": {"description": "Where the result will be: /requests/{id}.", "schema": {"type": "string"}},
+    "Retry-After": {"description": "Seconds to wait before asking again.", "schema": {"type": "integer"}},
+    "X-Request-Id": {"description": "The request id.", "schema": {"type": "string"}},
+}
+# The ``responses=`` every service route adds to its own: the 202 of an asynchronous request.
+ASYNC_RESPONSES: dict[int | str, dict[str, object]] = {
+    202: {
+        "model": AsyncAccepted,
+        "description": "Prefer: respond-async or ?wait=false: the request was produced; GET Location for the "
+        "result (Preference-Applied: respond-async).",
+        "headers": {
+            **{k: v for k, v in ACCEPTED_HEADERS.items() if k != "Retry-After"},
+            "Preference-Applied": {"description": "respond-async", "schema": {"type": "string"}},
+        },
+    }
+}
+
+
+def prefers_async(values: list[str]) -> bool:
+    """Whether ``Prefer`` header values (RFC 7240: comma-separated preferences, ``;`` parameters) ask for
+    ``respond-async``; names are case-insensitive."""
+    for value in values:
+        for preference in value.split(","):
+            name = preference.split(";", 1)[0].split("=", 1)[0].strip().lower()
+            if name == "respond-async":
+                return True
+    return False
+
+
+def wants_async(
+    wait: bool = Query(
+        default=True, description="false: answer 202 at once and keep the result for GET /requests/{id}."
+    ),
+    prefer: str | None = Header(default=None, description="RFC 7240; respond-async: as ?wait=false.", max_length=1024),
+) -> bool:
+    """Whether the caller asked for an asynchronous answer (``?wait=false`` or ``Prefer: respond-async``)."""
+    return not wait or (prefer is not None and prefers_async([prefer]))
+
+
+def location(rid: str) -> str:
+    return f"/requests/{rid}"
+
+
+def accepted(rid: str) -> ORJSONResponse:
+    """The 202 of an asynchronous request (also of one still pending, with ``Retry-After``)."""
+    body = AsyncAccepted(id=rid, status="pending", location=location(rid))
+    return ORJSONResponse(
+        body.model_dump(mode="json"),
+        status_code=202,
+        headers={"Location": location(rid), "X-Request-Id": rid},
+    )
+
+
+@dataclass(slots=True)
+class Serve:
+    """A service route's way to answer: ``await serve(service, task, payload, cache=...)``."""
+
+    edge: Edge
+    request_id: str | None
+    respond_async: bool
+
+    async def __call__(
+        self,
+        service: Service,
+        task: str,
+        payload: dict[str, object],
+        *,
+        cache: bool | None = None,
+        render: str = DEFAULT_RENDER,
+    ) -> Response:
+        """The reply (synchronous) or a 202 (asynchronous); raises the edge's errors (``Edge.call``)."""
+        if self.respond_async:
+            return await submit(self.edge, service, task, payload, cache=cache, request_id=self.request_id,
+                                render=render)  # fmt: skip
+        reply = await self.edge.call(service, task, payload, cache=cache, request_id=self.request_id)
+        return RENDERERS[render](reply)
+
+
+def serve_request(
+    edge: Edge = Depends(get_edge),
+    rid: str | None = Depends(request_id),
+    respond_async: bool = Depends(wants_async),
+) -> Serve:
+    """The dependency every service route takes (see the module docstring)."""
+    return Serve(edge, rid, respond_async)
+
+
+async def submit(
+    edge: Edge,
+    service: Service,
+    task: str,
+    payload: dict[str, object],
+    *,
+    cache: bool | None = None,
+    request_id: str | None = None,
+    render: str = DEFAULT_RENDER,
+) -> ORJSONResponse:
+    """Produce one request and answer 202 once Kafka has it (see the module docstring).
+
+    Raises:
+        UnavailableError: Redis could not keep the marker or a cache hit (503), or Kafka is down (503).
+        DuplicateIdError: the id is pending (409). OverloadedError: ``max_in_flight`` reached (429).
+    """
+    if render not in RENDERERS:
+        raise ValueError(f"unknown renderer {render!r}")
+    rid = request_id or uuid.uuid4().hex
+    settings = edge.settings
+    ttl_s = settings.async_result_ttl_s
+    marker = Pending(
+        service=service,
+        task=task,
+        deadline_ms=int((time.time() + settings.request_timeout_s) * 1000),
+        render=render,
+    )
+    await _mark_pending(edge, rid, marker, ttl_s + int(settings.request_timeout_s) + 1)
+    admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def produced() -> None:
+        if not admitted.done():
+            admitted.set_result(None)
+
+    edge.spawn(_run(edge, service, task, payload, cache, rid, ttl_s, admitted, produced), name=f"async-{rid}")
+    try:
+        await admitted
+    except Exception:  # not produced: the id is not pending (a cancelled caller leaves the request running)
+        await _forget_marker(edge, rid)
+        raise
+    return _with_preference(accepted(rid))
+
+
+def _with_preference(response: ORJSONResponse) -> ORJSONResponse:
+    response.headers["Preference-Applied"] = "respond-async"
+    return response
+
+
+async def _run(
+    edge: Edge,
+    service: Service,
+    task: str,
+    payload: dict[str, object],
+    cache: bool | None,
+    rid: str,
+    ttl_s: int,
+    admitted: asyncio.Future[None],
+    produced: Callable[[], None],
+) -> None:
+    """The background half of ``submit``: call, then keep the reply. Before the request is produced, any
+    failure goes to ``admitted`` (the route answers it); after, failures are logged (GET answers them)."""
+    try:
+        reply = await edge.call(
+            service, task, payload, cache=cache, request_id=rid, store_result_s=ttl_s, on_produced=produced
+        )
+    except asyncio.CancelledError:
+        if not admitted.done():
+            admitted.cancel()
+        raise
+    except Exception as exc:  # noqa: BLE001  (before the produce the route answers it; after, GET does)
+        if not admitted.done():
+            admitted.set_exception(exc)
+        elif not isinstance(exc, EdgeError):  # a timeout is GET's 504 (from the marker): nothing to keep
+            log.warning("asynchronous request %s ended without a reply: %r", rid, exc)
+        return
+    not_kept = await store_replies(edge.redis, edge.settings.topic_prefix, [(reply, ttl_s)])
+    if admitted.done():
+        return  # produced: the agent keeps the reply too (streams.results)
+    if not_kept:  # a cache hit at the edge: this was its only copy
+        message = "Redis is unavailable: the result of this asynchronous request could not be kept"
+        admitted.set_exception(UnavailableError(message, request_id=rid, service=service, task=task))
+    else:
+        admitted.set_result(None)
+
+
+async def _mark_pending(edge: Edge, rid: str, marker: Pending, ttl_s: int) -> None:
+    prefix = edge.settings.topic_prefix
+    keys = (pending_key(prefix, rid), result_key(prefix, rid))
+    args = (marker.model_dump_json(), ttl_s, int(time.time() * 1000), int(DEADLINE_GRACE_S * 1000))
+    try:
+        marked = await guarded(edge.redis, lambda: edge.redis.eval(_MARK_PENDING, 2, *keys, *args))
+    except RedisError as exc:
+        raise UnavailableError(
+            f"Redis is unavailable, so the result of an asynchronous request could not be kept: {exc}",
+            request_id=rid,
+            service=marker.service,
+            task=marker.task,
+        ) from exc
+    if not marked:
+        raise DuplicateIdError(
+            f"request id {rid!r} is already pending", request_id=rid, service=marker.service, task=marker.task
+        )
+
+
+async def _forget_marker(edge: Edge, rid: str) -> None:
+    """Best effort: the request was not produced, so its id is not pending (the marker's TTL bounds a miss)."""
+    try:
+        await guarded(edge.redis, lambda: edge.redis.delete(pending_key(edge.settings.topic_prefix, rid)))
+    except RedisError as exc:
+        log.warning("could not remove the pending marker of %s: %s", rid, exc)
+
+
+async def lookup(edge: Edge, rid: str) -> Response:
+    """``GET /requests/{id}``: the kept result as the synchronous call would answer it, 202 while pending,
+    504 past the deadline without a result, 404 for an unknown or expired id; 503 when Redis is away."""
+    prefix = edge.settings.topic_prefix
+    try:
+        raw_result, raw_marker = await guarded(
+            edge.redis, lambda: edge.redis.mget([result_key(prefix, rid), pending_key(prefix, rid)])
+        )
+    except RedisError as exc:
+        raise UnavailableError(f"Redis is unavailable, so results cannot be read: {exc}", request_id=rid) from exc
+    marker = _marker(raw_marker)
+    render = RENDERERS.get(marker.render if marker is not None else DEFAULT_RENDER, reply_response)
+    reply = decode_result(raw_result)
+    if reply is not None:
+        return render(reply)
+    if marker is None:
+        raise NotFoundError(f"no asynchronous request {rid!r} (unknown, or its result expired)", request_id=rid)
+    if time.time() * 1000 < marker.deadline_ms + DEADLINE_GRACE_S * 1000:
+        response = accepted(rid)
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
+    timeout_s = edge.settings.request_timeout_s
+    return render(
+        ReplyEvent(
+            id=rid,
+            service=marker.service,
+            task=marker.task,
+            ok=False,
+            error=ErrorInfo(code=ErrorCode.TIMEOUT, message=f"no reply within {timeout_s:.1f}s (request id {rid})"),
+        )
+    )
+
+
+def _marker(raw: bytes | str | None) -> Pending | None:
+    if raw is None:
+        return None
+    try:
+        return Pending.model_validate(orjson.loads(raw))
+    except (orjson.JSONDecodeError, ValidationError):
+        log.warning("unreadable pending marker (%d bytes): treated as absent", len(raw))
+        return None
