@@ -5,9 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from api.deps import get_edge, request_id
-from api.edge import Edge
-from api.errors import SERVICE_RESPONSES, reply_response
+from api.async_requests import ASYNC_RESPONSES, Serve, serve_request
+from api.errors import SERVICE_RESPONSES
 from api.streaming import NativeFormat, SseResponse
 from schemas.llm import LlmCompletionRequest
 
@@ -15,6 +14,7 @@ router = APIRouter(tags=["llm"])
 
 STREAM_RESPONSES: dict[int | str, dict[str, object]] = {
     **SERVICE_RESPONSES,
+    **ASYNC_RESPONSES,
     200: {
         **SERVICE_RESPONSES[200],
         "content": {
@@ -29,14 +29,13 @@ STREAM_RESPONSES: dict[int | str, dict[str, object]] = {
 
 
 @router.post("/ai/llm/completion", responses=STREAM_RESPONSES)
-async def completion(
-    body: LlmCompletionRequest, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
-) -> Response:
-    """Complete a prompt; the body of a 200 is the reply event, or with ``stream: true`` its SSE stream."""
+async def completion(body: LlmCompletionRequest, serve: Serve = Depends(serve_request)) -> Response:
+    """Complete a prompt; the body of a 200 is the reply event, or with ``stream: true`` its SSE stream
+    (``stream: true`` wins over ``Prefer: respond-async``: the preference is then not applied)."""
     if body.stream:
+        edge, rid = serve.edge, serve.request_id
         stream = await edge.stream("llm", "completion", body.to_input(), cache=body.cache, request_id=rid)
         return SseResponse(stream, NativeFormat())
-    reply = await edge.call("llm", "completion", body.to_input(), cache=body.cache, request_id=rid)
-    return reply_response(reply)
+    return await serve("llm", "completion", body.to_input(), cache=body.cache)
 
 
