@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 Polarity = Literal["positive", "negative", "neutral"]
 DEFAULT_EMBED_NAME = "all-MiniLM-L6-v2"
-CHUNK = 64  # texts per forward pass: sorted by length first, so padding stays small
+CHUNK = 64  # most texts per forward pass
+TOKEN_BUDGET = 8192  # most padded tokens (rows x the chunk's longest) per forward pass
 HARD_MAX_TOKENS = 512
 VADER_THRESHOLD = 0.05  # VADER's own cut between neutral and polar compound scores
 
@@ -177,15 +178,19 @@ def _max_tokens(tokenizer: object, config: object, model_dir: Path | None) -> in
 def _tokenized_chunks(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int
 ) -> Iterator[tuple[list[int], BatchEncoding]]:
-    """``texts`` in chunks of ``CHUNK``, longest first so each chunk pads little, tokenized for a forward
-    pass; yields each chunk's indices into ``texts`` with its encoding."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    for start in range(0, len(order), CHUNK):
-        idx = order[start : start + CHUNK]
-        enc = tokenizer(
-            [texts[i] for i in idx], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
-        )
-        yield idx, enc
+    """``texts`` tokenized once, sorted by token count (longest first) and cut into chunks by cost: at most
+    ``CHUNK`` rows and ``TOKEN_BUDGET`` padded tokens each, so a chunk pads little and a few long texts
+    never make one huge forward pass. Yields each chunk's indices into ``texts`` with its padded encoding."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_tokens)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i], reverse=True)
+    start = 0
+    while start < len(order):
+        rows = max(1, min(CHUNK, TOKEN_BUDGET // max(lengths[order[start]], 1)))
+        idx = order[start : start + rows]
+        features = [{name: encoded[name][i] for name in encoded} for i in idx]
+        yield idx, tokenizer.pad(features, padding=True, return_tensors="pt")
+        start += rows
 
 
 # --- encoder ---------------------------------------------------------------------------------------
