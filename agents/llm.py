@@ -1,4 +1,17 @@
-"""LLM service (``llm``): the ``completion`` model runner over a Hugging Face causal LM.
+"""LLM service (``llm``): the ``completion`` and ``chat`` model runner over a Hugging Face causal LM.
+
+Two ways to batch, chosen by ``settings.llm.batching``:
+
+* ``continuous``: the agent runs ``agents.continuous.ContinuousLoop`` over ``make_engine()`` (an
+  ``agents.llm_engine.DecodeEngine``): rows join and leave between decode steps, and streaming rows report
+  their text step by step. ``row_request`` validates and tokenises one item for it. See that module for its
+  guarantees (seeded rows use their own generator there, so they are not run alone).
+* ``static`` (what this docstring describes from here on): ``run_batch`` groups and calls ``generate``.
+  ``run_batch`` is the static path in both modes (benchmarks and the batch loop call it).
+
+``chat`` renders its ``messages`` with the tokenizer's chat template (generation prompt added) and is then
+a completion of that text; a model without a chat template answers ``chat`` with ``invalid_input``.
+Outputs carry ``prompt_tokens`` (the prompt's tokens as the model saw them, after truncation).
 
 One ``run_batch`` call validates every item, splits the valid ones into generation groups and runs
 ``model.generate`` once per group, left-padded, with ``max_new_tokens`` = the group's largest
@@ -55,10 +68,11 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from agents.llm_engine import DecodeEngine, EngineUnsupported, RowRequest, deadline_failure, finish_output
 from agents.llm_model import LoadedModel, ModelSpec, ensure_local, load_model, model_spec
 from agents.runner import Failure, Item, Outcome, parse_input, unknown_task
 from schemas import ErrorCode
-from schemas.llm import LLM_TASKS, CompletionInput
+from schemas.llm import LLM_TASKS, ChatInput, CompletionInput, SamplingInput
 from streams.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -68,7 +82,7 @@ DEADLINE = "deadline"  # RowStops.reasons entry of a row stopped by its deadline
 _STOP_WINDOW_SLACK = 2  # tokens decoded beyond 4 per stop-string character (UTF-8 is <= 4 bytes/char)
 
 
-def group_key(request: CompletionInput, index: int) -> tuple[object, ...]:
+def group_key(request: SamplingInput, index: int) -> tuple[object, ...]:
     """The generation group of one request (see the module docstring for the rule)."""
     if request.temperature == 0.0:
         return ("greedy",)
@@ -77,7 +91,7 @@ def group_key(request: CompletionInput, index: int) -> tuple[object, ...]:
     return ("sample", request.temperature, request.top_p)
 
 
-def plan_groups(requests: Sequence[CompletionInput], max_batch: int) -> list[list[int]]:
+def plan_groups(requests: Sequence[SamplingInput], max_batch: int) -> list[list[int]]:
     """Indices of ``requests`` split into generation groups of at most ``max_batch``, in first-seen order."""
     groups: dict[tuple[object, ...], list[int]] = {}
     for index, request in enumerate(requests):
@@ -170,7 +184,7 @@ class _Decode:
 @dataclass(frozen=True, slots=True)
 class _Row:
     index: int
-    request: CompletionInput
+    request: SamplingInput
     ids: list[int]
     deadline_ms: float | None = None
 
@@ -192,6 +206,7 @@ class LlmRunner:
         self._eos_ids: frozenset[int] = frozenset()
         self._use_template = False
         self._compiled = False
+        self._engine_unsupported = False
         self.load_seconds: float | None = None
         self.last_steps = 0  # decode steps of the last generation group (a figure for tests and benchmarks)
 
@@ -242,17 +257,11 @@ class LlmRunner:
             if item.task not in self.tasks:
                 outcomes[index] = unknown_task(item.task, self.tasks)
                 continue
-            parsed = parse_input(CompletionInput, item.input)
+            parsed = self._parse(loaded, item)
             if isinstance(parsed, Failure):
                 outcomes[index] = parsed
                 continue
-            try:
-                ids = self._encode(loaded, parsed)
-            except Exception as exc:
-                logger.exception("could not tokenise item %d", index)
-                outcomes[index] = Failure(ErrorCode.MODEL_ERROR, f"tokenisation failed: {type(exc).__name__}")
-                continue
-            rows.append(_Row(index, parsed, ids, item.deadline_ms))
+            rows.append(_Row(index, parsed[0], parsed[1], item.deadline_ms))
         for group in plan_groups([row.request for row in rows], self._llm.max_batch):
             members = [rows[i] for i in group]
             for row, outcome in zip(members, self._run_group(members), strict=True):
@@ -261,7 +270,53 @@ class LlmRunner:
             raise RuntimeError("llm runner left an item without an outcome")
         return [outcome for outcome in outcomes if outcome is not None]
 
+    # -- continuous batching ------------------------------------------------------------------------
+
+    @property
+    def continuous(self) -> bool:
+        """Whether the agent should run the continuous loop over ``make_engine()`` (``llm.batching``)."""
+        return self._llm.batching == "continuous" and not self._engine_unsupported
+
+    def make_engine(self) -> DecodeEngine:
+        """A fresh step-wise engine over the loaded model (one per agent loop)."""
+        loaded = self._ready()
+        assert self._decode is not None
+        return DecodeEngine(
+            loaded.model,
+            device=loaded.device,
+            eos_ids=self._eos_ids,
+            decode=self._decode,
+            pad_id=int(loaded.tokenizer.pad_token_id),
+            max_batch=self._llm.max_batch,
+            max_prefill_tokens=self._llm.max_prefill_tokens,
+            clock_ms=self._clock_ms,
+        )
+
+    def row_request(self, key: str, item: Item, *, stream: bool = False) -> RowRequest | Failure:
+        """``item`` validated and tokenised for the engine (a ``Failure`` for that item otherwise)."""
+        if item.task not in self.tasks:
+            return unknown_task(item.task, self.tasks)
+        parsed = self._parse(self._ready(), item)
+        if isinstance(parsed, Failure):
+            return parsed
+        return RowRequest(key, parsed[1], parsed[0], item.deadline_ms, stream)
+
     # -- internals --------------------------------------------------------------------------------
+
+    def _parse(self, loaded: LoadedModel, item: Item) -> tuple[SamplingInput, list[int]] | Failure:
+        """The item's validated input and prompt ids (after the chat template and truncation)."""
+        parsed: CompletionInput | ChatInput | Failure = (
+            parse_input(ChatInput, item.input) if item.task == "chat" else parse_input(CompletionInput, item.input)
+        )
+        if isinstance(parsed, Failure):
+            return parsed
+        if isinstance(parsed, ChatInput) and not loaded.tokenizer.chat_template:
+            return Failure(ErrorCode.INVALID_INPUT, "task chat: the model has no chat template; use completion")
+        try:
+            return parsed, self._encode(loaded, parsed)
+        except Exception as exc:
+            logger.exception("could not tokenise an item of task %s", item.task)
+            return Failure(ErrorCode.MODEL_ERROR, f"tokenisation failed: {type(exc).__name__}")
 
     def _resolve_spec(self) -> ModelSpec:
         if self._spec is None:
@@ -277,9 +332,13 @@ class LlmRunner:
             torch.set_num_threads(threads)  # OpenMP keeps the count per thread: apply it in this one too
         return self._loaded
 
-    def _encode(self, loaded: LoadedModel, request: CompletionInput) -> list[int]:
+    def _encode(self, loaded: LoadedModel, request: CompletionInput | ChatInput) -> list[int]:
         tokenizer = loaded.tokenizer
-        if self._use_template:
+        if isinstance(request, ChatInput):
+            messages = [m.model_dump() for m in request.messages]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+        elif self._use_template:
             text = tokenizer.apply_chat_template(
                 [{"role": "user", "content": request.prompt}], tokenize=False, add_generation_prompt=True
             )
@@ -313,7 +372,7 @@ class LlmRunner:
             return self._generate_live(rows)
         live = self._generate_live([row for row, gone in zip(rows, late, strict=True) if not gone])
         answered = iter(live)
-        return [_deadline_failure(0) if gone else next(answered) for gone in late]
+        return [deadline_failure(0) if gone else next(answered) for gone in late]
 
     def _generate_live(self, rows: list[_Row]) -> list[Outcome]:
         if not rows:
@@ -348,12 +407,13 @@ class LlmRunner:
         outcomes: list[Outcome] = []
         for i, (ids, row) in enumerate(zip(generated, rows, strict=True)):
             if stops.reasons[i] == DEADLINE:
-                outcomes.append(_deadline_failure(stops.stopped_at[i] or 0))
+                outcomes.append(deadline_failure(stops.stopped_at[i] or 0))
             else:
-                outcomes.append(self._finish(ids, row.request))
+                assert self._decode is not None
+                outcomes.append(finish_output(ids, row.request, self._eos_ids, self._decode, len(row.ids)))
         return outcomes
 
-    def _generation_config(self, loaded: LoadedModel, request: CompletionInput, max_new: int) -> GenerationConfig:
+    def _generation_config(self, loaded: LoadedModel, request: SamplingInput, max_new: int) -> GenerationConfig:
         config = copy.deepcopy(loaded.model.generation_config)
         config.max_new_tokens = max_new
         config.max_length = None
@@ -373,24 +433,6 @@ class LlmRunner:
             config.top_p = request.top_p
             config.top_k = 0  # 0 switches top-k off; None would bring back the library default of 50
         return config
-
-    def _finish(self, ids: list[int], request: CompletionInput) -> dict[str, object]:
-        assert self._decode is not None
-        kept = ids[: request.max_tokens]
-        finish = "length"
-        body = kept
-        for position, token in enumerate(kept):
-            if token in self._eos_ids:
-                kept, body, finish = kept[: position + 1], kept[:position], "stop"
-                break
-        text = self._decode(body)
-        tokens = len(kept)
-        hit = _first_stop(text, request.stop or [])
-        if hit is not None:
-            start, end = hit
-            tokens = _tokens_to_cover(body, text[:end], self._decode)
-            text, finish = text[:start], "stop"
-        return {"text": text, "tokens": tokens, "finish_reason": finish}
 
     def _compile(self) -> None:
         assert self._loaded is not None
@@ -420,12 +462,27 @@ class LlmRunner:
             logger.exception("compiled warm-up failed; falling back to eager")
             self._uncompile()
             self._generate([row])
+        if self.continuous:
+            self._warm_up_engine(request, row.ids)
 
-
-def _deadline_failure(generated: int) -> Failure:
-    return Failure(
-        ErrorCode.DEADLINE_EXCEEDED, f"the request's deadline passed after {generated} generated tokens; stopped"
-    )
+    def _warm_up_engine(self, request: CompletionInput, ids: list[int]) -> None:
+        """Two engine steps (prefill, decode); a model the engine cannot batch keeps static batching."""
+        for attempt in range(2):
+            engine = self.make_engine()
+            engine.add(RowRequest("warm-up", ids, request.model_copy(update={"max_tokens": 3})))
+            try:
+                finished = [f for _ in range(4) for f in engine.step().finished]
+            except EngineUnsupported as exc:
+                logger.warning("continuous batching unavailable for this model (%s); using static batches", exc)
+                self._engine_unsupported = True
+                return
+            if finished and not isinstance(finished[0].outcome, Failure):
+                return
+            if attempt == 0 and self._compiled:
+                logger.error("compiled engine warm-up failed (%s); falling back to eager", finished)
+                self._uncompile()
+                continue
+            raise RuntimeError(f"llm engine warm-up failed: {finished}")
 
 
 def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
@@ -438,28 +495,6 @@ def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
     if loaded.tokenizer.eos_token_id is not None:
         ids.add(int(loaded.tokenizer.eos_token_id))
     return frozenset(ids)
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
-    """``(start, end)`` of the earliest stop string in ``text``, or ``None``."""
-    best: tuple[int, int] | None = None
-    for stop in stops:
-        at = text.find(stop)
-        if at >= 0 and (best is None or at < best[0]):
-            best = (at, at + len(stop))
-    return best
-
-
-def _tokens_to_cover(ids: list[int], prefix: str, decode: _Decode) -> int:
-    """Fewest leading tokens of ``ids`` whose text starts with ``prefix`` (binary search)."""
-    low, high = 1, len(ids)
-    while low < high:
-        middle = (low + high) // 2
-        if decode(ids[:middle]).startswith(prefix):
-            high = middle
-        else:
-            low = middle + 1
-    return high
 
 
 @contextmanager

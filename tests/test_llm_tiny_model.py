@@ -105,7 +105,7 @@ def _ok(outcome: object) -> dict[str, object]:
 
 def test_loads_from_pretrained_folder_and_names_the_model(runner: LlmRunner, tiny_dir: Path) -> None:
     assert runner.service == "llm"
-    assert runner.tasks == ("completion",)
+    assert runner.tasks == ("completion", "chat")
     label = runner.model_for("completion")
     assert label.startswith(f"{tiny_dir.name}@local-")
     runner.load()  # idempotent
@@ -175,7 +175,7 @@ def test_invalid_items_fail_alone(runner: LlmRunner) -> None:
             _item("", max_tokens=4),
             _item("x", max_tokens=0),
             _item("x", bogus=True),
-            Item("chat", {"prompt": "x"}),
+            Item("translate", {"prompt": "x"}),
             _item("Paris", max_tokens=4, temperature=0),
         ]
     )
@@ -212,7 +212,8 @@ def test_eos_finishes_with_stop(tmp_path: Path) -> None:
     folder = _save_model(tmp_path / "eos-model", zero_head=True)  # all logits 0 -> EOS (id 0) at once
     runner = build_runner(_settings(folder, tmp_path / "cache", chat_template=False))
     out = _ok(runner.run_batch([_item("Paris", max_tokens=5, temperature=0)])[0])
-    assert out == {"text": "", "tokens": 1, "finish_reason": "stop"}
+    prompt_tokens = len(runner._ready().tokenizer("Paris")["input_ids"])
+    assert out == {"text": "", "tokens": 1, "finish_reason": "stop", "prompt_tokens": prompt_tokens}
 
 
 def test_prompt_is_truncated_from_the_start(tiny_dir: Path, tmp_path: Path) -> None:
