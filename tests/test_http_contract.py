@@ -52,7 +52,7 @@ SERVICE_OPERATIONS = [
     "/ai/vision/analyze",
     "/ai/vision/analyze/upload",
 ]
-AGENT_PATHS = {"/data/process", "/health", "/lag"}  # the operations whose agent runs here
+AGENT_PATHS = {"/data/process", "/health", "/lag", "/requests/{request_id}"}  # the operations whose agent runs here
 STATUSES: Counter[str] = Counter()  # "<method> <path> <mode> <status>" -> answers seen by the fuzz tests
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,8 @@ def _fuzz(
         ("POST", "/data/process", GenerationMode.NEGATIVE, 50),
         ("GET", "/health", GenerationMode.POSITIVE, 3),  # no parameters: nothing negative to generate
         ("GET", "/lag", GenerationMode.POSITIVE, 3),
+        ("GET", "/requests/{request_id}", GenerationMode.POSITIVE, 20),  # asynchronous results (unknown: 404)
+        ("GET", "/requests/{request_id}", GenerationMode.NEGATIVE, 20),
     ],
 )
 def test_routes_with_their_agent_never_5xx_and_conform(
@@ -143,7 +145,12 @@ def test_routes_without_an_agent_conform_and_only_time_out(
 
 def test_every_operation_is_fuzzed(api_schema: BaseSchema) -> None:
     operations = {f"{op.ok().method.upper()} {op.ok().path}" for op in api_schema.get_all_operations()}
-    assert operations == {"GET /health", "GET /lag", *(f"POST {p}" for p in SERVICE_OPERATIONS)}
+    assert operations == {
+        "GET /health",
+        "GET /lag",
+        "GET /requests/{request_id}",
+        *(f"POST {p}" for p in SERVICE_OPERATIONS),
+    }
 
 
 # --- the document itself ---------------------------------------------------------------------------------
@@ -153,7 +160,8 @@ def test_openapi_documents_every_status_and_the_one_of_rules(http: httpx.Client)
     doc = http.get("/openapi.json").json()
     for path in SERVICE_OPERATIONS:
         responses = doc["paths"][path]["post"]["responses"]
-        assert set(responses) == {"200", *(str(s) for s in STATUS_DESCRIPTIONS)}, path
+        assert set(responses) == {"200", "202", *(str(s) for s in STATUS_DESCRIPTIONS)}, path  # 202: asynchronous
+        assert responses["202"]["content"]["application/json"]["schema"]["$ref"].endswith("/AsyncAccepted")
         assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ReplyEvent")
         for status in STATUS_DESCRIPTIONS:
             assert responses[str(status)]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
