@@ -31,6 +31,7 @@ from PIL import Image
 
 import infra
 from aisemble.pipeline import Pipeline, free_port
+from api.async_requests import prefers_async
 from schemas import ErrorCode, ReplyEvent
 from streams.results import pending_key, result_key
 from streams.settings import Settings
@@ -92,6 +93,23 @@ def _wait_healthy(pipeline: Pipeline, max_polls: int = 240) -> None:
             pass
         time.sleep(0.5)
     raise AssertionError(f"edge not healthy again:\n{pipeline.log_tail('edge')}")
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (["respond-async"], True),
+        (["Respond-Async"], True),
+        (["wait=10, respond-async"], True),
+        (["return=minimal", "respond-async; foo=bar"], True),
+        (["return=minimal"], False),
+        (["respond-asyncx"], False),
+        (["handling=lenient; respond-async"], False),  # a parameter of another preference, not a preference
+        ([], False),
+    ],
+)
+def test_prefer_header_parsing(values: list[str], expected: bool) -> None:
+    assert prefers_async(values) is expected
 
 
 # --- data + vision -------------------------------------------------------------------------------------------
