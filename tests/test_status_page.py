@@ -5,6 +5,8 @@
   Redis ok, no banner); after 300 requests the throughput, p95 latency and mean batch figures appear.
 * A Redis outage: the edge and agent use this test's own Redis (``infra.start_redis`` on a free port), stopped
   by PID: the banner says Redis is down while requests are still answered (counted: ``FAULT-COUNTS:``).
+* A Kafka outage (``fault``: a broker of its own, ``infra.start_kafka`` on a free port pair, stopped by PID): the
+  banner says Kafka is down, and requests are refused at once with 503 (counted: none lost, none hangs).
 
 A screenshot of each state is saved under the test's tmp_path (``SCREENSHOT: <path>`` lines with ``pytest -s``).
 Every wait is bounded (``WebDriverWait``); the browser is always quit and every process stopped by PID.
@@ -31,6 +33,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 import infra
 from aisemble.pipeline import Pipeline, free_port
+from infra.process import port_free
 from streams.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -193,3 +196,49 @@ def test_the_banner_says_redis_is_down(infra_settings: Settings, tmp_path: Path,
     finally:
         pipeline.stop()
         redis.stop()
+
+
+def _free_pair() -> int:
+    """A free port whose successor is free too (the broker's controller listens on port + 1)."""
+    for _ in range(50):
+        port = free_port()
+        if port < 65535 and port_free(port + 1):
+            return port
+    raise RuntimeError("no free pair of ports")
+
+
+@pytest.mark.fault
+def test_the_banner_says_kafka_is_down(infra_settings: Settings, tmp_path: Path, browser: WebDriver) -> None:
+    started = time.monotonic()
+    kafka = infra.start_kafka(_free_pair(), data_dir=tmp_path / "kafka")
+    base = infra_settings.model_copy(update={"kafka_bootstrap": kafka.bootstrap})
+    pipeline = Pipeline.isolated(base, ["data"], tmp_path, AISEMBLE_REQUEST_TIMEOUT_S="5")
+    try:
+        pipeline.start()
+        browser.get(pipeline.url + "/")
+        _wait(browser, "Kafka ok", lambda d: _state(d, "kafka-state") == "ok")
+        _wait(browser, "a live data agent", lambda d: (_number(_text(d, "svc-data-agents")) or 0) >= 1)
+        assert not browser.find_element(By.ID, "banner").is_displayed()
+        _screenshot(browser, tmp_path, "kafka-up")
+
+        kafka.stop()  # by PID: this test's own broker
+        stopped = time.monotonic()
+        _wait(browser, "the Kafka banner", lambda d: "Kafka is down" in _text(d, "banner"))
+        banner_after_s = round(time.monotonic() - stopped, 1)
+        assert _state(browser, "kafka-state") == "down"
+        assert _state(browser, "redis-state") == "ok"
+        assert _state(browser, "overall") == "down"
+        assert _text(browser, "svc-data-lag") == DASH  # the broker cannot be asked: unknown, not 0
+        _clean(browser)
+        _screenshot(browser, tmp_path, "kafka-down")
+
+        sent, answered, statuses = _send(pipeline.url, 10)  # refused at once (503), never left hanging
+        counts = {"test": "status_page_kafka_down", "sent": sent, "answered": answered, "refused_503":
+                  statuses.get("503", 0), "dead_lettered": 0, "lost": statuses.get("0", 0), "statuses": statuses,
+                  "banner_after_s": banner_after_s, "elapsed_s": round(time.monotonic() - started, 1)}  # fmt: skip
+        print("FAULT-COUNTS: " + json.dumps(counts))
+        assert counts["lost"] == 0
+        assert answered + counts["refused_503"] == sent
+    finally:
+        pipeline.stop()
+        kafka.stop()
