@@ -223,6 +223,11 @@ class NlpRunner:
                 raise RuntimeError(f"sentiment returned {len(sentiments)} results for {len(sentiment_texts)}")
         pending_sentiments = iter(sentiments)
 
+        # Token counts of embedded texts (usage in /v1/embeddings), when the encoder can count them.
+        counter = getattr(encoder, "count_tokens", None)
+        embed_texts = list(dict.fromkeys(t for job in jobs if job.task == "embed" for t in job.texts))
+        token_counts = dict(zip(embed_texts, counter(embed_texts), strict=True)) if counter and embed_texts else {}
+
         results: list[Outcome] = []
         for job in jobs:
             outputs: list[dict[str, object]] = []
@@ -231,7 +236,8 @@ class NlpRunner:
                     outputs.append(next(pending_sentiments).model_dump())
                 elif job.task == "embed":
                     vector = units[rows[text]] if job.input.normalize else raw[rows[text]]
-                    outputs.append(EmbedOutput(vector=vector.tolist(), dim=len(vector)).model_dump())
+                    embedded = EmbedOutput(vector=vector.tolist(), dim=len(vector), tokens=token_counts.get(text))
+                    outputs.append(embedded.model_dump())
                 elif job.task == "similarity":
                     assert job.input.text_pair is not None
                     outputs.append(self._similarity(units[rows[text]], units[rows[job.input.text_pair]]))

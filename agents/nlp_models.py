@@ -210,6 +210,11 @@ class TransformerEncoder:
         self.dim = int(self.model.config.hidden_size)
         self.max_tokens = _max_tokens(self.tokenizer, self.model.config, Path(path) if local else None)
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text as ``encode`` feeds it to the model (truncated at ``max_tokens``)."""
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_tokens)
+        return [len(ids) for ids in encoded["input_ids"]]
+
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)

@@ -69,6 +69,7 @@ class SentimentOutput(BaseModel):
 class EmbedOutput(BaseModel):
     vector: list[float]
     dim: int
+    tokens: int | None = Field(default=None, description="Tokens of the text as the encoder saw it (after truncation).")
 
 
 class SimilarityOutput(BaseModel):
