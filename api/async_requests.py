@@ -32,8 +32,11 @@ the deadline (plus ``DEADLINE_GRACE_S`` for a reply in flight) and then the sync
 ``timeout``; a reply kept later (an agent back after an outage answers ``deadline_exceeded``) replaces it.
 At-least-once delivery may run a request twice; both replies are kept under one key, the last wins.
 
-Other response shapes (the OpenAI routes): ``register_renderer(name, render)`` and ``serve(...,
-render=name)``; the marker names the renderer, so ``GET`` renders the kept ``ReplyEvent`` the same way.
+Other response shapes (the OpenAI routes): ``register_renderer(name, render)`` once, then ``serve(...,
+render=name, context={...})`` (or ``submit``); the marker keeps the renderer's name and the JSON ``context``
+(e.g. the requested model name and ``created``), so ``GET`` renders the kept ``ReplyEvent`` as the
+synchronous call would have (``render(reply, context)``). Once the marker has expired, a result still kept
+is answered in the native shape.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,8 +69,14 @@ RETRY_AFTER_S = 1  # the Retry-After of a pending request's 202
 DEADLINE_GRACE_S = 1.0  # after the deadline, how long a reply in flight may still land before GET says 504
 DEFAULT_RENDER = "reply"
 
-Render = Callable[[ReplyEvent], Response]
-RENDERERS: dict[str, Render] = {DEFAULT_RENDER: reply_response}
+Render = Callable[[ReplyEvent, Mapping[str, object]], Response]
+
+
+def _native(reply: ReplyEvent, context: Mapping[str, object]) -> Response:
+    return reply_response(reply)
+
+
+RENDERERS: dict[str, Render] = {DEFAULT_RENDER: _native}
 
 # Set the marker unless the id is pending (marker, no result, deadline not passed); 1 = set, 0 = pending.
 # KEYS: marker, result. ARGV: marker JSON, TTL s, now (epoch ms), grace ms.
@@ -106,6 +115,7 @@ class Pending(BaseModel):
     task: str
     deadline_ms: int
     render: str = DEFAULT_RENDER
+    context: dict[str, object] = Field(default_factory=dict)
 
 
 class NotFoundError(EdgeError):
@@ -183,13 +193,14 @@ class Serve:
         *,
         cache: bool | None = None,
         render: str = DEFAULT_RENDER,
+        context: Mapping[str, object] | None = None,
     ) -> Response:
         """The reply (synchronous) or a 202 (asynchronous); raises the edge's errors (``Edge.call``)."""
         if self.respond_async:
             return await submit(self.edge, service, task, payload, cache=cache, request_id=self.request_id,
-                                render=render)  # fmt: skip
+                                render=render, context=context)  # fmt: skip
         reply = await self.edge.call(service, task, payload, cache=cache, request_id=self.request_id)
-        return RENDERERS[render](reply)
+        return RENDERERS[render](reply, context or {})
 
 
 def serve_request(
@@ -210,6 +221,7 @@ async def submit(
     cache: bool | None = None,
     request_id: str | None = None,
     render: str = DEFAULT_RENDER,
+    context: Mapping[str, object] | None = None,
 ) -> ORJSONResponse:
     """Produce one request and answer 202 once Kafka has it (see the module docstring).
 
@@ -227,6 +239,7 @@ async def submit(
         task=task,
         deadline_ms=int((time.time() + settings.request_timeout_s) * 1000),
         render=render,
+        context=dict(context or {}),
     )
     await _mark_pending(edge, rid, marker, ttl_s + int(settings.request_timeout_s) + 1)
     admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -324,10 +337,11 @@ async def lookup(edge: Edge, rid: str) -> Response:
     except RedisError as exc:
         raise UnavailableError(f"Redis is unavailable, so results cannot be read: {exc}", request_id=rid) from exc
     marker = _marker(raw_marker)
-    render = RENDERERS.get(marker.render if marker is not None else DEFAULT_RENDER, reply_response)
+    render = RENDERERS.get(marker.render if marker is not None else DEFAULT_RENDER, _native)
+    context = marker.context if marker is not None else {}
     reply = decode_result(raw_result)
     if reply is not None:
-        return render(reply)
+        return render(reply, context)
     if marker is None:
         raise NotFoundError(f"no asynchronous request {rid!r} (unknown, or its result expired)", request_id=rid)
     if time.time() * 1000 < marker.deadline_ms + DEADLINE_GRACE_S * 1000:
@@ -342,7 +356,8 @@ async def lookup(edge: Edge, rid: str) -> Response:
             task=marker.task,
             ok=False,
             error=ErrorInfo(code=ErrorCode.TIMEOUT, message=f"no reply within {timeout_s:.1f}s (request id {rid})"),
-        )
+        ),
+        context,
     )
 
 
