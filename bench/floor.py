@@ -53,6 +53,7 @@ from streams.topics import ensure_topics, reply_topic_name, wait_for_partitions
 NOOP = "bench.noop_runner:build"
 PATH = "/data/process"
 HOPS = ("http", "to_agent", "agent", "back")
+FLOOR_RATE_DEFAULT = 200.0
 
 
 def noop_body(i: int) -> dict[str, object]:
@@ -216,7 +217,7 @@ def run_floor(rate: float, count: int, clients: int, duration_s: float, bare_n: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--rate", type=float, default=FLOOR_RATE_DEFAULT)
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--duration", type=float, default=10.0)

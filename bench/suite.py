@@ -2,26 +2,38 @@
 
     python bench/suite.py            # quick (make bench): 10 s per load point, 1/8/64 clients
     python bench/suite.py --full     # make bench-full: 30 s per load point, 1/8/64/256 clients
+    python bench/suite.py --smoke    # seconds per point, a handful of clients: checks every section runs
+    python bench/suite.py --summary-only [--smoke]   # SUMMARY.md again from suite.json
 
-Writes bench/results/suite.json and bench/results/SUMMARY.md (Markdown tables; every ratio in them is
-between figures of the same run). Sections:
+Writes bench/results/suite.json, bench/results/SUMMARY.md (``bench.summary``: the side-by-side table,
+then every target with the figure reached and met / not met) and bench/results/profile/ (smoke: all
+under bench/results/smoke/, git-ignored). Sections (numbers as in issue #10):
 
-1. model alone (``bench.throughput.model_alone``, in this process): nlp ``embed`` and data ``analyze``
-   items/s at batch 1 and at several batch sizes; the best one is reported.
-3. REST load, nlp ``embed``, cache off: closed loop, N concurrent clients for a fixed duration each,
-   items/s and client-side p50/p99, through an isolated aisemble pipeline (edge + agents as processes).
-4. the same clients and load against the per-request design (``bench/alt_per_request.py``: FastAPI,
-   one ``run_batch([item])`` per request in the thread pool, served by uvicorn on 127.0.0.1), and
-   Ray Serve with ``@serve.batch`` when ``import ray`` works (otherwise recorded as skipped).
-5. cache: p50/p99 of one embed request repeated with the cache on (hits answered by the edge), and
-   items/s at 64 clients with 30% of the requests repeating a small pool of texts.
-6. scale: 1,000 data requests in flight at once at the edge (status counts, p50/p99), then the peak
-   RSS (``VmHWM``) of the edge, each agent and the per-request server.
+1. the model's own limit (``bench.model_limit``, in this process): nlp embed and sentiment, data
+   analyze, llm completion (tokens/s, greedy, the fixed prompt set) and the vision mix, at batch 1 and
+   several sizes; the best size is reported.
+2. the pipeline floor (``bench.floor``): a no-op runner behind the real edge and agent, open loop at
+   200/s and closed-loop saturation, p50/p99 and each hop's share; a bare aiokafka round trip beside it.
+3. REST load through one pipeline of all four services with their default models (closed loop, cache
+   off): nlp embed at 1/8/64(/256) clients; sentiment, llm and vision at 1/8(/64). Kafka-direct
+   (``bench.kafka_direct``): embed, sentiment and llm requests produced at once straight to the request
+   topic, items/s (llm tokens/s) until every reply is back, as a ratio to the model's best batch.
+4. the same embed load against the per-request design (``bench/alt_per_request.py``) and Ray Serve with
+   ``@serve.batch(32, 10 ms)`` (``bench/alt_ray_serve.py``; skipped, with the reason, without ray).
+5. cache: sequential hits, and 30% repeats at the top client count.
+6. scale: 1,000 data requests in flight at once; the peak RSS of every process, and the four agents'
+   sum (four services with their default models, started together, Kafka and Redis aside).
+7. fairness: queue_ms per partition of the request (murmur2 of its id) at the top client count.
+8. profile (``bench.profile``): py-spy of the nlp agent under Kafka-direct embed and of the edge under
+   the top client count; speedscope + raw files and the top self-time functions.
+9. LLM streaming (``bench.llm_stream``): time to first token and tokens/s per SSE stream; then
+   ``bench/llm_continuous.py --quick`` when that script is present (its figures are kept).
 
 What can go wrong: Kafka and Redis are started when they do not answer (and stopped only if started
-here); every process started is stopped by PID. The load driver shares the CPUs with the servers, so
-on a small machine the figures are lower than the servers alone would give; the ratios are what to read.
-Nothing here asserts on time; a run with errors still writes its figures (with the error counts).
+here); every process started is stopped by PID (Ray's processes included, checked afterwards). A
+section that raises is recorded as ``{"failed": "..."}`` and the others still run. The load driver
+shares the CPUs with the servers, so on a small machine the figures are lower than the servers alone
+would give; the ratios are what to read. Nothing here asserts on time.
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agents.runner import Item
 from aisemble.pipeline import free_port
 from bench.common import (
     RESULTS,
@@ -58,22 +71,69 @@ from bench.common import (
     summary_ms,
     write_result,
 )
+from bench.floor import FLOOR_RATE_DEFAULT, run_floor
+from bench.kafka_direct import direct, fairness
+from bench.llm_stream import streaming
+from bench.model_limit import model_limit
+from bench.profile import recording
 from bench.samples_data import sample_items as data_items
+from bench.samples_llm import PROMPTS
+from bench.samples_llm import sample_items as llm_items
 from bench.samples_nlp import COMBINATIONS, review
 from bench.samples_nlp import sample_items as nlp_items
-from bench.throughput import model_alone
+from bench.samples_vision import sample_items as vision_items
+from bench.summary import summary_md
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {"duration_s": 10.0, "clients": [1, 8, 64], "model_items": 256, "cache_n": 300, "in_flight": 1000},
-    "full": {"duration_s": 30.0, "clients": [1, 8, 64, 256], "model_items": 1024, "cache_n": 2000, "in_flight": 1000},
-}
-BATCHES = {"nlp": (8, 32, 64), "data": (8, 16, 64)}
+    # --smoke: seconds per point, a handful of clients; checks that every section runs (figures meaningless)
+    "smoke": {
+        "duration_s": 2.0, "clients": [1, 4], "other_clients": [1, 4], "model_items": 16, "llm_items": 2,
+        "llm_max_tokens": 8, "vision_items": 12, "cache_n": 30, "in_flight": 100, "direct_n": 128,
+        "llm_direct_n": 4, "floor_count": 200, "floor_clients": 8, "bare_n": 50, "fair_clients": 8,
+        "profile_s": 3, "streams": 2,
+    },
+    "quick": {
+        "duration_s": 10.0, "clients": [1, 8, 64], "other_clients": [1, 8], "model_items": 256, "llm_items": 16,
+        "llm_max_tokens": 16, "vision_items": 96, "cache_n": 300, "in_flight": 1000, "direct_n": 2000,
+        "llm_direct_n": 16, "floor_count": 2000, "floor_clients": 64, "bare_n": 500, "fair_clients": 64,
+        "profile_s": 10, "streams": 4,
+    },
+    "full": {
+        "duration_s": 30.0, "clients": [1, 8, 64, 256], "other_clients": [1, 8, 64], "model_items": 1024,
+        "llm_items": 32, "llm_max_tokens": 32, "vision_items": 256, "cache_n": 2000, "in_flight": 1000,
+        "direct_n": 8000, "llm_direct_n": 32, "floor_count": 6000, "floor_clients": 64, "bare_n": 2000,
+        "fair_clients": 64, "profile_s": 30, "streams": 8,
+    },
+}  # fmt: skip
+BATCHES = {"nlp": (8, 32, 64), "data": (8, 16, 64), "llm": (4, 8), "vision": (8, 16)}
+FLOOR_RATE = FLOOR_RATE_DEFAULT
+LLM_PATH = "/ai/llm/completion"
+VISION_PATH = "/ai/vision/analyze"
 NLP_PATH = "/ai/nlp/process"
 Body = Callable[[int], dict[str, object]]
 
 
 def embed_body(i: int) -> dict[str, object]:
     return {"task": "embed", "text": review(i % COMBINATIONS), "cache": False}
+
+
+def sentiment_body(i: int) -> dict[str, object]:
+    return {"task": "sentiment", "text": review(i % COMBINATIONS), "cache": False}
+
+
+def llm_body(max_tokens: int) -> Body:
+    """Greedy completions of the fixed prompt set, ``max_tokens`` each, cache off."""
+
+    def body(i: int) -> dict[str, object]:
+        return {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.0, "cache": False}
+
+    return body
+
+
+def vision_body(i: int) -> dict[str, object]:
+    """The vision mix (detect_faces, describe, resize) of ``bench.samples_vision``, cache off."""
+    item = vision_items(3)[i % 3]
+    return {"task": item.task, **item.input, "cache": False}
 
 
 async def closed_loop(url: str, path: str, body: Body, clients: int, duration_s: float) -> dict[str, object]:
@@ -118,10 +178,12 @@ async def closed_loop(url: str, path: str, body: Body, clients: int, duration_s:
     }
 
 
-def load_points(url: str, clients: list[int], duration_s: float, label: str) -> list[dict[str, object]]:
+def load_points(
+    url: str, clients: list[int], duration_s: float, label: str, path: str = NLP_PATH, body: Body = embed_body
+) -> list[dict[str, object]]:
     points = []
     for n in clients:
-        point = asyncio.run(closed_loop(url, NLP_PATH, embed_body, n, duration_s))
+        point = asyncio.run(closed_loop(url, path, body, n, duration_s))
         ms: Any = point["latency_ms"]
         print(
             f"{label} {n:>3} clients: {point['items_per_s']} items/s, p50 {ms['p50']} ms, "
@@ -314,94 +376,166 @@ def ray_serve(clients: list[int], duration_s: float) -> dict[str, object]:
     return out
 
 
-def f1(x: float) -> str:
-    return f"{x:,.1f}"
+def section(name: str, result: dict[str, Any], key: str, fn: Callable[[], Any]) -> None:
+    """Run one section; a section that raises is recorded as ``{"failed": "<error>"}`` and the suite goes on."""
+    print(f"== {name}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        result[key] = fn()
+    except Exception as exc:  # noqa: BLE001 - one broken section must not lose the others' figures
+        result[key] = {"failed": f"{type(exc).__name__}: {exc}"[:3000]}
+    print(f"   {key}: {str(result[key])[:600]} ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
-def best_batch(alone: dict[str, Any]) -> tuple[int, float]:
-    sizes = [(int(k.split("_")[1]), v["items_per_s"]) for k, v in alone.items() if k.startswith("batch_")]
-    return max(sizes, key=lambda s: s[1])
+def model_limits(prof: dict[str, Any]) -> dict[str, object]:
+    n = prof["model_items"]
+    return {
+        "nlp": model_limit(
+            "nlp", {"embed": nlp_items(n, task="embed"), "sentiment": nlp_items(n, task="sentiment")}, BATCHES["nlp"]
+        ),
+        "data": model_limit("data", {"analyze": data_items(n)}, BATCHES["data"]),
+        "llm": model_limit("llm", {"completion": llm_items(prof["llm_items"], greedy_only=True)}, BATCHES["llm"]),
+        "vision": model_limit("vision", {"mix": vision_items(prof["vision_items"])}, BATCHES["vision"]),
+    }
 
 
-def summary_md(result: dict[str, Any]) -> str:
-    prof = result["profile"]
-    lines = [
-        f"# Benchmark suite ({result['profile_name']}, {result['machine']['when']})",  # type: ignore[index]
-        "",
-        f"Machine: {result['machine']['cpus']} CPUs, {result['machine']['platform']}. One run: every ratio below "
-        "is between figures of this run. The load driver runs on the same CPUs as the servers.",
-        "",
-        "## Model alone (runner called in-process)",
-        "",
-        "| service (task) | batch 1 items/s | best batch | items/s | gain |",
-        "|---|---|---|---|---|",
-    ]
-    for service, task in (("nlp", "embed"), ("data", "analyze")):
-        alone = result["model_alone"][service]
-        b1 = alone["batch_1"]["items_per_s"]
-        size, rate = best_batch(alone)
-        lines.append(f"| {service} ({task}) | {f1(b1)} | {size} | {f1(rate)} | {rate / b1:.2f}x |")
-    lines += [
-        "",
-        f"## REST load: nlp `embed`, cache off, closed loop, {prof['duration_s']:.0f} s per point",
-        "",
-        "| clients | aisemble items/s | p50 ms | p99 ms | err | per-request items/s | p50 ms | p99 ms | err "
-        "| aisemble / per-request |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for ours, alt in zip(result["rest"]["aisemble"], result["rest"]["per_request"], strict=True):
-        ratio = ours["items_per_s"] / alt["items_per_s"] if alt["items_per_s"] else float("nan")
-        cells = [
-            f"{p['items_per_s']:,.1f} | {p['latency_ms']['p50']:,.1f} | {p['latency_ms']['p99']:,.1f} | {p['errors']}"
-            for p in (ours, alt)
-        ]
-        lines.append(f"| {ours['clients']} | {cells[0]} | {cells[1]} | **{ratio:.2f}x** |")
-    ray = result["rest"]["ray_serve"]
-    lines += ["", f"Ray Serve (`@serve.batch`): {ray.get('skipped', 'see suite.json')}."]
-    cache = result["cache"]
-    c1 = result["rest"]["aisemble"][0]["latency_ms"]["p50"]
-    c64 = next((p for p in result["rest"]["aisemble"] if p["clients"] == 64), None)
-    rep = cache["repeats_30pct"]
-    lines += [
-        "",
-        "## Cache (nlp `embed`, edge)",
-        "",
-        "| what | figure |",
-        "|---|---|",
-        f"| hit, sequential, {cache['hit']['requests']} requests ({cache['hit']['hits']} hits) | p50 "
-        f"{f1(cache['hit']['latency_ms']['p50'])} ms, p99 {f1(cache['hit']['latency_ms']['p99'])} ms "
-        "(cache off, 1 client: "
-        f"p50 {f1(c1)} ms) |",
-        f"| 64 clients, 30% repeats, cache on | {f1(rep['items_per_s'])} items/s, {rep['cached']} hits, "
-        f"p50 {f1(rep['latency_ms']['p50'])} ms"
-        + (f" (cache off: {f1(c64['items_per_s'])} items/s)" if c64 else "")
-        + " |",
-    ]
-    scale = result["scale"]
-    rss = result["peak_rss_mb"]
-    lines += [
-        "",
-        "## Scale",
-        "",
-        f"{scale['requests']} data `analyze` requests in flight at once at the edge: {scale['answered_200']} answered "
-        f"200, {scale['errors']} errors (statuses {scale['statuses']}), all answered in {scale['seconds']} s, "
-        f"p50 {f1(scale['latency_ms']['p50'])} ms, p99 {f1(scale['latency_ms']['p99'])} ms.",
-        "",
-        "Peak RSS (VmHWM, MiB) over the whole run: " + ", ".join(f"{name} {mb}" for name, mb in rss.items()) + ".",
-        "",
-    ]
-    return "\n".join(lines)
+def llm_greedy(n: int, max_tokens: int) -> list[Item]:
+    """``n`` greedy completions of the fixed prompt set, ``max_tokens`` each."""
+    return [Item(i.task, {**i.input, "max_tokens": max_tokens}) for i in llm_items(n, greedy_only=True)]
+
+
+def direct_items(service: str, prof: dict[str, Any]) -> dict[str, list[Item]]:
+    n = prof["direct_n"]
+    if service == "nlp":
+        return {"embed": nlp_items(n, task="embed"), "sentiment": nlp_items(n, task="sentiment")}
+    return {"completion": llm_greedy(prof["llm_direct_n"], prof["llm_max_tokens"])}
+
+
+def aisemble_sections(prof: dict[str, Any], result: dict[str, Any], rest: dict[str, Any], profile_dir: Path) -> None:
+    """Every section that runs against one pipeline of all four services with their default models."""
+    other = prof["other_clients"]
+    dur = prof["duration_s"]
+    with running_pipeline(["nlp", "data", "llm", "vision"]) as pipeline:
+        url = pipeline.url
+        settings = pipeline.settings
+        section(
+            "3. REST load, aisemble, nlp embed",
+            rest,
+            "aisemble",
+            lambda: load_points(url, prof["clients"], dur, "aisemble"),
+        )
+        section(
+            "3. REST load, aisemble, nlp sentiment",
+            rest,
+            "aisemble_sentiment",
+            lambda: load_points(url, other, dur, "sentiment", NLP_PATH, sentiment_body),
+        )
+        section(
+            "3. REST load, aisemble, llm completion",
+            rest,
+            "aisemble_llm",
+            lambda: load_points(url, other, dur, "llm", LLM_PATH, llm_body(prof["llm_max_tokens"])),
+        )
+        section(
+            "3. REST load, aisemble, vision mix",
+            rest,
+            "aisemble_vision",
+            lambda: load_points(url, other, dur, "vision", VISION_PATH, vision_body),
+        )
+        kd: dict[str, Any] = {}
+        for service in ("nlp", "llm"):
+            for task, items in direct_items(service, prof).items():
+                section(
+                    f"3. Kafka-direct {service} {task}",
+                    kd,
+                    task,
+                    lambda s=service, i=items: asyncio.run(direct(settings, s, i)),  # type: ignore[misc]
+                )
+        result["kafka_direct"] = kd
+        section(
+            "7. fairness (REST embed, queue_ms per partition)",
+            result,
+            "fairness",
+            lambda: asyncio.run(fairness(url, NLP_PATH, embed_body, prof["fair_clients"], dur, settings.partitions)),
+        )
+        section(
+            "9. LLM streaming (SSE)",
+            result,
+            "llm_streaming",
+            lambda: asyncio.run(streaming(url, prof["streams"], prof["llm_max_tokens"])),
+        )
+        section("5. cache", result, "cache", lambda: {
+            "hit": cache_hits(url, prof["cache_n"]),
+            "repeats_30pct": asyncio.run(
+                closed_loop(url, NLP_PATH, repeats_body(uuid.uuid4().hex[:8]), max(prof["clients"]), dur)
+            ),
+        })  # fmt: skip
+        section(
+            "6. scale (data requests in flight)",
+            result,
+            "scale",
+            lambda: asyncio.run(in_flight(url, prof["in_flight"])),
+        )
+        profiles: dict[str, Any] = {}
+
+        def profile_agent() -> dict[str, Any]:
+            n = max(prof["direct_n"], 64)
+            with recording(pipeline.procs["nlp"].pid, "nlp-agent", prof["profile_s"], profile_dir) as rec:
+                rec["load"] = asyncio.run(direct(settings, "nlp", nlp_items(n, task="embed")))
+            return rec
+
+        def profile_edge() -> dict[str, Any]:
+            clients = max(prof["clients"])
+            with recording(pipeline.procs["edge"].pid, "edge", prof["profile_s"], profile_dir) as rec:
+                rec["load"] = asyncio.run(closed_loop(url, NLP_PATH, embed_body, clients, prof["profile_s"]))
+            return rec
+
+        section("8. profile: nlp agent under Kafka-direct embed", profiles, "nlp_agent", profile_agent)
+        section(f"8. profile: edge under {max(prof['clients'])} REST clients", profiles, "edge", profile_edge)
+        result["profile_run"] = profiles
+        names = {"edge": "aisemble edge", **{s: f"aisemble {s} agent" for s in ("nlp", "data", "llm", "vision")}}
+        result["peak_rss_mb"] = {label: peak_rss_mb(pipeline.procs[name].pid) for name, label in names.items()}
+        agents = [result["peak_rss_mb"][f"aisemble {s} agent"] for s in ("nlp", "data", "llm", "vision")]
+        result["four_services"] = {
+            "agents_peak_rss_mb_sum": round(sum(a or 0 for a in agents), 1),
+            "with_edge_mb": round(sum(v or 0 for v in result["peak_rss_mb"].values()), 1),
+            "note": "peak RSS (VmHWM) over this whole run, under load; Kafka and Redis aside",
+        }
+
+
+def llm_continuous(result: dict[str, Any]) -> None:
+    """bench/llm_continuous.py --quick, when another engineer's script is present; its JSON or why not."""
+    script = Path(__file__).with_name("llm_continuous.py")
+    if not script.exists():
+        result["llm_continuous"] = {"skipped": "bench/llm_continuous.py is not in this checkout"}
+        return
+    before = {p: p.stat().st_mtime for p in RESULTS.glob("*.json")}
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=900, check=False
+    )
+    fresh = [p for p in RESULTS.glob("*.json") if before.get(p) != p.stat().st_mtime and p.name != "suite.json"]
+    out: dict[str, Any] = {
+        "exit": proc.returncode,
+        "stdout_tail": proc.stdout[-3000:],
+        "stderr_tail": proc.stderr[-1500:],
+    }
+    for path in fresh:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            out[path.name] = orjson.loads(path.read_bytes())
+    result["llm_continuous"] = out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="the long profile (make bench-full)")
+    parser.add_argument("--smoke", action="store_true", help="seconds per point: checks every section runs")
     parser.add_argument("--summary-only", action="store_true", help="rewrite SUMMARY.md from suite.json, no run")
     args = parser.parse_args()
+    name = "full" if args.full else "smoke" if args.smoke else "quick"
+    out_dir = RESULTS / "smoke" if name == "smoke" else RESULTS
     if args.summary_only:
-        (RESULTS / "SUMMARY.md").write_text(summary_md(orjson.loads((RESULTS / "suite.json").read_bytes())))
+        (out_dir / "SUMMARY.md").write_text(summary_md(orjson.loads((out_dir / "suite.json").read_bytes())))
         return
-    name = "full" if args.full else "quick"
     prof = PROFILES[name]
     started = time.perf_counter()
     result: dict[str, Any] = {"profile_name": name, "profile": prof}
@@ -410,50 +544,40 @@ def main() -> None:
         "nlp_max_batch": settings.nlp.max_batch,
         "nlp_max_wait_ms": settings.nlp.max_wait_ms,
         "data_max_batch": settings.data.max_batch,
+        "llm_max_batch": settings.llm.max_batch,
+        "vision_max_batch": settings.vision.max_batch,
         "max_in_flight": settings.max_in_flight,
+        "partitions": settings.partitions,
     }
-
-    print("== 1. model alone", flush=True)
-    n = prof["model_items"]
-    result["model_alone"] = {
-        "nlp": model_alone("nlp", nlp_items(n, task="embed"), settings.nlp.max_batch, BATCHES["nlp"]),
-        "data": model_alone("data", data_items(n), settings.data.max_batch, BATCHES["data"]),
-    }
-    print(result["model_alone"], flush=True)
-
-    rss: dict[str, float | None] = {}
+    section("1. model alone (in this process)", result, "model_limit", lambda: model_limits(prof))
+    section(
+        "2. pipeline floor (no-op runner)",
+        result,
+        "floor",
+        lambda: run_floor(FLOOR_RATE, prof["floor_count"], prof["floor_clients"], prof["duration_s"], prof["bare_n"]),
+    )
     rest: dict[str, Any] = {}
-    with running_pipeline(["nlp", "data"]) as pipeline:
-        print("== 3. REST load, aisemble", flush=True)
-        rest["aisemble"] = load_points(pipeline.url, prof["clients"], prof["duration_s"], "aisemble")
-        print("== 5. cache", flush=True)
-        result["cache"] = {
-            "hit": cache_hits(pipeline.url, prof["cache_n"]),
-            "repeats_30pct": asyncio.run(
-                closed_loop(pipeline.url, NLP_PATH, repeats_body(uuid.uuid4().hex[:8]), 64, prof["duration_s"])
-            ),
-        }
-        print(result["cache"], flush=True)
-        print("== 6. scale", flush=True)
-        result["scale"] = asyncio.run(in_flight(pipeline.url, prof["in_flight"]))
-        print(result["scale"], flush=True)
-        for proc_name in ("edge", "nlp", "data"):
-            rss[f"aisemble {proc_name}" if proc_name == "edge" else f"aisemble {proc_name} agent"] = peak_rss_mb(
-                pipeline.procs[proc_name].pid
-            )
+    aisemble_sections(prof, result, rest, out_dir / "profile")
+    log_dir = Path(tempfile.mkdtemp(prefix="aisemble-bench-"))
 
-    print("== 4a. REST load, per-request design", flush=True)
-    log = Path(tempfile.mkdtemp(prefix="aisemble-bench-")) / "per-request.log"
-    with per_request_server("nlp", log) as (url, pid):
-        rest["per_request"] = load_points(url, prof["clients"], prof["duration_s"], "per-request")
-        rss["per-request nlp server"] = peak_rss_mb(pid)
-    rest["ray_serve"] = ray_serve(prof["clients"], prof["duration_s"])
+    def per_request() -> list[dict[str, object]]:
+        with per_request_server("nlp", log_dir / "per-request.log") as (url, pid):
+            points = load_points(url, prof["clients"], prof["duration_s"], "per-request")
+            result["peak_rss_mb"]["per-request nlp server"] = peak_rss_mb(pid)
+            return points
+
+    result.setdefault("peak_rss_mb", {})
+    section("4a. REST load, per-request design", rest, "per_request", per_request)
+    section("4b. REST load, Ray Serve", rest, "ray_serve", lambda: ray_serve(prof["clients"], prof["duration_s"]))
     result["rest"] = rest
-    result["peak_rss_mb"] = rss
+    section("9b. LLM continuous vs static batching", result, "_", lambda: llm_continuous(result))
+    result.pop("_", None)
     result["wall_s"] = round(time.perf_counter() - started, 1)
 
-    out = write_result("suite", result)
-    md = RESULTS / "SUMMARY.md"
+    out = write_result("suite", result, out_dir)
+    if name == "smoke":
+        (out_dir / ".gitignore").write_text("*\n")  # smoke figures are checks, not results
+    md = out_dir / "SUMMARY.md"
     md.write_text(summary_md({**result, "machine": machine()}))
     print(md.read_text())
     print(f"-> {out}, {md} ({result['wall_s']} s)")
