@@ -1,0 +1,197 @@
+"""The official ``openai`` client against the edge's /v1 routes, with the shipped SmolLM2 and MiniLM agents.
+
+Chat, completions and embeddings go through the same Kafka path as the native routes; streams (chat and
+completion) come as SSE chunks the client parses; the client's own exception classes are raised for the
+edge's errors (400 for an unsupported field, 401 without the key, 404 for an unknown model). Prints the time
+to first token and tokens/s of one stream (``OPENAI-STREAM:``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from openai import OpenAI
+
+from aisemble.pipeline import Pipeline
+from streams.settings import Settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+API_KEY = "openai-test-key-0123456789"
+MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+@pytest.fixture(scope="module")
+def pipeline(infra_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    logs = Path(tmp_path_factory.mktemp("logs"))
+    p = Pipeline.isolated(
+        infra_settings,
+        ["llm", "nlp"],
+        logs,
+        AISEMBLE_REQUEST_TIMEOUT_S="120",
+        AISEMBLE_API_KEYS=json.dumps([API_KEY]),
+        AISEMBLE_NLP__THREADS="1",
+        AISEMBLE_LLM__THREADS="1",
+        AISEMBLE_LLM__BATCHING="continuous",  # rows stream their deltas as they decode (agents/llm_engine.py)
+    ).start(timeout_s=600)
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def client(pipeline: Pipeline) -> OpenAI:
+    return OpenAI(base_url=f"{pipeline.url}/v1", api_key=API_KEY, max_retries=0, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def served(client: OpenAI) -> dict[str, str]:
+    """The models /v1/models lists, by owner, once the edge has read the agents' heartbeats."""
+    deadline = time.monotonic() + 30
+    while True:
+        models = {m.owned_by: m.id for m in client.models.list()}
+        if {"aisemble-llm", "aisemble-nlp"} <= set(models) or time.monotonic() > deadline:
+            return models
+        time.sleep(0.5)
+
+
+def test_models_lists_the_llm_and_the_embedding_model(client: OpenAI, served: dict[str, str]) -> None:
+    assert set(served) == {"aisemble-llm", "aisemble-nlp"}, served
+    assert client.models.retrieve(served["aisemble-llm"]).id == served["aisemble-llm"]
+    print("OPENAI-MODELS:", json.dumps(served))
+
+
+def test_chat_completion(client: OpenAI, served: dict[str, str]) -> None:
+    reply = client.chat.completions.create(
+        model=served["aisemble-llm"], messages=MESSAGES, max_tokens=24, temperature=0  # type: ignore[arg-type]
+    )
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and choice.message.content and choice.finish_reason in ("stop", "length")
+    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 24 and reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    print("OPENAI-CHAT:", json.dumps({"text": choice.message.content, "usage": reply.usage.model_dump()}))
+
+
+def test_completion_by_service_name(client: OpenAI) -> None:
+    reply = client.completions.create(model="llm", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
+    assert reply.choices[0].text and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 8
+
+
+def test_chat_stream_relays_tokens_as_they_come(client: OpenAI, served: dict[str, str]) -> None:
+    started = time.perf_counter()
+    first: float | None = None
+    pieces: list[str] = []
+    usage = None
+    stream = client.chat.completions.create(
+        model=served["aisemble-llm"],
+        messages=MESSAGES,  # type: ignore[arg-type]
+        max_tokens=48,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    finish = None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                first = first if first is not None else time.perf_counter() - started
+                pieces.append(choice.delta.content)
+            finish = choice.finish_reason or finish
+    total = time.perf_counter() - started
+    assert usage is not None and finish in ("stop", "length") and first is not None
+    tokens_per_s = usage.completion_tokens / max(total - first, 1e-9)
+    print(
+        "OPENAI-STREAM:",
+        json.dumps({"ttft_s": round(first, 3), "total_s": round(total, 3), "content_chunks": len(pieces),
+                    "completion_tokens": usage.completion_tokens, "tokens_per_s_after_first": round(tokens_per_s, 1),
+                    "text": "".join(pieces)}),
+    )  # fmt: skip
+    assert len(pieces) > 1, f"the text came in one piece: the agent did not stream partials ({pieces})"
+
+
+def test_completion_stream(client: OpenAI) -> None:
+    chunks = list(client.completions.create(model="llm", prompt="Once upon", max_tokens=16, temperature=0, stream=True))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert all(c.object == "text_completion" for c in chunks)
+
+
+def test_a_cached_completion_streams_as_one_chunk(client: OpenAI) -> None:
+    """Greedy requests are cached (the llm's policy); a streamed repeat is answered from the cache in one piece."""
+    body = {"model": "llm", "prompt": "Kafka is a", "max_tokens": 6, "temperature": 0.0}
+    first = client.completions.create(**body)  # type: ignore[call-overload]
+    deadline = time.monotonic() + 10
+    while True:  # the agent writes the cache after it replied
+        chunks = list(client.completions.create(**body, stream=True))  # type: ignore[call-overload]
+        texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+        if len(texts) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert texts == [first.choices[0].text]
+
+
+def test_embeddings_float_and_base64(client: OpenAI, served: dict[str, str]) -> None:
+    texts = ["hello world", "Kafka moves events between services."]
+    as_float = client.embeddings.create(model=served["aisemble-nlp"], input=texts, encoding_format="float")
+    as_b64 = client.embeddings.create(model="nlp", input=texts)  # the client asks for base64 and decodes it
+    assert [d.index for d in as_float.data] == [0, 1]
+    for a, b in zip(as_float.data, as_b64.data, strict=True):
+        assert len(a.embedding) == 384 and abs(np.linalg.norm(a.embedding) - 1) < 1e-3
+        assert np.allclose(a.embedding, b.embedding, atol=1e-6)
+    assert as_float.usage.prompt_tokens > 0 and as_float.usage.total_tokens == as_float.usage.prompt_tokens
+    single = client.embeddings.create(model="nlp", input="hello world", encoding_format="float")
+    assert np.allclose(single.data[0].embedding, as_float.data[0].embedding, atol=1e-5)
+    print("OPENAI-EMBED:", json.dumps({"dim": len(as_float.data[0].embedding), "usage": as_float.usage.model_dump()}))
+
+
+def test_raw_base64_is_little_endian_float32(pipeline: Pipeline) -> None:
+    response = httpx.post(
+        f"{pipeline.url}/v1/embeddings",
+        json={"model": "nlp", "input": "hello", "encoding_format": "base64"},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=120,
+    )
+    vector = np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), dtype="<f4")
+    assert vector.shape == (384,) and abs(np.linalg.norm(vector) - 1) < 1e-3
+
+
+def test_unsupported_field_is_400_naming_it(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="llm", messages=MESSAGES, extra_body={"frequency_penalty": 0.5}  # type: ignore[arg-type]
+        )
+    assert caught.value.status_code == 400 and caught.value.param == "frequency_penalty"
+    assert caught.value.type == "invalid_request_error" and caught.value.code == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="llm", messages=MESSAGES, n=2)  # type: ignore[arg-type]
+    assert caught.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="llm", prompt="x", temperature=3)
+    assert caught.value.param == "temperature"
+
+
+def test_without_the_key_is_401(pipeline: Pipeline) -> None:
+    anonymous = OpenAI(base_url=f"{pipeline.url}/v1", api_key="not-the-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        anonymous.models.list()
+    assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
+
+
+def test_unknown_model_is_404_model_not_found(client: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    assert caught.value.code == "model_not_found" and caught.value.param == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="llm", input="x")  # the llm serves no embeddings
