@@ -147,6 +147,15 @@ class Settlement:
     ran: list[tuple[_Pending, _Delivery]]
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Records decoded and checked: the answers already known (``out``) and the requests to run."""
+
+    out: list[_Delivery]
+    to_run: list[_Pending]
+    picked_ms: float
+
+
 def _now_ms() -> float:
     return time.time() * 1000.0
 
@@ -232,6 +241,14 @@ class BatchProcessor:
     async def compute(self, records: Sequence[Record]) -> Settlement:
         """The first half of ``process``: decode, check, answer from the cache, run the model. Sends nothing,
         so the batch loop can run the model of the next batch while this one's replies are delivered."""
+        admission = await self.admit(records)
+        out, to_run = admission.out, admission.to_run
+        ran = await self._run(to_run, admission.picked_ms, out) if to_run else []
+        return Settlement(records, out, ran)
+
+    async def admit(self, records: Sequence[Record]) -> Admission:
+        """Steps 1-3 of ``compute`` (decode, check, answer from the cache); ``to_run`` is what needs the model
+        (the continuous LLM loop runs it row by row, then answers each with ``answer``)."""
         picked_ms = _now_ms()
         self._observer.batch(len(records), [(picked_ms - r.timestamp_ms) / 1000.0 for r in records])
         out: list[_Delivery] = []
@@ -261,11 +278,9 @@ class BatchProcessor:
             pending.append(_Pending(record, event, key))
 
         to_run = await self._answer_from_cache(pending, picked_ms, out)
-        ran = await self._run(to_run, picked_ms, out) if to_run else []
-
         self.stats.batches += 1
         self.stats.items += len(records)
-        return Settlement(records, out, ran)
+        return Admission(out, to_run, picked_ms)
 
     async def deliver(self, settlement: Settlement) -> None:
         """The second half of ``process``: settle every reply and dead letter (see the module docstring),
@@ -343,23 +358,27 @@ class BatchProcessor:
                 "batch_size": len(runnable),
                 "total_ms": round(done_ms - picked_ms, 3),
             }
-            if isinstance(outcome, Failure):
-                self.stats.errors += 1
-                reply = self._error_reply(p.event, outcome.code, outcome.message, timings)
-            else:
-                reply = ReplyEvent(
-                    id=p.event.id,
-                    service=self.service,
-                    task=p.event.task,
-                    ok=True,
-                    output=outcome,
-                    model=self.models[p.event.task],
-                    timings_ms=timings,
-                )
-            delivery = self._reply(p.record, p.event, reply)
+            delivery = self.answer(p, outcome, timings)
             out.append(delivery)
             ran.append((p, delivery))
         return ran
+
+    def answer(self, p: _Pending, outcome: Outcome, timings: dict[str, float]) -> _Delivery:
+        """The reply to settle for one request's outcome."""
+        if isinstance(outcome, Failure):
+            self.stats.errors += 1
+            reply = self._error_reply(p.event, outcome.code, outcome.message, timings)
+        else:
+            reply = ReplyEvent(
+                id=p.event.id,
+                service=self.service,
+                task=p.event.task,
+                ok=True,
+                output=outcome,
+                model=self.models[p.event.task],
+                timings_ms=timings,
+            )
+        return self._reply(p.record, p.event, reply)
 
     def _deduplicate(self, batch: list[_Pending]) -> tuple[list[list[int]], list[int]]:
         """Identical reproducible requests of a batch (same task, model and input: what makes a cache key)

@@ -31,6 +31,7 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from agents.continuous import AgentLoopFailed, ContinuousLoop, stepwise
 from agents.errors import DeliveryError
 from agents.loop import BatchObserver, BatchProcessor, Settlement
 from agents.metrics import serve_agent_metrics
@@ -329,7 +330,7 @@ class BatchLoop:
 
 def create_agent_app(
     service: Service, settings: Settings, runner: ModelRunner, observer: BatchObserver | None = None
-) -> tuple[faust.App, BatchLoop]:
+) -> tuple[faust.App, BatchLoop | ContinuousLoop[faust.EventT]]:
     """The Faust app of one service's agent, with its agent and heartbeat timer registered; ``observer``
     (e.g. ``agents.metrics.AgentMetrics``) is told what each batch did."""
     app = create_app(settings, service)
@@ -351,9 +352,15 @@ def create_agent_app(
         reply_policy=ReplyTopicPolicy.build(settings.topic_prefix, settings.reply_to_allow),
         observer=observer,
     )
-    loop = BatchLoop(
+    loop: BatchLoop | ContinuousLoop[faust.EventT] = BatchLoop(
         app, processor, conf.max_batch, conf.max_wait_ms, settings.shutdown_grace_s, conf.max_batch_bytes
     )
+    if stepwise(runner):  # the LLM with llm.batching=continuous: rows join and leave between decode steps
+        loop = ContinuousLoop[faust.EventT](
+            processor, runner, FaustSink(app), assignment=lambda: app.consumer.assignment(), record_of=_record,
+            lane_of=lambda e: e.message.tp, worker_id=worker_id, redis=redis, topic_prefix=settings.topic_prefix,
+            max_batch=conf.max_batch, grace_s=settings.shutdown_grace_s,
+        )  # fmt: skip
     info = AgentInfo(
         service=service,
         worker_id=worker_id,
@@ -366,7 +373,7 @@ def create_agent_app(
     async def serve(stream: faust.StreamT) -> None:
         try:
             await loop.run(stream)
-        except AgentStopped:
+        except (AgentStopped, AgentLoopFailed):
             # Faust's own stop can hang on a broker that is away (its consumer thread waits on it); nothing
             # of the failed batch is acknowledged, so a hard exit after a bounded wait loses nothing.
             _exit_after(EXIT_STOP_WAIT_S, EXIT_AGENT_FAILED)

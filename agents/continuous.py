@@ -1,0 +1,465 @@
+"""The agent loop for a step-wise runner (the LLM with ``llm.batching=continuous``): continuous batching.
+
+``ContinuousLoop`` replaces ``agents.worker.BatchLoop`` for a runner that has an engine (``stepwise``).
+Events are read from a ``noack`` Faust stream into a bounded FIFO; whenever the engine has a free row
+slot, whatever waits is admitted at once (the model never idles while events wait):
+``BatchProcessor.admit`` decodes and checks them and answers from the cache exactly as the batch loop
+does (dead letters, reply-topic policy, deadlines, unknown tasks); the rest become engine rows. Between
+admissions the loop runs ``engine.step()`` on a dedicated worker thread, one decode step at a time.
+
+Guarantees (the batch loop's, for rows that finish out of order):
+
+* Acknowledgement: an event is acknowledged only after its own final reply or dead letter is settled
+  (``BatchProcessor.deliver``: retries, dead letters, cache write, kept results) AND every earlier event
+  of its partition taken by this loop is too (``AckTracker``). Faust commits past a gap when offsets of
+  one partition are acknowledged out of order (``tests/test_llm_continuous.py`` shows it), so this loop
+  never acknowledges out of order.
+* Streaming (``RequestEvent.stream`` with a ``reply_to``): after each decode step, the deltas of the
+  streaming rows are grouped by reply topic (and task) into ONE ``PartialBatchEvent`` each, key = the
+  worker id, produced without waiting for the broker's ack (at most ``MAX_PARTIALS_OUTSTANDING`` acks
+  outstanding; a failed partial is only logged: the final reply is authoritative). ``attempt`` is a uuid
+  per row admission and ``seq`` counts that attempt's deltas.
+* Cancel: at most every ``CANCEL_POLL_S`` one ``MGET`` of the active streaming rows' keys
+  (``streams.cancel.cancel_key``) through the Redis breaker; a row whose key is set is stopped and
+  answered ``cancelled``. Redis away: streaming goes on, cancels are not seen (logged once per outage).
+* Graceful stop (SIGTERM; Faust cancels the agent): nothing new is admitted, active rows finish within
+  ``grace_s``, their replies are settled and acknowledged; past the grace period what is unfinished is
+  left unacknowledged (delivered again).
+* Rebalance: waiting events of revoked partitions are dropped; an event is acknowledged only while its
+  partition is assigned here (rows of a revoked partition finish and reply; the new owner may answer too).
+* A model failure fails the rows of that step (``model_error``); an engine that raises is replaced and
+  its rows are answered ``model_error``. A delivery that runs out of retries, or a bug, stops the process
+  (``AgentStopped``) without acknowledging what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Set as AbstractSet
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeGuard, TypeVar
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from agents.llm_engine import DecodeEngine, Delta, Finished, RowRequest, StepReport
+from agents.loop import BatchProcessor, Settlement, _Pending
+from agents.runner import Failure, Item
+from schemas import ErrorCode, PartialBatchEvent, PartialDelta
+from streams.batching import BatchBuffer, BufferClosed
+from streams.cancel import cancel_key
+from streams.codec import Record, encode
+from streams.redis import guarded
+
+log = logging.getLogger(__name__)
+
+CANCEL_POLL_S = 0.1
+MAX_PARTIALS_OUTSTANDING = 64
+E = TypeVar("E")
+
+
+class StepRunner(Protocol):
+    """A runner the continuous loop can drive (``agents.llm.LlmRunner``)."""
+
+    continuous: bool
+
+    def make_engine(self) -> DecodeEngine: ...
+
+    def row_request(self, key: str, item: Item, *, stream: bool = False) -> RowRequest | Failure: ...
+
+
+def stepwise(runner: object) -> TypeGuard[StepRunner]:
+    """Whether ``runner`` asks for the continuous loop (has an engine and has it switched on)."""
+    return getattr(runner, "continuous", False) is True and callable(getattr(runner, "make_engine", None))
+
+
+class AckTracker(Generic[E]):
+    """Per partition, the events taken in order; ``settle`` returns those that may be acknowledged now: the
+    settled prefix of each partition (pure; no Kafka)."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[Hashable, deque[list[object]]] = {}
+
+    def track(self, lane: Hashable, event: E) -> None:
+        self._lanes.setdefault(lane, deque()).append([event, False])
+
+    def settle(self, lane: Hashable, event: E) -> list[E]:
+        queue = self._lanes.get(lane)
+        if queue is None:
+            return []
+        for entry in queue:
+            if entry[0] is event:
+                entry[1] = True
+                break
+        ready: list[E] = []
+        while queue and queue[0][1]:
+            ready.append(queue.popleft()[0])  # type: ignore[arg-type]
+        return ready
+
+    def forget(self, lanes: set[object]) -> None:
+        for lane in lanes:
+            self._lanes.pop(lane, None)  # type: ignore[call-overload]
+
+    def held(self) -> int:
+        return sum(len(q) for q in self._lanes.values())
+
+
+class PartialSink(Protocol):
+    async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]: ...
+
+
+@dataclass(slots=True)
+class _Active:
+    """An admitted row: its event, its pending request and its stream bookkeeping."""
+
+    event: Any  # the loop's event type (faust.EventT)
+    pending: _Pending
+    attempt: str
+    admitted_s: float
+    picked_ms: float
+    stream_to: str | None
+    seq: int = 0
+    first_token_s: float | None = None
+    tokens: int = 0
+
+
+@dataclass(slots=True)
+class LoopFigures:
+    """Counters of the loop (heartbeat and tests)."""
+
+    steps: int = 0
+    admitted: int = 0
+    partial_records: int = 0
+    partial_failures: int = 0
+    cancelled: int = 0
+    engine_resets: int = 0
+    acked: int = 0
+    max_rows: int = 0
+    idle_with_waiting: int = field(default=0)
+
+
+class ContinuousLoop(Generic[E]):
+    """Feeds a Faust stream into a step-wise engine, one decode step at a time; see the module docstring.
+
+    ``assignment`` (the consumer's assigned partitions) and ``record_of`` (an event's ``Record``) are
+    injected so the worker gives Faust's and tests may give their own.
+    """
+
+    def __init__(
+        self,
+        processor: BatchProcessor,
+        runner: StepRunner,
+        sink: PartialSink,
+        *,
+        assignment: Callable[[], AbstractSet[object]],
+        record_of: Callable[[E], Record],
+        lane_of: Callable[[E], Hashable],
+        worker_id: str,
+        redis: Redis | None,
+        topic_prefix: str,
+        max_batch: int,
+        grace_s: float,
+    ) -> None:
+        self.processor = processor
+        self.runner = runner
+        self._sink = sink
+        self._assignment = assignment
+        self._record_of = record_of
+        self._lane_of = lane_of
+        self._worker_id = worker_id.encode()
+        self._redis = redis
+        self._prefix = topic_prefix
+        self.grace_s = grace_s
+        self.buffer: BatchBuffer[E] = BatchBuffer(max_batch, capacity=2 * max_batch)
+        self.engine = runner.make_engine()
+        self.max_rows = self.engine.max_batch
+        self.failure: BaseException | None = None
+        self.figures = LoopFigures()
+        self._tracker: AckTracker[E] = AckTracker()
+        self._active: dict[str, _Active] = {}
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._partials: deque[asyncio.Future[object]] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-engine")
+        self._stopping = False
+        self._redis_down_logged = False
+
+    # -- Faust side ---------------------------------------------------------------------------------------
+
+    def on_revoked(self, revoked: set[object]) -> None:
+        dropped = self.buffer.drop(lambda e: self._lane_of(e) in revoked)
+        self._tracker.forget(revoked)
+        if dropped:
+            log.info("rebalance: dropped %d waiting events of revoked partitions (their new owner serves them)",
+                     len(dropped))  # fmt: skip
+
+    async def _feed(self, stream: object) -> None:
+        try:
+            async for event in stream.events():  # type: ignore[attr-defined]
+                await self.buffer.put(event)
+        except (asyncio.CancelledError, BufferClosed):
+            raise
+        except Exception as exc:  # noqa: BLE001  (recorded; run() then stops the process)
+            self.failure = exc
+            log.critical("the agent's stream failed: %r", exc)
+        finally:
+            self.buffer.close()
+
+    async def run(self, stream: object) -> None:
+        """Serve until the stream ends, the task is cancelled (graceful stop) or something fails.
+
+        ``stream``: the agent's Faust stream (read through ``stream.noack()``).
+
+        Raises:
+            AgentLoopFailed: a delivery ran out of retries, or a bug; nothing it holds is acknowledged.
+        """
+        feeder = asyncio.create_task(self._feed(stream.noack()), name="agent-feed")  # type: ignore[attr-defined]
+        poller = asyncio.create_task(self._poll_cancels(), name="agent-cancel-poll")
+        work = asyncio.create_task(self._serve(), name="agent-continuous")
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if not work.done():
+                await self._stop_within(work)
+            raise
+        finally:
+            self.buffer.close()
+            for task in (feeder, poller):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, BufferClosed):
+                    await task
+            self._executor.shutdown(wait=False)
+        if self.failure is not None:
+            raise AgentLoopFailed(str(self.failure))
+
+    async def _stop_within(self, work: asyncio.Task[None]) -> None:
+        log.info("stopping: admitting nothing new; finishing %d active rows within %.0fs", len(self._active),
+                 self.grace_s)  # fmt: skip
+        self._stopping = True
+        self.buffer.close()
+        self.buffer.drop(lambda e: True)  # never admitted: delivered again
+        try:
+            await asyncio.wait_for(work, self.grace_s)
+            log.info("active rows answered and acknowledged")
+        except TimeoutError:
+            log.warning("grace period over: %d rows left unacknowledged (delivered again)", len(self._active))
+            for task in list(self._deliveries):
+                task.cancel()
+        except Exception:
+            log.exception("the loop failed while stopping")
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        try:
+            while self.failure is None:
+                free = self.max_rows - self.engine.active
+                if not self._stopping and free > 0 and len(self.buffer) > 0:
+                    await self._admit(await self._take(free))
+                    continue
+                if self.engine.active == 0:
+                    if self._stopping or (self.buffer.closed and len(self.buffer) == 0):
+                        break
+                    events = await self._take(self.max_rows)
+                    if not events:
+                        break
+                    await self._admit(events)
+                    continue
+                await self._step()
+            await self._drain_deliveries()
+        except Exception as exc:  # noqa: BLE001  (recorded; run() then stops the process unacknowledged)
+            self._fail(exc)
+
+    async def _take(self, limit: int) -> list[E]:
+        self.buffer.max_batch = max(1, limit)
+        return await self.buffer.take()
+
+    async def _admit(self, events: list[E]) -> None:
+        records = [self._record_of(e) for e in events]
+        by_record = {id(r): e for r, e in zip(records, events, strict=True)}
+        for event in events:
+            self._tracker.track(self._lane_of(event), event)
+        try:
+            admission = await self.processor.admit(records)
+        except Exception:  # policy: isolate the poison record, never stall the partition
+            log.exception("admission of %d events failed; answering them one at a time", len(records))
+            self._spawn(self._isolate(events, records))
+            return
+        if admission.out:
+            settled = [by_record[id(d.source)] for d in admission.out]
+            self._spawn(self._deliver(Settlement([d.source for d in admission.out], admission.out, []), settled))
+        now = time.monotonic()
+        for p in admission.to_run:
+            event = by_record[id(p.record)]
+            attempt = uuid.uuid4().hex
+            stream_to = p.event.reply_to if p.event.stream else None
+            item = Item(p.event.task, dict(p.event.input), p.event.deadline_ms)
+            request = self.runner.row_request(attempt, item, stream=stream_to is not None)
+            active = _Active(event, p, attempt, now, admission.picked_ms, stream_to)
+            if isinstance(request, Failure):
+                self._finish(active, request)
+                continue
+            self._active[attempt] = active
+            self.engine.add(request)
+            self.figures.admitted += 1
+
+    async def _step(self) -> None:
+        rows = self.engine.active
+        self.figures.max_rows = max(self.figures.max_rows, rows)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            report: StepReport = await loop.run_in_executor(self._executor, self.engine.step)
+        except Exception as exc:  # policy: the engine's rows fail, the agent goes on
+            log.exception("the llm engine failed; answering its %d rows model_error and starting a new one", rows)
+            self.figures.engine_resets += 1
+            self.engine = self.runner.make_engine()
+            message = f"engine failed: {type(exc).__name__}: {exc}"[:500]
+            report = StepReport(finished=[Finished(k, Failure(ErrorCode.MODEL_ERROR, message)) for k in self._active])
+        self.figures.steps += 1
+        self.processor._observer.inference(rows, time.perf_counter() - started)
+        now = time.monotonic()
+        if report.deltas:
+            self._send_partials(report.deltas, now)
+        for finished in report.finished:
+            active = self._active.pop(finished.key, None)
+            if active is None:
+                continue
+            if isinstance(finished.outcome, Failure) and finished.outcome.code == ErrorCode.CANCELLED:
+                self.figures.cancelled += 1
+            if active.first_token_s is None and finished.ids:
+                active.first_token_s = now
+            self._finish(active, finished.outcome, rows)
+        await self._bound_partials()
+
+    def _finish(self, active: _Active, outcome: Failure | dict[str, object], batch: int = 0) -> None:
+        done = time.monotonic()
+        timings = {
+            "queue_ms": round(active.picked_ms - active.pending.record.timestamp_ms, 3),
+            "inference_ms": round((done - active.admitted_s) * 1000.0, 3),
+            "batch_size": batch,
+            "total_ms": round(_now_ms() - active.picked_ms, 3),
+        }
+        if active.first_token_s is not None:
+            timings["first_token_ms"] = round((active.first_token_s - active.admitted_s) * 1000.0, 3)
+        delivery = self.processor.answer(active.pending, outcome, timings)
+        settlement = Settlement([active.pending.record], [delivery], [(active.pending, delivery)])
+        self._spawn(self._deliver(settlement, [active.event]))
+
+    # -- deliveries and acknowledgements ------------------------------------------------------------------
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._deliveries.add(task)
+        task.add_done_callback(self._delivery_done)
+
+    def _delivery_done(self, task: asyncio.Task[None]) -> None:
+        self._deliveries.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._fail(exc)
+
+    async def _deliver(self, settlement: Settlement, events: list[E]) -> None:
+        await self.processor.deliver(settlement)
+        self._settled(events)
+
+    async def _isolate(self, events: list[E], records: list[Record]) -> None:
+        await self.processor.isolate(records)
+        self._settled(events)
+
+    def _settled(self, events: Sequence[E]) -> None:
+        assigned = self._assignment()
+        for event in events:
+            lane = self._lane_of(event)
+            for ready in self._tracker.settle(lane, event):
+                if lane in assigned:
+                    ready.ack()  # type: ignore[attr-defined]
+                    self.figures.acked += 1
+
+    async def _drain_deliveries(self) -> None:
+        while self._deliveries:
+            await asyncio.gather(*list(self._deliveries), return_exceptions=True)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+            log.critical("agent loop failed, stopping the process (its events are delivered again): %r", exc)
+        self.buffer.drop(lambda e: True)
+        self.buffer.close()
+
+    # -- streaming ----------------------------------------------------------------------------------------
+
+    def _send_partials(self, deltas: list[Delta], now: float) -> None:
+        groups: dict[tuple[str, str], list[PartialDelta]] = {}
+        for delta in deltas:
+            active = self._active.get(delta.key)
+            if active is None or active.stream_to is None:
+                continue
+            if active.first_token_s is None and delta.tokens:
+                active.first_token_s = now
+            event = active.pending.event
+            partial = PartialDelta(
+                id=event.id,
+                correlation_id=event.correlation_id,
+                attempt=active.attempt,
+                seq=active.seq,
+                text=delta.text,
+                tokens=delta.tokens,
+            )
+            active.seq += 1
+            groups.setdefault((active.stream_to, event.task), []).append(partial)
+        for (topic, task), group in groups.items():
+            value = encode(PartialBatchEvent(service=self.processor.service, task=task, deltas=group))
+            self.figures.partial_records += 1
+            self._partials.append(asyncio.ensure_future(self._send_partial(topic, value)))
+
+    async def _send_partial(self, topic: str, value: bytes) -> object:
+        try:
+            ack = await self._sink.send(topic, self._worker_id, value)
+            return await ack
+        except Exception as exc:  # noqa: BLE001  (a partial is an early view; the final reply is authoritative)
+            self.figures.partial_failures += 1
+            log.debug("a partial to %s failed: %r", topic, exc)
+            return None
+
+    async def _bound_partials(self) -> None:
+        while self._partials and self._partials[0].done():
+            self._partials.popleft()
+        while len(self._partials) > MAX_PARTIALS_OUTSTANDING:
+            await self._partials.popleft()
+
+    async def _poll_cancels(self) -> None:
+        """Every ``CANCEL_POLL_S``: one MGET of the active streaming rows' cancel keys (see the module doc)."""
+        redis = self._redis
+        if redis is None:
+            return
+        while True:
+            await asyncio.sleep(CANCEL_POLL_S)
+            streaming = [(k, a) for k, a in self._active.items() if a.stream_to is not None]
+            if not streaming:
+                continue
+            keys = [cancel_key(self._prefix, a.pending.event.id) for _, a in streaming]
+            try:
+                values = await guarded(redis, lambda keys=keys: redis.mget(keys))  # type: ignore[misc]
+            except RedisError as exc:
+                if not self._redis_down_logged:
+                    log.warning("cancel keys unreadable (%s); streaming goes on, cancels are not seen", exc)
+                    self._redis_down_logged = True
+                continue
+            self._redis_down_logged = False
+            for (key, _), value in zip(streaming, values, strict=True):
+                if value is not None:
+                    self.engine.cancel(key)
+
+
+class AgentLoopFailed(Exception):
+    """The continuous loop ended in a way that must end the process."""
+
+
+def _now_ms() -> float:
+    return time.time() * 1000.0

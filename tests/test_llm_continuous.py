@@ -1,0 +1,332 @@
+"""The continuous LLM loop through the real Kafka and Redis, with a tiny random Llama saved in tmp_path
+(``AISEMBLE_LLM__MODEL``) and ``AISEMBLE_LLM__BATCHING=continuous``; plus the acknowledgement rule's units.
+
+Reference texts come from the static path (``run_batch``, i.e. ``generate``) on each prompt alone, in this
+process: the engine's greedy tokens equal them (``tests/test_llm_engine.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import faust
+import orjson
+import pytest
+import torch
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.types import TP
+
+from agents.continuous import AckTracker
+from agents.llm import LlmRunner, build_runner
+from agents.runner import Item
+from aisemble.pipeline import Pipeline
+from streams.cancel import cancel_key
+from streams.redis import connect
+from streams.settings import LlmSettings, Settings
+from streams.topics import wait_for_partitions
+from tests.kafka_client import RawClient
+from tests.test_llm_tiny_model import _save_model
+
+LONG = 900  # tokens of a "long" row: a few seconds on the tiny model
+
+
+# -- units: what Faust commits, and the loop's own rule ---------------------------------------------------
+
+
+def test_faust_commits_past_a_gap_when_acked_out_of_order() -> None:
+    """Why the loop keeps its own order: Faust's consumer computes the offset to commit from the acked
+    offsets, and with the head of a partition unacked it still commits past it."""
+    consumer = faust.App(f"probe-{uuid.uuid4().hex[:6]}", broker="kafka://127.0.0.1:9092").consumer
+    tp = TP("t", 0)
+    seen = {}
+    for committed, acked in [(None, [1]), (None, [0, 2, 3]), (10, [11]), (10, [12, 13])]:
+        consumer._committed_offset[tp] = committed
+        consumer._acked[tp] = list(acked)
+        consumer._acked_index[tp] = set(acked)
+        seen[f"{committed}:{acked}"] = consumer._new_offset(tp)
+    print("FAUST-OUT-OF-ORDER:", seen)
+    assert seen["None:[1]"] == 2  # offset 0 never acked, yet 2 would be committed: 0 would be lost
+    assert seen["10:[11]"] == 12  # the same with a commit behind: 10 would be lost
+    assert seen["None:[0, 2, 3]"] == 1  # a gap after the head is respected
+
+
+def test_ack_tracker_releases_only_the_settled_prefix_of_each_partition() -> None:
+    tracker: AckTracker[str] = AckTracker()
+    for lane, event in [(0, "a0"), (0, "a1"), (1, "b0"), (0, "a2"), (1, "b1")]:
+        tracker.track(lane, event)
+    assert tracker.settle(0, "a1") == []  # a0 still runs
+    assert tracker.settle(1, "b0") == ["b0"]
+    assert tracker.settle(0, "a2") == []
+    assert tracker.settle(0, "a0") == ["a0", "a1", "a2"]
+    tracker.forget({1})
+    assert tracker.settle(1, "b1") == []  # a revoked partition's events are never released
+    assert tracker.held() == 0
+
+
+# -- through Kafka ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = _save_model(tmp_path_factory.mktemp("tiny-llama"))
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 1024  # long rows (RoPE has no learned positions)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlmRunner]:
+    before = torch.get_num_threads()
+    settings = Settings(
+        cache_dir=tmp_path_factory.mktemp("ref-cache"), llm=LlmSettings(model=str(model_dir), device="cpu", threads=1)
+    )
+    runner = build_runner(settings)
+    runner.load()
+    yield runner
+    torch.set_num_threads(before)
+
+
+def _env(model_dir: Path, **extra: str) -> dict[str, str]:
+    return {
+        "AISEMBLE_LLM__MODEL": str(model_dir),
+        "AISEMBLE_LLM__DEVICE": "cpu",
+        "AISEMBLE_LLM__THREADS": "1",
+        "AISEMBLE_LLM__BATCHING": "continuous",
+        "AISEMBLE_LLM__MAX_BATCH": "6",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def pipeline(infra_settings: Settings, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    started = Pipeline.isolated(infra_settings, ["llm"], tmp_path_factory.mktemp("logs"), **_env(model_dir)).start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+class Collector:
+    """Every record of one reply topic, in order, read in the background."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.records: list[dict[str, object]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Collector:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, auto_offset_reset="earliest")
+        await consumer.start()
+        partitions = await wait_for_partitions(self.settings, self.topic)
+        consumer.assign([TopicPartition(self.topic, p) for p in partitions])
+
+        async def pump() -> None:
+            try:
+                while True:
+                    for batch in (await consumer.getmany(timeout_ms=200)).values():
+                        self.records.extend(orjson.loads(r.value) for r in batch)
+            finally:
+                await consumer.stop()
+
+        self._task = asyncio.create_task(pump())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def wait(self, done: Callable[[list[dict[str, object]]], bool], timeout_s: float = 120.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not done(self.records):
+            assert loop.time() < deadline, f"timed out; {len(self.records)} records: {self.records[-3:]}"
+            await asyncio.sleep(0.05)
+
+    def replies(self) -> dict[str, dict[str, object]]:
+        return {str(r["id"]): r for r in self.records if not r.get("partial")}
+
+    def partials(self) -> list[dict[str, object]]:
+        return [r for r in self.records if r.get("partial")]
+
+    def reply_index(self, rid: str) -> int:
+        return next(i for i, r in enumerate(self.records) if not r.get("partial") and r["id"] == rid)
+
+
+def _request(
+    rid: str, reply_to: str, prompt: str, max_tokens: int, *, stream: bool = False, **params: object
+) -> dict[str, object]:
+    return {
+        "id": rid,
+        "task": "completion",
+        "input": {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, **params},
+        "reply_to": reply_to,
+        "cache": False,
+        "stream": stream,
+        "correlation_id": f"c-{rid}",
+    }
+
+
+def _expected(reference: LlmRunner, event: dict[str, object]) -> dict[str, object]:
+    out = reference.run_batch([Item("completion", dict(event["input"]))])[0]  # type: ignore[arg-type]
+    assert isinstance(out, dict), out
+    return out
+
+
+@pytest.fixture()
+async def client(pipeline: Pipeline) -> AsyncIterator[tuple[RawClient, Collector]]:
+    async with RawClient(pipeline.settings) as raw, Collector(pipeline.settings, raw.reply_topic) as collector:
+        yield raw, collector
+
+
+@pytest.mark.integration
+async def test_rows_joining_a_running_generation_are_answered_and_partials_add_up(
+    client: tuple[RawClient, Collector], reference: LlmRunner
+) -> None:
+    raw, collector = client
+    topic = raw.reply_topic
+    tag = uuid.uuid4().hex[:6]
+    long = _request(f"long-{tag}", topic, "The quick brown fox", LONG, stream=True)
+    await raw.send_request("llm", long)
+    await collector.wait(lambda recs: any(r.get("partial") for r in recs))  # it is generating
+    joiners = [
+        _request(f"j1-{tag}", topic, "Kafka moves events between services", 7),
+        _request(f"j2-{tag}", topic, "Paris is the capital of France", 23, stream=True),
+        _request(f"j3-{tag}", topic, "Tokens", 40, stream=True, stop=["\x00never"]),
+        _request(f"j4-{tag}", topic, "The weather", 16, temperature=1.0, seed=1234),
+    ]
+    await raw.send_many("llm", joiners)
+    events = [long, *joiners]
+    await collector.wait(lambda recs: all(str(e["id"]) in collector.replies() for e in events))
+    replies = collector.replies()
+    for event in events:
+        reply = replies[str(event["id"])]
+        assert reply["ok"], reply
+        assert reply["correlation_id"] == event["correlation_id"]
+        output = reply["output"]
+        assert isinstance(output, dict)
+        assert output["tokens"] == event["input"]["max_tokens"]  # type: ignore[index]  # per-row max_tokens
+        if event["input"]["temperature"] == 0.0:  # type: ignore[index]
+            assert output == _expected(reference, event), event["id"]
+    # the joiners were answered while the long row still ran (static batches would answer them after it)
+    assert all(collector.reply_index(str(j["id"])) < collector.reply_index(str(long["id"])) for j in joiners)
+    # partials: one record per step per topic; per row, deltas in seq order that add up to the final text
+    per_row: dict[str, list[dict[str, object]]] = {}
+    shared = 0
+    for record in collector.partials():
+        deltas = record["deltas"]
+        assert isinstance(deltas, list)
+        ids = [d["id"] for d in deltas]
+        assert len(ids) == len(set(ids))  # at most one delta per row in one record
+        shared += len(ids) > 1
+        for delta in deltas:
+            per_row.setdefault(str(delta["id"]), []).append(delta)
+    assert set(per_row) == {str(long["id"]), str(joiners[1]["id"]), str(joiners[2]["id"])}  # streaming rows only
+    for rid, deltas in per_row.items():
+        assert [d["seq"] for d in deltas] == list(range(len(deltas)))
+        assert len({d["attempt"] for d in deltas}) == 1
+        assert "".join(str(d["text"]) for d in deltas) == replies[rid]["output"]["text"]  # type: ignore[index]
+        assert sum(int(str(d["tokens"])) for d in deltas) == replies[rid]["output"]["tokens"]  # type: ignore[index]
+    print("CONTINUOUS-JOIN:", {"partial_records": len(collector.partials()), "records_with_several_rows": shared,
+                               "long_first_token_ms": replies[str(long["id"])]["timings_ms"].get("first_token_ms")})  # type: ignore[union-attr]  # fmt: skip
+    assert shared > 0  # rows of the same step shared a record
+
+
+@pytest.mark.integration
+async def test_a_seeded_row_has_the_same_text_alone_and_among_others(client: tuple[RawClient, Collector]) -> None:
+    raw, collector = client
+    topic = raw.reply_topic
+    tag = uuid.uuid4().hex[:6]
+    seeded = {"temperature": 1.0, "seed": 77}
+    alone = _request(f"alone-{tag}", topic, "The weather", 30, **seeded)
+    await raw.send_request("llm", alone)
+    await collector.wait(lambda recs: str(alone["id"]) in collector.replies())
+    crowd = [_request(f"c{i}-{tag}", topic, "The weather", 10 + 9 * i, temperature=1.0) for i in range(4)]
+    again = _request(f"again-{tag}", topic, "The weather", 30, **seeded)
+    await raw.send_many("llm", [crowd[0], crowd[1], again, crowd[2], crowd[3]])
+    await collector.wait(lambda recs: all(str(e["id"]) in collector.replies() for e in [*crowd, again]))
+    replies = collector.replies()
+    assert replies[str(again["id"])]["output"] == replies[str(alone["id"])]["output"]
+
+
+@pytest.mark.integration
+async def test_cancel_key_stops_a_streaming_row(client: tuple[RawClient, Collector], pipeline: Pipeline) -> None:
+    raw, collector = client
+    topic = raw.reply_topic
+    tag = uuid.uuid4().hex[:6]
+    doomed = _request(f"doomed-{tag}", topic, "The quick brown fox", LONG, stream=True)
+    other = _request(f"other-{tag}", topic, "Kafka moves events", 60, stream=True)
+    await raw.send_many("llm", [doomed, other])
+    await collector.wait(lambda recs: any(r.get("partial") for r in recs))
+    redis = connect(pipeline.settings)
+    try:
+        await redis.set(cancel_key(pipeline.prefix, str(doomed["id"])), b"1", ex=60)
+        await collector.wait(lambda recs: all(str(e["id"]) in collector.replies() for e in [doomed, other]))
+    finally:
+        await redis.aclose()
+    replies = collector.replies()
+    stopped = replies[str(doomed["id"])]
+    assert not stopped["ok"] and stopped["error"]["code"] == "cancelled", stopped  # type: ignore[index]
+    assert replies[str(other["id"])]["ok"]
+    streamed = sum(
+        int(d["tokens"])
+        for r in collector.partials()
+        for d in r["deltas"]
+        if d["id"] == doomed["id"]  # type: ignore[attr-defined, index]
+    )
+    print("CANCEL:", {"tokens_streamed_before_cancel": streamed, "max_tokens": LONG, "message": stopped["error"]})
+    assert streamed < LONG
+
+
+@pytest.mark.integration
+@pytest.mark.fault
+async def test_sigterm_mid_generation_loses_nothing(infra_settings: Settings, model_dir: Path, tmp_path: Path) -> None:
+    pipeline = Pipeline.isolated(infra_settings, ["llm"], tmp_path, **_env(model_dir)).start()
+    try:
+        async with RawClient(pipeline.settings) as raw, Collector(pipeline.settings, raw.reply_topic) as collector:
+            tag = uuid.uuid4().hex[:6]
+            events = [
+                _request(
+                    f"s{i}-{tag}",
+                    raw.reply_topic,
+                    f"Paris is the capital {i}",
+                    300 if i % 3 == 0 else 20 + i,
+                    stream=i % 2 == 0,
+                )
+                for i in range(14)
+            ]
+            await raw.send_many("llm", events)
+            await collector.wait(lambda recs: len(collector.replies()) >= 2)  # generating, mid-way
+            answered_before = len(collector.replies())
+            pipeline.procs["llm"].send_signal(signal.SIGTERM)
+            status = pipeline.procs["llm"].wait(timeout=60)
+            log = pipeline.log_tail("llm", 200_000)
+            pipeline.restart("llm")
+            ids = {str(e["id"]) for e in events}
+            await collector.wait(lambda recs: ids <= set(collector.replies()), timeout_s=180)
+            replies = collector.replies()
+            ok = sum(1 for rid in ids if replies[rid]["ok"])
+            duplicates = sum(1 for r in collector.records if not r.get("partial")) - len(replies)
+            counts = {
+                "sent": len(events),
+                "answered": len(ids & set(replies)),
+                "ok": ok,
+                "answered_before_sigterm": answered_before,
+                "duplicates": duplicates,
+                "dead_lettered": 0,
+                "lost": len(ids - set(replies)),
+                "exit_status": status,
+            }
+            print("FAULT-COUNTS:", json.dumps(counts))
+            assert status == 0, log[-3000:]
+            assert "active rows answered and acknowledged" in log
+            assert counts["lost"] == 0 and ok == len(events)
+    finally:
+        pipeline.stop()
