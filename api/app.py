@@ -21,7 +21,7 @@ from api.edge import Edge
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import EdgeMetrics, RequestMetrics
-from api.routes import data, health, lag, llm, metrics, nlp, status, vision
+from api.routes import data, health, lag, llm, metrics, nlp, requests, status, vision
 from streams.kafka_security import client_options
 from streams.lag_probe import LagMonitor
 from streams.redis import connect
@@ -114,6 +114,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(status.page_router)  # GET /: the status page, open (it holds no data; api/routes/status.py)
     app.include_router(status.router, dependencies=auth_dependencies(settings, route="metrics"))  # like /metrics
     service_auth = auth_dependencies(settings)  # API keys on every service route (api/auth.py)
-    for module in (data, nlp, llm, vision):
+    for module in (data, nlp, llm, vision, requests):  # requests: GET /requests/{id} (api/async_requests.py)
         app.include_router(module.router, dependencies=service_auth)
     return app
