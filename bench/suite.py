@@ -24,7 +24,7 @@ under bench/results/smoke/, git-ignored). Sections (numbers as in issue #10):
 6. scale: 1,000 data requests in flight at once; the peak RSS of every process, and the four agents'
    sum (four services with their default models, started together, Kafka and Redis aside).
 7. fairness: queue_ms per partition of the request (murmur2 of its id) at the top client count.
-8. profile (``bench.profile``): py-spy of the nlp agent under Kafka-direct embed and of the edge under
+8. profile (``bench.profiling``): py-spy of the nlp agent under Kafka-direct embed and of the edge under
    the top client count; speedscope + raw files and the top self-time functions.
 9. LLM streaming (``bench.llm_stream``): time to first token and tokens/s per SSE stream; then
    ``bench/llm_continuous.py --quick`` when that script is present (its figures are kept).
@@ -75,7 +75,7 @@ from bench.floor import FLOOR_RATE_DEFAULT, run_floor
 from bench.kafka_direct import direct, fairness
 from bench.llm_stream import streaming
 from bench.model_limit import model_limit
-from bench.profile import recording
+from bench.profiling import recording
 from bench.samples_data import sample_items as data_items
 from bench.samples_llm import PROMPTS
 from bench.samples_llm import sample_items as llm_items

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.profile import summary_md as profile_md
+from bench.profiling import summary_md as profile_md
 
 RSS_TARGET_MB = 3e9 / 2**20  # 3 GB (decimal) in MiB, as VmHWM is reported
 

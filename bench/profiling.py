@@ -10,6 +10,9 @@ and by total time (any frame of it), each with its share of the samples. ``summa
 What can go wrong: py-spy missing, or not allowed to read the process (ptrace: run as the same user, or
 with CAP_SYS_PTRACE), leaves ``rec["skipped"]`` with py-spy's message instead of raising. py-spy is
 stopped by PID if it outlives its duration by 30 s.
+
+Named ``profiling``, not ``profile``: scripts under bench/ run by path put bench/ first on ``sys.path``, where
+a ``profile.py`` would shadow the standard library's (``cProfile`` imports it; transformers imports cProfile).
 """
 
 from __future__ import annotations
