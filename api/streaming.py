@@ -52,6 +52,17 @@ DIVERGED = (
 )
 
 
+# One event of the native stream, as OpenAPI documents a text/event-stream body (its schema is per event).
+SSE_EVENT: dict[str, object] = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["delta", "done", "error"]},
+        "data": {"type": "string", "description": "JSON: {text} for delta, the reply event for done, ErrorBody."},
+    },
+    "required": ["event", "data"],
+}
+
+
 def sse(data: str | bytes, event: str | None = None) -> bytes:
     """One SSE event; ``data`` must be one line (JSON is)."""
     body = data.encode() if isinstance(data, str) else data
@@ -138,7 +149,13 @@ class SseResponse(StreamingResponse):
 
 
 class NativeFormat:
-    """``POST /ai/llm/completion`` with ``"stream": true`` (see the module docstring)."""
+    """``POST /ai/llm/completion`` with ``"stream": true`` (see the module docstring); an error event the edge
+    writes itself names the stream's request id, service and task."""
+
+    def __init__(self, stream: EdgeStream) -> None:
+        self.request_id = stream.request_id
+        self.service = stream.service
+        self.task = stream.task
 
     def opening(self) -> list[bytes]:
         return []
@@ -151,7 +168,10 @@ class NativeFormat:
         return [*frames, sse(orjson.dumps(reply.model_dump(mode="json")), "done")]
 
     def failure(self, status: int, code: str, message: str, reply: ReplyEvent | None) -> bytes:
-        body = reply.model_dump(mode="json") if reply is not None else error_body(code, message)
+        if reply is not None:
+            body = reply.model_dump(mode="json")
+        else:
+            body = error_body(code, message, request_id=self.request_id, service=self.service, task=self.task)
         return sse(orjson.dumps(body), "error")
 
 

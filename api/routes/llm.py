@@ -7,7 +7,7 @@ from fastapi.responses import Response
 
 from api.async_requests import ASYNC_RESPONSES, Serve, serve_request
 from api.errors import SERVICE_RESPONSES
-from api.streaming import NativeFormat, SseResponse
+from api.streaming import SSE_EVENT, NativeFormat, SseResponse
 from schemas.llm import LlmCompletionRequest
 
 router = APIRouter(tags=["llm"])
@@ -19,7 +19,7 @@ STREAM_RESPONSES: dict[int | str, dict[str, object]] = {
         **SERVICE_RESPONSES[200],
         "content": {
             "text/event-stream": {
-                "schema": {"type": "string"},
+                "schema": SSE_EVENT,
                 "description": "With stream: true: event: delta {text} ..., then event: done (the reply event) "
                 "or event: error (an ErrorBody).",
             }
@@ -35,7 +35,7 @@ async def completion(body: LlmCompletionRequest, serve: Serve = Depends(serve_re
     if body.stream:
         edge, rid = serve.edge, serve.request_id
         stream = await edge.stream("llm", "completion", body.to_input(), cache=body.cache, request_id=rid)
-        return SseResponse(stream, NativeFormat())
+        return SseResponse(stream, NativeFormat(stream))
     return await serve("llm", "completion", body.to_input(), cache=body.cache)
 
 
