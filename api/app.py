@@ -22,6 +22,7 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import EdgeMetrics, RequestMetrics
 from api.routes import data, health, lag, llm, metrics, nlp, requests, status, vision
+from api.routes import openai as openai_routes
 from streams.kafka_security import client_options
 from streams.lag_probe import LagMonitor
 from streams.redis import connect
@@ -116,4 +117,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     service_auth = auth_dependencies(settings)  # API keys on every service route (api/auth.py)
     for module in (data, nlp, llm, vision, requests):  # requests: GET /requests/{id} (api/async_requests.py)
         app.include_router(module.router, dependencies=service_auth)
+    app.include_router(openai_routes.router, dependencies=service_auth)  # /v1: OpenAI-compatible (api/openai.py)
     return app
