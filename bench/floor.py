@@ -54,6 +54,7 @@ NOOP = "bench.noop_runner:build"
 PATH = "/data/process"
 HOPS = ("http", "to_agent", "agent", "back")
 FLOOR_RATE_DEFAULT = 200.0
+WARM_CONNECTIONS = 16
 
 
 def noop_body(i: int) -> dict[str, object]:
@@ -116,8 +117,10 @@ async def open_loop(url: str, rate: float, count: int) -> dict[str, object]:
     """``count`` requests, request i sent at start + i/rate (not waiting for earlier answers)."""
     samples = Samples()
     async with _client(url, 512) as http:
-        for i in range(5):  # warm the connections and the path
+        for i in range(5):  # warm the path
             await _post(http, -i - 1, Samples())
+        # open WARM_CONNECTIONS connections up front, so the rate's first overlaps do not pay TCP set-up
+        await asyncio.gather(*(_post(http, -10 - i, Samples()) for i in range(WARM_CONNECTIONS)))
         loop = asyncio.get_running_loop()
         start = loop.time()
         tasks = []

@@ -5,7 +5,8 @@ with ``"stream": true`` (greedy, cache off, prompts from ``bench.samples_llm``),
 ``api.streaming.stream_timings``: per stream the seconds to the first event that carries text (TTFT), the
 whole stream, and the generated tokens from the final ``done`` event's reply (``output.tokens``);
 tokens/s per stream = tokens / total seconds, and the decode rate after the first token =
-(tokens - 1) / (total - TTFT).
+(tokens - 1) / (total - TTFT), only for a stream that sent its text in two or more events (one that
+sent it all in one event is listed under ``problems``: it was not streamed).
 
 It never raises for a stream that does not work: it returns ``{"skipped": "<why>"}`` when ``api.streaming``
 is missing, or when no stream produced text (with the statuses and the last event seen), so the suite
@@ -41,7 +42,7 @@ async def streaming(url: str, streams: int, max_tokens: int = 32) -> dict[str, o
         results: list[Any] = await asyncio.gather(
             *(stream_timings(http, PATH, {**b, "stream": True}) for b in bodies), return_exceptions=True
         )
-    rows: list[dict[str, float]] = []
+    rows: list[dict[str, Any]] = []
     problems: list[str] = []
     for r in results:
         if isinstance(r, BaseException):
@@ -54,7 +55,10 @@ async def streaming(url: str, streams: int, max_tokens: int = 32) -> dict[str, o
             tokens = int((orjson.loads(r.last).get("output") or {}).get("tokens", 0))
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
             tokens = 0
-        decode = (tokens - 1) / (r.total_s - r.ttft_s) if tokens > 1 and r.total_s > r.ttft_s else 0.0
+        if r.text_events < 2 and tokens > 1:  # all text in one event: nothing was streamed before the end
+            problems.append(f"{tokens} tokens arrived in {r.text_events} text event(s): not streamed")
+        streamed = r.text_events >= 2 and tokens > 1 and r.total_s > r.ttft_s
+        decode = (tokens - 1) / (r.total_s - r.ttft_s) if streamed else None
         rows.append(
             {
                 "ttft_ms": r.ttft_s * 1000,
@@ -76,6 +80,8 @@ async def streaming(url: str, streams: int, max_tokens: int = 32) -> dict[str, o
         "ttft_ms": summary_ms([r["ttft_ms"] for r in rows]),
         "total_ms": summary_ms([r["total_ms"] for r in rows]),
         "tokens_per_s_per_stream": summary_ms([r["tokens_per_s"] for r in rows]),
-        "decode_tokens_per_s_per_stream": summary_ms([r["decode_tokens_per_s"] for r in rows]),
+        "decode_tokens_per_s_per_stream": summary_ms(
+            [r["decode_tokens_per_s"] for r in rows if r["decode_tokens_per_s"] is not None]
+        ),
         "text_events_mean": round(sum(r["text_events"] for r in rows) / len(rows), 2),
     }

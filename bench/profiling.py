@@ -54,13 +54,15 @@ def summarize(raw: str, top: int = TOP) -> dict[str, Any]:
         for f in set(frames):
             total_time[f] += n
 
-    def rows(counter: Counter[str]) -> list[dict[str, object]]:
-        return [
-            {"function": f, "samples": n, "share": round(n / samples, 4) if samples else 0.0}
-            for f, n in counter.most_common(top)
-        ]
+    def share(n: int) -> float:
+        return round(n / samples, 4) if samples else 0.0
 
-    return {"samples": samples, "top_self": rows(self_time), "top_total": rows(total_time)}
+    top_self = [
+        {"function": f, "samples": n, "share": share(n), "total_share": share(total_time[f])}
+        for f, n in self_time.most_common(top)
+    ]
+    top_total = [{"function": f, "samples": n, "share": share(n)} for f, n in total_time.most_common(top)]
+    return {"samples": samples, "top_self": top_self, "top_total": top_total}
 
 
 @contextlib.contextmanager
@@ -118,8 +120,11 @@ def summary_md(profiles: dict[str, dict[str, Any]], top: int = 10) -> str:
     """Markdown: per profiled process, its top self-time functions."""
     lines = ["## Profile (py-spy, top self time)", ""]
     for name, rec in profiles.items():
-        if "skipped" in rec:
-            lines += [f"{name}: skipped: {rec['skipped']}", ""]
+        if "skipped" in rec or "failed" in rec:
+            lines += [
+                f"{name}: {'skipped' if 'skipped' in rec else 'failed'}: {rec.get('skipped', rec.get('failed'))}",
+                "",
+            ]
             continue
         lines += [
             f"**{name}** ({rec['samples']} samples over {rec['seconds']} s at {rec['rate_hz']} Hz; "
@@ -130,7 +135,12 @@ def summary_md(profiles: dict[str, dict[str, Any]], top: int = 10) -> str:
         ]
         totals = {r["function"]: r["share"] for r in rec["top_total"]}
         for row in rec["top_self"][:top]:
-            total = totals.get(row["function"])
+            total = row.get("total_share", totals.get(row["function"]))
             lines.append(f"| `{row['function']}` | {row['share']:.1%} | {'' if total is None else f'{total:.1%}'} |")
         lines.append("")
+    lines += [
+        "Self time is the innermost Python frame of a sample. Under uvloop (the edge) the event loop is C, so its "
+        "own work (I/O, scheduling) shows as self time of `Runner.run`.",
+        "",
+    ]
     return "\n".join(lines)

@@ -29,12 +29,18 @@ def f1(x: Any) -> str:
     return "—" if x is None else f"{x:,.1f}" if isinstance(x, int | float) else str(x)
 
 
+def one_line(text: str, head: int = 120, tail: int = 300) -> str:
+    """``text`` on one line, its start and its end (a traceback's last line says what failed)."""
+    flat = " ".join(str(text).split()).replace("|", "/")
+    return flat if len(flat) <= head + tail else f"{flat[:head]} … {flat[-tail:]}"
+
+
 def why(section: Any) -> str | None:
-    """'failed: ...' / 'skipped: ...' for a section that has no figures, else None."""
+    """'failed: ...' / 'skipped: ...' (one line) for a section that has no figures, else None."""
     if isinstance(section, dict):
         for k in ("failed", "skipped"):
             if k in section:
-                return f"{k}: {section[k]}"
+                return f"{k}: {one_line(section[k])}"
     return None if section is not None else "not run"
 
 
@@ -236,8 +242,11 @@ def llm_rows(result: dict[str, Any]) -> list[str]:
             f"{st['ok']} of {st['streams']} concurrent streams ({st['max_tokens']} tokens max, greedy): time to first "
             f"token p50 {f1(get(st, 'ttft_ms', 'p50'))} ms / max {f1(get(st, 'ttft_ms', 'max'))} ms; tokens/s per "
             f"stream p50 {f1(get(st, 'tokens_per_s_per_stream', 'p50'))} (decode after the first token p50 "
-            f"{f1(get(st, 'decode_tokens_per_s_per_stream', 'p50'))}); {st['text_events_mean']} text events per stream."
+            f"{f1(get(st, 'decode_tokens_per_s_per_stream', 'p50'))}, streams with 2+ text events only); "
+            f"{st['text_events_mean']} text events per stream."
         )
+        if st.get("problems"):
+            lines.append(f"Problems: {one_line('; '.join(st['problems']))}")
     cont = result.get("llm_continuous") or {}
     lines += ["", "LLM continuous vs static batching (bench/llm_continuous.py --quick): "]
     if reason := why(cont) if "skipped" in cont or "failed" in cont else None:
