@@ -503,26 +503,29 @@ def aisemble_sections(prof: dict[str, Any], result: dict[str, Any], rest: dict[s
         }
 
 
-def llm_continuous(result: dict[str, Any]) -> None:
-    """bench/llm_continuous.py --quick, when another engineer's script is present; its JSON or why not."""
+def llm_continuous(out_dir: Path, smoke: bool) -> dict[str, Any]:
+    """``bench/llm_continuous.py --quick --out <out_dir>/llm_continuous.json`` when that script (another
+    engineer's) is present and has ``--quick``; its report (``modes``: static / continuous) or why not."""
     script = Path(__file__).with_name("llm_continuous.py")
     if not script.exists():
-        result["llm_continuous"] = {"skipped": "bench/llm_continuous.py is not in this checkout"}
-        return
-    before = {p: p.stat().st_mtime for p in RESULTS.glob("*.json")}
+        return {"skipped": "bench/llm_continuous.py is not in this checkout"}
+    if smoke:
+        return {"skipped": "not run in the smoke profile (its --quick run takes minutes of LLM decoding)"}
+    usage = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    if "--quick" not in usage.stdout:
+        return {"skipped": "bench/llm_continuous.py has no --quick flag yet"}
+    out = out_dir / "llm_continuous.json"
     proc = subprocess.run(
-        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=900, check=False
+        [sys.executable, str(script), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
-    fresh = [p for p in RESULTS.glob("*.json") if before.get(p) != p.stat().st_mtime and p.name != "suite.json"]
-    out: dict[str, Any] = {
-        "exit": proc.returncode,
-        "stdout_tail": proc.stdout[-3000:],
-        "stderr_tail": proc.stderr[-1500:],
-    }
-    for path in fresh:
-        with contextlib.suppress(orjson.JSONDecodeError):
-            out[path.name] = orjson.loads(path.read_bytes())
-    result["llm_continuous"] = out
+    if proc.returncode != 0 or not out.exists():
+        return {"failed": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+    report: dict[str, Any] = orjson.loads(out.read_bytes())
+    return report
 
 
 def main() -> None:
@@ -570,8 +573,12 @@ def main() -> None:
     section("4a. REST load, per-request design", rest, "per_request", per_request)
     section("4b. REST load, Ray Serve", rest, "ray_serve", lambda: ray_serve(prof["clients"], prof["duration_s"]))
     result["rest"] = rest
-    section("9b. LLM continuous vs static batching", result, "_", lambda: llm_continuous(result))
-    result.pop("_", None)
+    section(
+        "9b. LLM continuous vs static batching",
+        result,
+        "llm_continuous",
+        lambda: llm_continuous(out_dir, name == "smoke"),
+    )
     result["wall_s"] = round(time.perf_counter() - started, 1)
 
     out = write_result("suite", result, out_dir)

@@ -248,15 +248,23 @@ def llm_rows(result: dict[str, Any]) -> list[str]:
         if st.get("problems"):
             lines.append(f"Problems: {one_line('; '.join(st['problems']))}")
     cont = result.get("llm_continuous") or {}
-    lines += ["", "LLM continuous vs static batching (bench/llm_continuous.py --quick): "]
-    if reason := why(cont) if "skipped" in cont or "failed" in cont else None:
-        lines.append(reason)
+    lines += ["", "LLM continuous vs static batching (`bench/llm_continuous.py --quick`, in-process, open loop):", ""]
+    modes = cont.get("modes")
+    if not isinstance(modes, dict):
+        lines.append(why(cont) or "no figures")
     else:
-        figures = {k: v for k, v in cont.items() if k.endswith(".json")}
-        lines.append(f"exit {cont.get('exit')}; result files: {', '.join(figures) or 'none'} (see suite.json).")
-        tail = str(cont.get("stdout_tail", "")).strip().splitlines()[-12:]
-        if tail:
-            lines += ["", "```", *tail, "```"]
+        lines += [
+            f"Workload: {cont.get('workload')}; model {cont.get('model')} on {cont.get('device')}.",
+            "",
+            "| mode | tokens/s | latency p50 ms | p99 | TTFT p50 ms | p99 | model calls | failures |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for mode, m in modes.items():
+            lines.append(
+                f"| {mode} | {f1(m.get('tokens_per_s'))} | {f1(get(m, 'latency_ms', 'p50'))} | "
+                f"{f1(get(m, 'latency_ms', 'p99'))} | {f1(get(m, 'ttft_ms', 'p50'))} | "
+                f"{f1(get(m, 'ttft_ms', 'p99'))} | {m.get('model_calls')} | {m.get('failures')} |"
+            )
     return [*lines, ""]
 
 
