@@ -6,11 +6,14 @@ and plays the agent by hand with ``tests/kafka_client.RawClient``: PartialBatchE
 ReplyEvent to the edge's reply topic, with duplicates, reordering, a lost partial and a second attempt.
 The SSE bytes the client receives are compared exactly. A client that disconnects sets the request's
 cancel key in Redis; a stream past ``request_timeout_s`` ends with a timeout error event and sets it too.
+Pure units first: the router's stream state, ``Edge.stream``'s admission (a fake producer, no Redis) and
+the relay's frames.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -21,19 +24,150 @@ import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 from redis.asyncio import Redis
 
 from aisemble.pipeline import Pipeline
-from api.edge import cancel_key
-from schemas import ReplyEvent, RequestEvent
+from api.edge import Edge, cancel_key
+from api.errors import OverloadedError, UnavailableError
+from api.openai import ChatChunks, CompletionChunks
+from api.streaming import SseFormat, relay
+from schemas import ErrorCode, ReplyEvent, RequestEvent
 from schemas.events import PartialBatchEvent, PartialDelta
+from streams.replies import ReplyRouter, StreamItem, StreamText
 from streams.settings import Settings
 from streams.topics import service_topics, wait_for_partitions
 from tests.kafka_client import RawClient
 
-pytestmark = pytest.mark.integration
-
 REQUEST_TIMEOUT_S = 8.0
+
+
+# --- pure units: the router's stream state, Edge.stream's admission, the relay's frames ----------------------
+
+
+def _partial(task: str, *deltas: PartialDelta) -> PartialBatchEvent:
+    return PartialBatchEvent(service="llm", task=task, deltas=list(deltas))
+
+
+def _delta(rid: str, corr: str, attempt: str, seq: int, text: str) -> PartialDelta:
+    return PartialDelta(id=rid, correlation_id=corr, attempt=attempt, seq=seq, text=text, tokens=1)
+
+
+def _final(rid: str, corr: str | None, text: str, task: str = "completion") -> ReplyEvent:
+    output = {"text": text, "tokens": 3, "finish_reason": "length", "prompt_tokens": 2}
+    return ReplyEvent(id=rid, correlation_id=corr, service="llm", task=task, ok=True, output=output)
+
+
+def _drain(queue: asyncio.Queue[StreamItem]) -> list[object]:
+    out: list[object] = []
+    while not queue.empty():
+        item = queue.get_nowait()
+        out.append(item.text if isinstance(item, StreamText) else item)
+    return out
+
+
+async def test_router_queues_in_order_text_of_one_attempt_then_the_final() -> None:
+    router = ReplyRouter()
+    corr, _, queue = router.expect_stream("r1", "llm", "completion")
+    d = functools.partial(_delta, "r1", corr)
+    assert router.partial(_partial("completion", d("A", 1, "b"), d("A", 0, "a"))) == 2  # one record, reordered
+    assert router.partial(_partial("completion", d("A", 1, "b"))) == 0  # seen seq
+    assert router.partial(_partial("completion", d("B", 2, "x"))) == 0  # another attempt
+    assert router.partial(_partial("chat", d("A", 2, "c"))) == 0  # another task: foreign
+    assert router.partial(_partial("completion", _delta("r2", corr, "A", 2, "c"))) == 0  # another id: foreign
+    assert router.partial(_partial("completion", d("A", 3, "d"))) == 1  # held: seq 2 is missing
+    final = _final("r1", corr, "abcd!")
+    assert router.resolve(final)
+    assert router.partial(_partial("completion", d("A", 2, "c"))) == 0  # after the final: nobody streams it
+    assert _drain(queue) == ["a", "b", final] and router.partials_dropped == 5 and len(router) == 0
+
+
+async def test_router_fail_all_ends_a_stream_with_the_exception() -> None:
+    router = ReplyRouter()
+    _, future, queue = router.expect_stream("r1", "llm", "chat")
+    router.fail_all(RuntimeError("edge shutting down"))
+    (item,) = _drain(queue)
+    assert isinstance(item, RuntimeError) and future.done()
+
+
+class _Producer:
+    """``send_and_wait`` succeeds at once, or raises ``fail``."""
+
+    def __init__(self) -> None:
+        self.client = None
+        self.fail: BaseException | None = None
+        self.sent: list[bytes] = []
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.sent.append(value)
+
+
+def _unit_edge(producer: _Producer) -> Edge:
+    settings = Settings(max_in_flight=1, produce_timeout_s=0.2, request_timeout_s=5)
+    # No models known -> no cache key -> Redis is never used; nothing closes a stream unfinished here.
+    return Edge(settings, producer, None, ReplyRouter(), None, "t.edge.x.replies")  # type: ignore[arg-type]
+
+
+async def test_edge_stream_holds_a_slot_until_closed_and_produces_stream_true() -> None:
+    producer = _Producer()
+    edge = _unit_edge(producer)
+    stream = await edge.stream("llm", "completion", {"prompt": "x"}, request_id="r1")
+    assert RequestEvent.model_validate_json(producer.sent[0]).stream is True
+    with pytest.raises(OverloadedError):  # max_in_flight = 1: the stream holds it
+        await edge.stream("llm", "completion", {"prompt": "y"})
+    with pytest.raises(OverloadedError):
+        await edge.call("llm", "completion", {"prompt": "y"})
+    corr = RequestEvent.model_validate_json(producer.sent[0]).correlation_id or ""
+    edge.router.resolve(_final("r1", corr, "done"))
+    final = await stream.next()
+    assert isinstance(final, ReplyEvent) and final.correlation_id is None and stream.finished
+    stream.close()
+    stream.close()  # idempotent
+    assert edge.load["in_flight"] == 0 and len(edge.router) == 0
+
+
+async def test_edge_stream_that_cannot_produce_is_503_and_releases_everything() -> None:
+    producer = _Producer()
+    producer.fail = KafkaConnectionError("no broker")
+    edge = _unit_edge(producer)
+    with pytest.raises(UnavailableError):
+        await edge.stream("llm", "chat", {"messages": []}, request_id="r1")
+    assert edge.load["in_flight"] == 0 and len(edge.router) == 0
+
+
+async def _frames(fmt: SseFormat, items: list[StreamItem]) -> list[bytes]:
+    edge = _unit_edge(_Producer())
+    stream = await edge.stream("llm", "completion", {"prompt": "x"}, request_id="r1")
+    corr = stream._correlation_id or ""
+    waiter = edge.router._waiting[corr]
+    assert waiter.stream is not None
+    for item in items:
+        waiter.stream.queue.put_nowait(item)
+    frames = [frame async for frame in relay(stream, fmt)]
+    stream.close()
+    return frames
+
+
+async def test_relay_sends_the_remainder_of_the_final_text_in_the_openai_completion_format() -> None:
+    fmt = CompletionChunks("cmpl-r1", "m", include_usage=False, created=1)
+    frames = await _frames(fmt, [StreamText("Hel", 1), StreamText("lo", 1), _final("r1", None, "Hello world")])
+    chunks = [orjson.loads(f[6:]) for f in frames[:-1]]
+    assert [c["choices"][0]["text"] for c in chunks] == ["Hel", "lo", " world", ""]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and "usage" not in chunks[-1]
+    assert frames[-1] == b"data: [DONE]\n\n"
+
+
+async def test_relay_ends_with_an_error_when_the_final_text_diverges() -> None:
+    fmt = ChatChunks("c", "m", include_usage=True, created=1)
+    frames = await _frames(fmt, [StreamText("Yes", 1), _final("r1", None, "No")])
+    assert orjson.loads(frames[1][6:])["choices"][0]["delta"] == {"content": "Yes"}
+    error = orjson.loads(frames[-1][6:])["error"]
+    assert error["type"] == "server_error" and error["code"] == ErrorCode.INTERNAL and len(frames) == 3
+
+
+# --- through Kafka ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +265,7 @@ def _events(text: str) -> list[tuple[str | None, str]]:
     return out
 
 
+@pytest.mark.integration
 async def test_native_stream_drops_duplicates_orders_and_fills_a_lost_partial_from_the_final(
     pipeline: Pipeline, raw: RawClient
 ) -> None:
@@ -166,6 +301,7 @@ async def test_native_stream_drops_duplicates_orders_and_fills_a_lost_partial_fr
     print("STREAM-NATIVE:", json.dumps({"events": len(events), "text": streamed}))
 
 
+@pytest.mark.integration
 async def test_openai_chat_stream_chunks_are_exact(pipeline: Pipeline, raw: RawClient) -> None:
     rid = f"s-{uuid.uuid4().hex[:10]}"
     body = {
@@ -203,6 +339,7 @@ async def test_openai_chat_stream_chunks_are_exact(pipeline: Pipeline, raw: RawC
     ], text
 
 
+@pytest.mark.integration
 async def test_a_second_attempt_that_diverges_ends_with_an_error_event(pipeline: Pipeline, raw: RawClient) -> None:
     rid = f"s-{uuid.uuid4().hex[:10]}"
     body = {"model": "llm", "prompt": "Once", "stream": True, "temperature": 1.0}
@@ -222,6 +359,7 @@ async def test_a_second_attempt_that_diverges_ends_with_an_error_event(pipeline:
     assert "[DONE]" not in text
 
 
+@pytest.mark.integration
 async def test_an_error_reply_ends_the_native_stream_with_an_error_event(pipeline: Pipeline, raw: RawClient) -> None:
     rid = f"s-{uuid.uuid4().hex[:10]}"
     client = asyncio.create_task(_stream(pipeline, "/ai/llm/completion", {"prompt": "x", "stream": True}, rid))
@@ -245,6 +383,7 @@ async def _cancel_key_ttl(redis: Redis, key: str, timeout_s: float = 10.0) -> in
     return -2
 
 
+@pytest.mark.integration
 async def test_a_client_that_disconnects_sets_the_cancel_key(pipeline: Pipeline, raw: RawClient) -> None:
     rid = f"s-{uuid.uuid4().hex[:10]}"
     redis = Redis.from_url(pipeline.settings.redis_url)
@@ -276,6 +415,7 @@ async def test_a_client_that_disconnects_sets_the_cancel_key(pipeline: Pipeline,
         await redis.aclose()
 
 
+@pytest.mark.integration
 async def test_a_stream_past_its_deadline_ends_with_a_timeout_event_and_cancels(
     pipeline: Pipeline, raw: RawClient
 ) -> None:
