@@ -24,8 +24,8 @@
 answered as a stream of just that final reply (its whole text in one piece), without Kafka. The stream
 holds its in-flight slot until ``EdgeStream.close``; its deadline is ``request_timeout_s`` from the start
 for the whole stream. A stream closed before its final reply (the client went away, or the deadline
-passed) sets the request's cancel key in Redis (TTL ``request_timeout_s``) so the agent can stop
-generating, in a background task (best effort: a Redis failure is logged).
+passed) sets the request's cancel key in Redis (``streams.cancel.cancel_key``, TTL ``request_timeout_s``) so
+the agent can stop generating, in a background task (best effort: a Redis failure is logged).
 
 Asynchronous requests (``api.async_requests``) run ``call`` in a background task (``spawn``) with
 ``store_result_s`` (the agent keeps the reply in Redis) and ``on_produced`` (told once the request is
@@ -58,6 +58,7 @@ from api.guards import BrokerState, InFlightLimit
 from api.metrics import EdgeMetrics, note_call
 from schemas import ReplyEvent, RequestEvent, Service
 from streams.cache import ResultCache, wants_cache
+from streams.cancel import cancel_key
 from streams.codec import encode
 from streams.redis import guarded
 from streams.registry import models_by_service
@@ -69,11 +70,6 @@ log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 1.0  # how often the broker view is refreshed by a metadata request
 RETRY_AFTER_S = 1  # the Retry-After of a 429
-
-
-def cancel_key(prefix: str, request_id: str) -> str:
-    """The Redis key that tells the LLM agent a streamed request's caller went away (the one place it is built)."""
-    return f"{prefix}:cancel:{request_id}"
 
 
 def _broker_failure(exc: BaseException) -> bool:

@@ -28,12 +28,13 @@ from aiokafka.errors import KafkaConnectionError
 from redis.asyncio import Redis
 
 from aisemble.pipeline import Pipeline
-from api.edge import Edge, cancel_key
+from api.edge import Edge
 from api.errors import OverloadedError, UnavailableError
 from api.openai import ChatChunks, CompletionChunks
 from api.streaming import SseFormat, relay
 from schemas import ErrorCode, ReplyEvent, RequestEvent
 from schemas.events import PartialBatchEvent, PartialDelta
+from streams.cancel import cancel_key
 from streams.replies import ReplyRouter, StreamItem, StreamText
 from streams.settings import Settings
 from streams.topics import service_topics, wait_for_partitions
