@@ -2,15 +2,18 @@
 
 Chat, completions and embeddings go through the same Kafka path as the native routes; streams (chat and
 completion) come as SSE chunks the client parses; the client's own exception classes are raised for the
-edge's errors (400 for an unsupported field, 401 without the key, 404 for an unknown model). Prints the time
-to first token and tokens/s of one stream (``OPENAI-STREAM:``).
+edge's errors (400 for an unsupported field, 401 without the key, 404 for an unknown model); a client that
+leaves a stream gets its generation cancelled at the agent (its final reply, read from the edge's reply
+topic, is ``cancelled``). Prints the time to first token and tokens/s of one stream (``OPENAI-STREAM:``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,10 +21,14 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from openai import OpenAI
 
 from aisemble.pipeline import Pipeline
+from schemas import ErrorCode, ReplyEvent
+from streams.replies import parse_reply_record
 from streams.settings import Settings
+from streams.topics import edge_reply_topic, wait_for_partitions
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -195,3 +202,48 @@ def test_unknown_model_is_404_model_not_found(client: OpenAI) -> None:
     assert caught.value.code == "model_not_found" and caught.value.param == "model"
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="llm", input="x")  # the llm serves no embeddings
+
+
+async def _final_reply(settings: Settings, topic: str, request_id: str, timeout_s: float = 90.0) -> ReplyEvent:
+    """The final ReplyEvent for ``request_id`` on the edge's reply topic (partials skipped)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in await wait_for_partitions(settings, topic)])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=300)).values():
+                for record in records:
+                    event = parse_reply_record(record.value or b"")
+                    if isinstance(event, ReplyEvent) and event.id == request_id:
+                        return event
+        raise AssertionError(f"no final reply for {request_id} on {topic} within {timeout_s}s")
+    finally:
+        await consumer.stop()
+
+
+async def test_a_stream_the_client_leaves_is_cancelled_at_the_agent(pipeline: Pipeline, client: OpenAI) -> None:
+    rid = f"leave-{uuid.uuid4().hex[:10]}"
+    max_tokens = 400
+
+    def read_two_chunks_and_leave() -> int:
+        stream = client.completions.create(
+            model="llm", prompt="Write a very long story about a lighthouse keeper.", max_tokens=max_tokens,
+            temperature=0.8, seed=7, stream=True, extra_headers={"X-Request-Id": rid},
+        )  # fmt: skip
+        chunks = 0
+        for chunk in stream:
+            chunks += bool(chunk.choices and chunk.choices[0].text)
+            if chunks == 2:
+                break
+        stream.close()  # the client goes away mid-stream
+        return chunks
+
+    started = time.monotonic()
+    assert await asyncio.to_thread(read_two_chunks_and_leave) == 2
+    topic = edge_reply_topic(pipeline.settings.topic_prefix, pipeline.settings.edge_id)
+    final = await _final_reply(pipeline.settings, topic, rid)
+    took = time.monotonic() - started
+    print("OPENAI-CANCEL:", json.dumps({"ok": final.ok, "error": final.error and final.error.code,
+                                        "final_after_s": round(took, 2)}))  # fmt: skip
+    assert not final.ok and final.error is not None and final.error.code == ErrorCode.CANCELLED, final
