@@ -25,6 +25,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from openai import OpenAI
 
 from aisemble.pipeline import Pipeline
+from api.errors import DuplicateIdError, EdgeError, OverloadedError, ReplyTimeoutError, UnavailableError
+from api.openai import from_edge_error
 from schemas import ErrorCode, ReplyEvent
 from streams.replies import parse_reply_record
 from streams.settings import Settings
@@ -247,3 +249,30 @@ async def test_a_stream_the_client_leaves_is_cancelled_at_the_agent(pipeline: Pi
     print("OPENAI-CANCEL:", json.dumps({"ok": final.ok, "error": final.error and final.error.code,
                                         "final_after_s": round(took, 2)}))  # fmt: skip
     assert not final.ok and final.error is not None and final.error.code == ErrorCode.CANCELLED, final
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (OverloadedError("busy", request_id="r1", retry_after_s=1), openai.RateLimitError),
+        (UnavailableError("Kafka is unavailable", request_id="r1"), openai.InternalServerError),
+        (ReplyTimeoutError("no reply within 30.0s", request_id="r1"), openai.InternalServerError),
+        (DuplicateIdError("request id 'r1' is already in flight", request_id="r1"), openai.ConflictError),
+    ],
+)
+def test_edge_errors_reach_the_client_as_its_exception_classes(error: EdgeError, expected: type[Exception]) -> None:
+    """The edge's 429/503/504/409 in OpenAI's shape, played to the real client over an in-memory transport."""
+    mapped = from_edge_error(error)
+    rendered = mapped.response()
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(rendered.status_code, headers=dict(rendered.headers), content=bytes(rendered.body))
+
+    offline = OpenAI(api_key="k", base_url="http://edge.invalid/v1", max_retries=0,
+                     http_client=httpx.Client(transport=httpx.MockTransport(answer)))  # fmt: skip
+    with pytest.raises(expected) as caught:
+        offline.completions.create(model="llm", prompt="x")
+    assert isinstance(caught.value, openai.APIStatusError) and caught.value.status_code == error.status
+    assert caught.value.code == mapped.code and caught.value.response.headers["x-request-id"] == "r1"
+    if error.status == 429:
+        assert caught.value.response.headers["retry-after"] == "1" and caught.value.type == "rate_limit_error"
