@@ -294,10 +294,13 @@ def resolve_model(requested: str, service: Service, models: Mapping[str, Mapping
     return next((name for name, s in served.items() if s == service), service)
 
 
+def model_entry(name: str, service: Service) -> dict[str, object]:
+    """One model as OpenAI lists it; ``owned_by`` names the service (``aisemble-llm``, ``aisemble-nlp``)."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": f"aisemble-{service}"}
+
+
 def model_list(models: Mapping[str, Mapping[str, str]]) -> dict[str, object]:
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": f"aisemble-{service}"}
-            for name, service in served_models(models).items()]  # fmt: skip
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [model_entry(name, service) for name, service in served_models(models).items()]}
 
 
 # --- responses -----------------------------------------------------------------------------------------------

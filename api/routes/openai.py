@@ -30,6 +30,7 @@ from api.openai import (
     embedding_response,
     from_edge_error,
     from_reply,
+    model_entry,
     model_list,
     parse_body,
     resolve_model,
@@ -114,13 +115,8 @@ async def models(edge: Edge = Depends(get_edge)) -> ORJSONResponse:
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, edge: Edge = Depends(get_edge)) -> ORJSONResponse:
     """One model of ``/v1/models``; 404 ``model_not_found`` otherwise."""
-    found = [m for m in model_list(edge.models)["data"] if m["id"] == model_id]  # type: ignore[attr-defined,index]
-    if not found:
-        return OpenAIError(
-            404, f"The model `{model_id}` does not exist or you do not have access to it.", param="model",
-            code="model_not_found",
-        ).response()  # fmt: skip
-    return ORJSONResponse(found[0])
-
-
-__all__ = ["router", "served_models"]
+    service = served_models(edge.models).get(model_id)
+    if service is None:
+        message = f"The model `{model_id}` does not exist or you do not have access to it."
+        return OpenAIError(404, message, param="model", code="model_not_found").response()
+    return ORJSONResponse(model_entry(model_id, service))
