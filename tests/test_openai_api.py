@@ -27,6 +27,7 @@ from openai import OpenAI
 from aisemble.pipeline import Pipeline
 from api.errors import DuplicateIdError, EdgeError, OverloadedError, ReplyTimeoutError, UnavailableError
 from api.openai import from_edge_error
+from api.streaming import stream_timings
 from schemas import ErrorCode, ReplyEvent
 from streams.replies import parse_reply_record
 from streams.settings import Settings
@@ -276,3 +277,16 @@ def test_edge_errors_reach_the_client_as_its_exception_classes(error: EdgeError,
     assert caught.value.code == mapped.code and caught.value.response.headers["x-request-id"] == "r1"
     if error.status == 429:
         assert caught.value.response.headers["retry-after"] == "1" and caught.value.type == "rate_limit_error"
+
+
+async def test_native_sse_stream_with_stream_timings(pipeline: Pipeline) -> None:
+    """/ai/llm/completion with stream: true, read by api.streaming.stream_timings (what bench/ uses for TTFT)."""
+    body = {"prompt": "List three colours.", "max_tokens": 24, "temperature": 0.0, "cache": False}
+    async with httpx.AsyncClient(base_url=pipeline.url, timeout=120, headers={"X-API-Key": API_KEY}) as http:
+        timings = await stream_timings(http, "/ai/llm/completion", {**body, "stream": True})
+    done = ReplyEvent.model_validate_json(timings.last)  # the last event is the done event: the reply event
+    assert timings.status == 200 and done.ok and done.output is not None
+    assert timings.text == done.output["text"] and timings.text_events > 1 and timings.ttft_s is not None
+    print("NATIVE-STREAM:", json.dumps({"headers_s": round(timings.headers_s, 3), "ttft_s": round(timings.ttft_s, 3),
+                                        "total_s": round(timings.total_s, 3), "text_events": timings.text_events,
+                                        "tokens": done.output["tokens"]}))  # fmt: skip
