@@ -274,7 +274,7 @@ def test_pending_is_202_with_retry_after_and_a_pending_id_is_409(slow: Pipeline)
 
 
 def test_a_result_survives_an_edge_restart_while_pending(slow: Pipeline) -> None:
-    counts = {"test": "edge_restart_while_pending", "sent": 0, "answered": 0, "lost": 0}
+    counts = {"sent": 0, "answered": 0, "lost": 0}
     with httpx.Client(base_url=slow.url, timeout=60) as http:
         ids = []
         for _ in range(3):
@@ -285,15 +285,15 @@ def test_a_result_survives_an_edge_restart_while_pending(slow: Pipeline) -> None
         _wait_healthy(slow)
         for rid in ids:
             done, _ = _poll(http, rid, int(20 * SLOW_BATCH_S / POLL_S))
-            counts["answered"] += done.status_code == 200 and done.json()["ok"]
+            counts["answered"] += int(done.status_code == 200 and done.json()["ok"])
     counts["lost"] = counts["sent"] - counts["answered"]
-    print("FAULT-COUNTS:", json.dumps(counts))
+    print("FAULT-COUNTS:", json.dumps({"test": "edge_restart_while_pending", **counts}))
     assert counts["lost"] == 0
 
 
 def test_a_reply_produced_while_the_edge_is_down_is_kept(slow: Pipeline, infra_settings: Settings) -> None:
     client = redis_sync.Redis.from_url(infra_settings.redis_url)
-    counts = {"test": "reply_while_edge_down", "sent": 0, "kept_while_down": 0, "answered": 0, "lost": 0}
+    counts = {"sent": 0, "kept_while_down": 0, "answered": 0, "lost": 0}
     try:
         with httpx.Client(base_url=slow.url, timeout=60) as http:
             rid = _accepted(http.post("/data/process", json={**_records(), "cache": False}, headers=ASYNC))
@@ -312,7 +312,7 @@ def test_a_reply_produced_while_the_edge_is_down_is_kept(slow: Pipeline, infra_s
     finally:
         client.close()
     counts["lost"] = counts["sent"] - counts["answered"]
-    print("FAULT-COUNTS:", json.dumps(counts))
+    print("FAULT-COUNTS:", json.dumps({"test": "reply_while_edge_down", **counts}))
     assert counts["kept_while_down"] == 1 and counts["lost"] == 0
 
 
@@ -327,14 +327,24 @@ def test_redis_down_at_submit_is_503_not_202(infra_settings: Settings, tmp_path:
         pipeline.start()
         with httpx.Client(base_url=pipeline.url, timeout=60) as http:
             payload = {**_records(), "cache": False}
-            assert http.post("/data/process", json=payload, headers=ASYNC).status_code == 202
+            before = http.post("/data/process", json=payload, headers=ASYNC)
             handle.stop()
             refused = http.post("/data/process", json=payload, headers=ASYNC)
-            assert refused.status_code == 503, refused.text
+            lookup = http.get(f"/requests/{uuid.uuid4().hex}")
+            sync = http.post("/data/process", json=payload)  # a synchronous call needs no Redis
+            counts = {
+                "sent": 3,
+                "accepted_before_stop": int(before.status_code == 202),
+                "refused_503_while_down": int(refused.status_code == 503),
+                "sync_answered_while_down": int(sync.status_code == 200),
+            }
+            counts["lost"] = counts["sent"] - sum(v for k, v in counts.items() if k != "sent")
+            print("FAULT-COUNTS:", json.dumps({"test": "redis_down_at_submit", **counts}))
+            assert before.status_code == 202 and refused.status_code == 503, refused.text
             error = refused.json()["error"]
             assert error["code"] == ErrorCode.UNAVAILABLE and "Redis" in error["message"]
-            assert http.get(f"/requests/{uuid.uuid4().hex}").status_code == 503
-            assert http.post("/data/process", json=payload).status_code == 200  # synchronous calls need no Redis
+            assert lookup.status_code == 503 and sync.status_code == 200
+            assert counts["lost"] == 0
     finally:
         pipeline.stop()
         handle.stop()
