@@ -246,7 +246,9 @@ def llm_rows(result: dict[str, Any]) -> list[str]:
             f"{st['text_events_mean']} text events per stream."
         )
         if st.get("problems"):
-            lines.append(f"Problems: {one_line('; '.join(st['problems']))}")
+            lines.append(f"Failed streams ({st.get('failed')}): {one_line('; '.join(st['problems']))}")
+        if st.get("not_streamed"):
+            lines.append(f"**{st['not_streamed']} of {st['ok']} streams were not streamed**: {st['notes'][0]}.")
     cont = result.get("llm_continuous") or {}
     lines += ["", "LLM continuous vs static batching (`bench/llm_continuous.py --quick`, in-process, open loop):", ""]
     modes = cont.get("modes")
