@@ -10,7 +10,8 @@ batch sizes the agent formed. The suite divides that rate by the model's own bes
 ``embed`` (cache off) with the request id set by the client (``X-Request-ID``), so each request's partition
 is known: the edge keys the record by the id and aiokafka's ``DefaultPartitioner`` (murmur2, Kafka's
 default) places it. Per partition: p50/p99/max of ``queue_ms`` (produced to picked up by the agent); overall:
-the p99/p50 ratio of queue_ms and of the round trip.
+the p99/p50 ratio of queue_ms and of the round trip; ``trace``: every answer as (seconds since the start,
+partition, queue_ms), in answer order.
 
 What can go wrong: replies still missing ``timeout_s`` after the last send are counted as ``missing``
 (nothing waits forever); duplicate replies (at-least-once) are counted, not double-timed. The reply topic
@@ -144,6 +145,7 @@ async def fairness(
 ) -> dict[str, object]:
     """Closed-loop REST load; ``queue_ms`` per partition of the request (from its id) and overall ratios."""
     per: dict[int, list[float]] = defaultdict(list)
+    trace: list[tuple[float, int, float]] = []  # (seconds since start at the answer, partition, queue_ms)
     rtt: list[float] = []
     queue_all: list[float] = []
     statuses: Counter[int] = Counter()
@@ -152,7 +154,8 @@ async def fairness(
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
         await http.post(path, json=body(0))
-        end = time.perf_counter() + duration_s
+        start = time.perf_counter()
+        end = start + duration_s
 
         async def client() -> None:
             while time.perf_counter() < end:
@@ -170,10 +173,11 @@ async def fairness(
                 rtt.append((time.perf_counter() - t0) * 1000)
                 reply = response.json()
                 queue = float((reply.get("timings_ms") or {}).get("queue_ms", 0))
-                per[partition_of(str(reply.get("id", rid)), partitions)].append(queue)
+                partition = partition_of(str(reply.get("id", rid)), partitions)
+                per[partition].append(queue)
                 queue_all.append(queue)
+                trace.append((round(time.perf_counter() - start, 4), partition, round(queue, 3)))
 
-        start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
         elapsed = time.perf_counter() - start
     overall = summary_ms(queue_all)
@@ -194,4 +198,5 @@ async def fairness(
         "queue_p99_over_p50": round(overall["p99"] / overall["p50"], 2) if overall["p50"] else None,
         "round_trip_ms": round_trip,
         "round_trip_p99_over_p50": round(round_trip["p99"] / round_trip["p50"], 2) if round_trip["p50"] else None,
+        "trace": {"columns": ["t_s", "partition", "queue_ms"], "rows": trace},
     }

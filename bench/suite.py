@@ -56,6 +56,7 @@ from typing import Any
 
 import httpx
 import orjson
+from aiokafka.admin import AIOKafkaAdminClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -76,6 +77,7 @@ from bench.kafka_direct import direct, fairness
 from bench.llm_stream import streaming
 from bench.model_limit import model_limit
 from bench.profiling import recording
+from bench.profiling import summary_md as profile_md
 from bench.samples_data import sample_items as data_items
 from bench.samples_llm import PROMPTS
 from bench.samples_llm import sample_items as llm_items
@@ -83,6 +85,8 @@ from bench.samples_nlp import COMBINATIONS, review
 from bench.samples_nlp import sample_items as nlp_items
 from bench.samples_vision import sample_items as vision_items
 from bench.summary import summary_md
+from streams.kafka_security import client_options
+from streams.settings import Settings
 
 PROFILES: dict[str, dict[str, Any]] = {
     # --smoke: seconds per point, a handful of clients; checks that every section runs (figures meaningless)
@@ -399,6 +403,33 @@ def model_limits(prof: dict[str, Any]) -> dict[str, object]:
     }
 
 
+def write_profile_summary(profiles: dict[str, Any], profile_dir: Path) -> None:
+    """profile/summary.json (the top self/total functions per process, no load figures) and summary.md."""
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    slim = {k: {f: v for f, v in rec.items() if f != "load"} for k, rec in profiles.items() if isinstance(rec, dict)}
+    (profile_dir / "summary.json").write_bytes(orjson.dumps(slim, option=orjson.OPT_INDENT_2))
+    (profile_dir / "summary.md").write_text(profile_md(slim))
+
+
+def write_fairness_trace(result: dict[str, Any], out_dir: Path) -> None:
+    """fairness.json: the fairness section with its per-answer trace; suite.json keeps it without the trace."""
+    fair = result.get("fairness")
+    if isinstance(fair, dict) and "trace" in fair:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "fairness.json").write_bytes(orjson.dumps(fair, option=orjson.OPT_INDENT_2))
+        result["fairness"] = {k: v for k, v in fair.items() if k != "trace"} | {"trace_file": "fairness.json"}
+
+
+async def broker_topics(settings: Settings) -> int:
+    """How many topics the broker holds: the edge's probe and the agents' metadata checks decode them all."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **client_options(settings))
+    await admin.start()
+    try:
+        return len(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
 def llm_greedy(n: int, max_tokens: int) -> list[Item]:
     """``n`` greedy completions of the fixed prompt set, ``max_tokens`` each."""
     return [Item(i.task, {**i.input, "max_tokens": max_tokens}) for i in llm_items(n, greedy_only=True)]
@@ -493,6 +524,7 @@ def aisemble_sections(prof: dict[str, Any], result: dict[str, Any], rest: dict[s
         section("8. profile: nlp agent under Kafka-direct embed", profiles, "nlp_agent", profile_agent)
         section(f"8. profile: edge under {max(prof['clients'])} REST clients", profiles, "edge", profile_edge)
         result["profile_run"] = profiles
+        write_profile_summary(profiles, profile_dir)
         names = {"edge": "aisemble edge", **{s: f"aisemble {s} agent" for s in ("nlp", "data", "llm", "vision")}}
         result["peak_rss_mb"] = {label: peak_rss_mb(pipeline.procs[name].pid) for name, label in names.items()}
         agents = [result["peak_rss_mb"][f"aisemble {s} agent"] for s in ("nlp", "data", "llm", "vision")]
@@ -552,6 +584,8 @@ def main() -> None:
         "max_in_flight": settings.max_in_flight,
         "partitions": settings.partitions,
     }
+    with contextlib.suppress(Exception):  # Kafka may not be up yet: started by the first pipeline
+        result["broker_topics"] = asyncio.run(broker_topics(settings))
     section("1. model alone (in this process)", result, "model_limit", lambda: model_limits(prof))
     section(
         "2. pipeline floor (no-op runner)",
@@ -580,6 +614,7 @@ def main() -> None:
         lambda: llm_continuous(out_dir, name == "smoke"),
     )
     result["wall_s"] = round(time.perf_counter() - started, 1)
+    write_fairness_trace(result, out_dir)
 
     out = write_result("suite", result, out_dir)
     if name == "smoke":
