@@ -3,8 +3,9 @@
 ``direct(settings, service, items)`` produces every item as a ``RequestEvent`` straight to the service's
 request topic at once (no wait per ack; keyed by request id, Kafka's default partitioner), with
 ``reply_to`` a fresh ``{prefix}.replies.bench-*`` topic and ``cache: false``, and times from the first
-send until every id has its reply: items/s at the agent's maximum rate, per-reply ``queue_ms`` and the
-batch sizes the agent formed. The suite divides that rate by the model's own best-batch rate.
+send until every id has its reply: items/s at the agent's maximum rate, ``reply_ms`` (each reply's arrival
+after the first send: all were sent at once, so its p50 is when half were answered), per-reply ``queue_ms``
+and the batch sizes the agent formed. The suite divides that rate by the model's own best-batch rate.
 
 ``fairness(url, clients, duration_s, partitions)`` runs ``clients`` closed-loop REST clients on nlp
 ``embed`` (cache off) with the request id set by the client (``X-Request-ID``), so each request's partition
@@ -66,6 +67,7 @@ async def direct(settings: Settings, service: str, items: list[Item], timeout_s:
         for rid, item in zip(ids, items, strict=True)
     ]
     answered: dict[str, dict[str, Any]] = {}
+    reply_ms: list[float] = []  # each first reply's arrival, ms after the first send
     duplicates = 0
     errors: Counter[str] = Counter()
     tokens = 0
@@ -93,6 +95,7 @@ async def direct(settings: Settings, service: str, items: list[Item], timeout_s:
                     duplicates += 1
                     continue
                 answered[rid] = reply.get("timings_ms") or {}
+                reply_ms.append((time.perf_counter() - start) * 1000)
                 if not reply.get("ok"):
                     errors[(reply.get("error") or {}).get("code", "?")] += 1
                 elif service == "llm":
@@ -114,6 +117,7 @@ async def direct(settings: Settings, service: str, items: list[Item], timeout_s:
         "produce_all_s": round(sent_s, 3),
         "seconds": round(elapsed, 3),
         "items_per_s": round(ok / elapsed, 2),
+        "reply_ms": summary_ms(reply_ms),
         "queue_ms": summary_ms([float(t.get("queue_ms", 0)) for t in answered.values()]),
         "batch_size_mean": round(sum(batch_sizes) / len(batch_sizes), 2) if batch_sizes else 0.0,
         "batch_size_max": max(batch_sizes, default=0.0),

@@ -122,28 +122,34 @@ def side_by_side(result: dict[str, Any], clients: list[int]) -> list[str]:
     lines = [
         "## 3/4. nlp `embed`, cache off: aisemble REST, Kafka-direct, per-request, Ray Serve (same run)",
         "",
-        "| clients | aisemble REST items/s | p50 | p99 | per-request items/s | p50 | p99 | Ray Serve items/s | p50 "
-        "| p99 | REST / per-request | REST / Ray |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| design | clients | items/s | p50 ms | p99 ms | aisemble REST items/s ÷ this |",
+        "|---|---|---|---|---|---|",
     ]
     for n in clients:
-        cells = []
-        for key in ("aisemble", "per_request", "ray_serve"):
-            p = point(rest.get(key), n) or {}
-            cells.append(
-                f"{f1(p.get('items_per_s'))} | {f1(get(p, 'latency_ms', 'p50'))} | {f1(get(p, 'latency_ms', 'p99'))}"
-            )
         ours = get(point(rest.get("aisemble"), n), "items_per_s")
-        ratios = []
-        for key in ("per_request", "ray_serve"):
-            theirs = get(point(rest.get(key), n), "items_per_s")
-            ratios.append(f"{ours / theirs:.2f}x" if ours and theirs else "—")
-        lines.append(f"| {n} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+        for key, label in (("aisemble", "aisemble REST"), ("per_request", "per-request"), ("ray_serve", "Ray Serve")):
+            p = point(rest.get(key), n)
+            if p is None:
+                reason = why(rest.get(key)) if isinstance(rest.get(key), dict) else None
+                lines.append(f"| {label} | {n} | {one_line(reason, 60, 60) if reason else '—'} | | | |")
+                continue
+            theirs = p.get("items_per_s")
+            ratio = "" if key == "aisemble" else f"{ours / theirs:.2f}x" if ours and theirs else "—"
+            lines.append(
+                f"| {label} | {n} | {f1(theirs)} | {f1(get(p, 'latency_ms', 'p50'))} | "
+                f"{f1(get(p, 'latency_ms', 'p99'))} | {ratio} |"
+            )
+    if kd.get("requests"):
+        lines.append(
+            f"| Kafka-direct, no edge | {kd['requests']} at once | {f1(kd.get('items_per_s'))} | "
+            f"{f1(get(kd, 'reply_ms', 'p50'))} | {f1(get(kd, 'reply_ms', 'p99'))} | |"
+        )
+    else:
+        lines.append(f"| Kafka-direct, no edge | — | {why(kd) or '—'} | | | |")
     lines += [
         "",
-        f"Kafka-direct (all {kd.get('requests')} produced at once, no edge): {f1(kd.get('items_per_s'))} items/s, "
-        f"queue_ms p50 {f1(get(kd, 'queue_ms', 'p50'))} / p99 {f1(get(kd, 'queue_ms', 'p99'))}, mean batch "
-        f"{kd.get('batch_size_mean')}." + (f" ({why(kd)})" if why(kd) and not kd.get("requests") else ""),
+        "Latency is the client's round trip; for Kafka-direct, each reply's arrival after the first send (all "
+        f"sent at once; agent queue_ms p50 {f1(get(kd, 'queue_ms', 'p50'))}, mean batch {kd.get('batch_size_mean')}).",
     ]
     for key, label in (("per_request", "per-request"), ("ray_serve", "Ray Serve")):
         if reason := why(rest.get(key)) if isinstance(rest.get(key), dict) and "points" not in rest[key] else None:
