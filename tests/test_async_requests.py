@@ -8,6 +8,7 @@ Real Kafka and Redis, the edge and agents as processes (``Pipeline.isolated``):
 * a slow data agent (``tests.fault_runners:slow_data``): 202 with Retry-After while pending, 409 for a
   pending id, the result surviving an edge restart between the 202 and the GET, and a reply produced while
   the edge is down (kept by the agent) answered by the restarted edge;
+* the agent's Redis away: the edge's own copy of the reply answers; a custom renderer gets its context back;
 * a private Redis, stopped: an asynchronous request is 503, never a 202.
 
 No timed asserts: polls are bounded in count, figures are printed (``ASYNC-FIGURES:`` / ``FAULT-COUNTS:``).
@@ -15,24 +16,28 @@ No timed asserts: polls are bounded in count, figures are printed (``ASYNC-FIGUR
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import redis as redis_sync
 from PIL import Image
+from starlette.responses import JSONResponse, Response
 
 import infra
 from aisemble.pipeline import Pipeline, free_port
-from api.async_requests import prefers_async
+from api.async_requests import Pending, lookup, prefers_async, register_renderer
 from schemas import ErrorCode, ReplyEvent
+from streams.redis import connect
 from streams.results import pending_key, result_key
 from streams.settings import Settings
 
@@ -314,6 +319,65 @@ def test_a_reply_produced_while_the_edge_is_down_is_kept(slow: Pipeline, infra_s
     counts["lost"] = counts["sent"] - counts["answered"]
     print("FAULT-COUNTS:", json.dumps({"test": "reply_while_edge_down", **counts}))
     assert counts["kept_while_down"] == 1 and counts["lost"] == 0
+
+
+def test_the_edge_keeps_the_reply_when_the_agent_cannot(infra_settings: Settings, tmp_path: Path) -> None:
+    """The agent's Redis is away (a port nobody listens on): the edge's own copy answers the GET."""
+    pipeline = Pipeline.isolated(infra_settings, [], tmp_path, AISEMBLE_REQUEST_TIMEOUT_S="30")
+    shared_redis = pipeline.env["AISEMBLE_REDIS_URL"]
+    pipeline.env["AISEMBLE_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    agent = pipeline.add_agent("data")
+    pipeline.env["AISEMBLE_REDIS_URL"] = shared_redis  # the edge's
+    counts = {"sent": 0, "answered": 0, "lost": 0}
+    try:
+        pipeline.start()
+        with httpx.Client(base_url=pipeline.url, timeout=60) as http:
+            ids = [_accepted(http.post("/data/process", json={**_records(), "cache": False}, headers=ASYNC))]
+            ids.append(_accepted(http.post("/data/process", json={**_records(), "cache": False}, headers=ASYNC)))
+            counts["sent"] = len(ids)
+            for rid in ids:
+                done, _ = _poll(http, rid, 400)
+                counts["answered"] += int(done.status_code == 200 and done.json()["ok"])
+        counts["lost"] = counts["sent"] - counts["answered"]
+        print("FAULT-COUNTS:", json.dumps({"test": "agent_cannot_keep", **counts}))
+        assert counts["lost"] == 0
+        assert "could not keep" in pipeline.log_tail(agent, 200_000), "the agent's own write must have failed"
+    finally:
+        pipeline.stop()
+
+
+def test_a_renderer_gets_its_context_back(infra_settings: Settings, redis: redis_sync.Redis) -> None:
+    """``register_renderer`` + the marker's context: the GET answers in the route's own shape (pending
+    result, then the kept reply, then the timeout), against the real Redis without Kafka."""
+
+    def shaped(reply: ReplyEvent, context: Mapping[str, object]) -> Response:
+        return JSONResponse({"shaped": reply.ok, "model": context["model"]}, status_code=200 if reply.ok else 599)
+
+    register_renderer("test-shape", shaped)
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    settings = infra_settings.model_copy(update={"topic_prefix": prefix, "request_timeout_s": 5.0})
+    rid, late = uuid.uuid4().hex, uuid.uuid4().hex
+    marker = Pending(service="data", task="analyze", deadline_ms=int(time.time() * 1000) + 60_000, render="test-shape",
+                     context={"model": "mine"})  # fmt: skip
+    expired = marker.model_copy(update={"deadline_ms": int(time.time() * 1000) - 60_000})
+    redis.set(pending_key(prefix, rid), marker.model_dump_json(), ex=60)
+    redis.set(pending_key(prefix, late), expired.model_dump_json(), ex=60)
+    reply = ReplyEvent(id=rid, service="data", task="analyze", ok=True, output={"count": 1})
+
+    async def run() -> tuple[Response, Response, Response]:
+        client = connect(settings)
+        edge = SimpleNamespace(settings=settings, redis=client)
+        try:
+            pending = await lookup(edge, rid)  # type: ignore[arg-type]
+            redis.set(result_key(prefix, rid), reply.model_dump_json(), ex=60)
+            return pending, await lookup(edge, rid), await lookup(edge, late)  # type: ignore[arg-type]
+        finally:
+            await client.aclose()
+
+    pending, done, timed_out = asyncio.run(run())
+    assert pending.status_code == 202
+    assert (done.status_code, json.loads(bytes(done.body))) == (200, {"shaped": True, "model": "mine"})
+    assert (timed_out.status_code, json.loads(bytes(timed_out.body))) == (599, {"shaped": False, "model": "mine"})
 
 
 # --- Redis down at submit ------------------------------------------------------------------------------------------
