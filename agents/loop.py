@@ -300,7 +300,8 @@ class BatchProcessor:
             await self._cache.put_many(entries)
             # Asynchronous requests: keep every settled reply for GET /requests/{id}; never raises (streams.results).
             kept = [(d.reply, d.keep_s) for d in settlement.out if d.reply is not None and d.keep_s is not None]
-            self.stats.results_not_kept += await store_replies(self._cache.redis, self._cache.prefix, kept)
+            if kept:
+                self.stats.results_not_kept += await store_replies(self._cache.redis, self._cache.prefix, kept)
         if self._release is not None and ran:
             await self._release([dict(p.event.input) for p, _ in ran])
 
