@@ -4,19 +4,30 @@
 once and, per label, runs every item at batch 1 (``run_batch([item])`` each) and then in chunks of each
 size. It reports items/s per size, the best size, and for the LLM the generated tokens/s (the sum of the
 outputs' ``tokens``). No Kafka, no HTTP: the ceiling the pipeline is compared with. Failures are counted
-per size, never hidden. The runner is dropped afterwards (its memory goes back once collected).
+per size, never hidden.
+
+``python -m bench.model_limit --service nlp --n 256 [--llm-n 16 --llm-max-tokens 16] --sizes 8,32,64`` runs
+one service's default workload (``workload``) and prints the result as JSON on its last line. The suite
+runs each service so, in a process of its own, as the agents run: measured in one process after another
+service's runner, the SmolLM2 decode ran at a third of its speed alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
+import json
 import time
 from collections.abc import Mapping, Sequence
 
 from agents.runner import Failure, Item
 from agents.worker import build_runner
 from bench.common import base_settings
+from bench.samples_data import sample_items as data_items
+from bench.samples_llm import sample_items as llm_items
+from bench.samples_nlp import sample_items as nlp_items
+from bench.samples_vision import sample_items as vision_items
 
 
 def model_limit(service: str, tasks: Mapping[str, list[Item]], sizes: Sequence[int]) -> dict[str, object]:
@@ -57,3 +68,36 @@ def model_limit(service: str, tasks: Mapping[str, list[Item]], sizes: Sequence[i
     del runner
     gc.collect()
     return out
+
+
+def llm_greedy(n: int, max_tokens: int) -> list[Item]:
+    """``n`` greedy completions of the fixed prompt set, ``max_tokens`` each."""
+    return [Item(i.task, {**i.input, "max_tokens": max_tokens}) for i in llm_items(n, greedy_only=True)]
+
+
+def workload(service: str, n: int, llm_n: int, llm_max_tokens: int) -> dict[str, list[Item]]:
+    """The default items per service: nlp embed and sentiment, data analyze, llm greedy completions, vision mix."""
+    if service == "nlp":
+        return {"embed": nlp_items(n, task="embed"), "sentiment": nlp_items(n, task="sentiment")}
+    if service == "data":
+        return {"analyze": data_items(n)}
+    if service == "llm":
+        return {"completion": llm_greedy(llm_n, llm_max_tokens)}
+    return {"mix": vision_items(n)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--service", required=True, choices=["nlp", "data", "llm", "vision"])
+    parser.add_argument("--n", type=int, default=256, help="items per task (nlp, data, vision)")
+    parser.add_argument("--llm-n", type=int, default=16)
+    parser.add_argument("--llm-max-tokens", type=int, default=16)
+    parser.add_argument("--sizes", default="8,32", help="batch sizes besides 1, comma-separated")
+    args = parser.parse_args()
+    tasks = workload(args.service, args.n, args.llm_n, args.llm_max_tokens)
+    result = model_limit(args.service, tasks, [int(x) for x in args.sizes.split(",") if x])
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

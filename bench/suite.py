@@ -64,6 +64,7 @@ from agents.runner import Item
 from aisemble.pipeline import free_port
 from bench.common import (
     RESULTS,
+    ROOT,
     alive,
     base_settings,
     descendants,
@@ -75,12 +76,10 @@ from bench.common import (
 from bench.floor import FLOOR_RATE_DEFAULT, run_floor
 from bench.kafka_direct import direct, fairness
 from bench.llm_stream import streaming
-from bench.model_limit import model_limit
+from bench.model_limit import llm_greedy
 from bench.profiling import recording
 from bench.profiling import summary_md as profile_md
-from bench.samples_data import sample_items as data_items
 from bench.samples_llm import PROMPTS
-from bench.samples_llm import sample_items as llm_items
 from bench.samples_nlp import COMBINATIONS, review
 from bench.samples_nlp import sample_items as nlp_items
 from bench.samples_vision import sample_items as vision_items
@@ -391,16 +390,33 @@ def section(name: str, result: dict[str, Any], key: str, fn: Callable[[], Any]) 
     print(f"   {key}: {str(result[key])[:600]} ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
+def model_limit_process(service: str, prof: dict[str, Any], timeout_s: float = 900.0) -> dict[str, Any]:
+    """``python -m bench.model_limit`` for one service in a process of its own; its JSON (last line)."""
+    items = prof["vision_items"] if service == "vision" else prof["model_items"]
+    args = [
+        *("--service", service, "--n", str(items), "--llm-n", str(prof["llm_items"])),
+        *("--llm-max-tokens", str(prof["llm_max_tokens"]), "--sizes", ",".join(map(str, BATCHES[service]))),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.model_limit", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"failed": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+    out: dict[str, Any] = orjson.loads(lines[-1])
+    return out
+
+
 def model_limits(prof: dict[str, Any]) -> dict[str, object]:
-    n = prof["model_items"]
-    return {
-        "nlp": model_limit(
-            "nlp", {"embed": nlp_items(n, task="embed"), "sentiment": nlp_items(n, task="sentiment")}, BATCHES["nlp"]
-        ),
-        "data": model_limit("data", {"analyze": data_items(n)}, BATCHES["data"]),
-        "llm": model_limit("llm", {"completion": llm_items(prof["llm_items"], greedy_only=True)}, BATCHES["llm"]),
-        "vision": model_limit("vision", {"mix": vision_items(prof["vision_items"])}, BATCHES["vision"]),
-    }
+    """The model's own limit per service, each in a fresh process (as each agent runs in its own)."""
+    return {service: model_limit_process(service, prof) for service in ("nlp", "data", "llm", "vision")}
 
 
 def write_profile_summary(profiles: dict[str, Any], profile_dir: Path) -> None:
@@ -428,11 +444,6 @@ async def broker_topics(settings: Settings) -> int:
         return len(await admin.list_topics())
     finally:
         await admin.close()
-
-
-def llm_greedy(n: int, max_tokens: int) -> list[Item]:
-    """``n`` greedy completions of the fixed prompt set, ``max_tokens`` each."""
-    return [Item(i.task, {**i.input, "max_tokens": max_tokens}) for i in llm_items(n, greedy_only=True)]
 
 
 def direct_items(service: str, prof: dict[str, Any]) -> dict[str, list[Item]]:
