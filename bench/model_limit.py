@@ -8,8 +8,7 @@ per size, never hidden.
 
 ``python -m bench.model_limit --service nlp --n 256 [--llm-n 16 --llm-max-tokens 16] --sizes 8,32,64`` runs
 one service's default workload (``workload``) and prints the result as JSON on its last line. The suite
-runs each service so, in a process of its own, as the agents run: measured in one process after another
-service's runner, the SmolLM2 decode ran at a third of its speed alone.
+runs each service so, in a process of its own, as the agents run (and each runner's memory goes with it).
 """
 
 from __future__ import annotations
