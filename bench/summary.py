@@ -7,6 +7,7 @@ Every ratio is between figures of the same run.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from bench.profiling import summary_md as profile_md
@@ -26,7 +27,9 @@ def get(d: Any, *keys: Any) -> Any:
 
 
 def f1(x: Any) -> str:
-    return "—" if x is None else f"{x:,.1f}" if isinstance(x, int | float) else str(x)
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{x:,.1f}" if isinstance(x, int | float) else str(x)
 
 
 def one_line(text: str, head: int = 120, tail: int = 300) -> str:
