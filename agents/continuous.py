@@ -239,8 +239,8 @@ class ContinuousLoop(Generic[E]):
             raise AgentLoopFailed(str(self.failure))
 
     async def _stop_within(self, work: asyncio.Task[None]) -> None:
-        log.info("stopping: admitting nothing new; finishing %d active rows within %.0fs", len(self._active),
-                 self.grace_s)  # fmt: skip
+        log.info("stopping: admitting nothing new; finishing the batch in hand (%d active rows) within %.0fs",
+                 len(self._active), self.grace_s)  # fmt: skip
         self._stopping = True
         self.buffer.close()
         self.buffer.drop(lambda e: True)  # never admitted: delivered again

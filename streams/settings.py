@@ -64,7 +64,7 @@ class LlmSettings(ServiceSettings):
     max_prompt_tokens: int = Field(default=1024, ge=16)
     chat_template: bool = Field(default=True, description="Wrap prompts in the model's chat template.")
     batching: Literal["continuous", "static"] = Field(
-        default="static",
+        default="continuous",
         description=(
             "continuous: rows join and leave between decode steps (agents.llm_engine); "
             "static: one generate per group."
