@@ -17,7 +17,7 @@ Reported per mode: generated tokens per second (all tokens / the time from the f
 answer), latency and time-to-first-token percentiles (ms, from each request's arrival), decode steps or
 groups. Run from the repo root::
 
-    python bench/llm_continuous.py --n 24 --rate 3 --out bench/results/llm_continuous.json
+    python -m bench.llm_continuous --n 24 --rate 3 --out bench/results/llm_continuous.json
 
 ``--model`` takes a checkpoint folder (default: the shipped SmolLM2, converted once); ``--random`` builds
 seeded random weights from that folder's config (a GPU machine that cannot receive the weights: speed
@@ -38,13 +38,13 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/ (its profile.py shadows the stdlib)
 
-import torch
+import torch  # noqa: E402
 
-from agents.llm import LlmRunner, build_runner
-from agents.llm_engine import RowRequest
-from agents.runner import Failure, Item
-from bench.samples_llm import PROMPTS
-from streams.settings import LlmSettings, Settings
+from agents.llm import LlmRunner, build_runner  # noqa: E402
+from agents.llm_engine import RowRequest  # noqa: E402
+from agents.runner import Failure, Item  # noqa: E402
+from bench.samples_llm import PROMPTS  # noqa: E402
+from streams.settings import LlmSettings, Settings  # noqa: E402
 
 
 @dataclass(frozen=True, slots=True)
