@@ -64,7 +64,7 @@ from streams.redis import guarded
 from streams.registry import models_by_service
 from streams.replies import DuplicateRequestIdError, ReplyListener, ReplyRouter, StreamItem, StreamText
 from streams.settings import Settings
-from streams.topics import service_topics
+from streams.topics import existing_topics, service_topics
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,10 @@ class Edge:
     async def probe_kafka(self) -> bool:
         """Ask the broker for cluster metadata within ``produce_timeout_s``; record and return the outcome."""
         try:
-            await asyncio.wait_for(self.producer.client.fetch_all_metadata(), self.settings.produce_timeout_s)
+            # Only this edge's reply topic: asking for all topics costs the decoding of every topic of the cluster.
+            await asyncio.wait_for(
+                existing_topics(self.producer.client, [self.reply_topic]), self.settings.produce_timeout_s
+            )
         except (KafkaError, OSError, TimeoutError) as exc:
             self._kafka_failed(f"metadata probe: {exc!r}")
             return False

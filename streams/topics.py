@@ -23,7 +23,9 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from schemas import SERVICES, Service
 from streams.kafka_security import client_options, start_client
@@ -136,3 +138,21 @@ async def wait_for_partitions(settings: Settings, topic: str, timeout_s: float =
         if partitions or asyncio.get_running_loop().time() > deadline:
             return partitions
         await asyncio.sleep(0.2)
+
+
+async def existing_topics(client: AIOKafkaClient, topics: Iterable[str]) -> set[str]:
+    """Those of ``topics`` the cluster has, from ONE metadata request naming just them, which never creates a
+    topic (``allow_auto_topic_creation`` false). Cheap whatever the cluster holds: a request for all topics
+    (``fetch_all_metadata``, or a client tracking none) makes the broker send, and this process decode, every
+    topic of the cluster (thousands on a shared one).
+
+    Raises:
+        KafkaError (or OSError): no broker is known or the one asked did not answer.
+    """
+    names = sorted(set(topics))
+    node = client.get_random_node()
+    if node is None:
+        raise KafkaConnectionError("no broker is known to the client")
+    response = await client.send(node, MetadataRequest(names, allow_auto_topic_creation=False))
+    # Every version of the response starts a topic's entry with (error_code, name, ...); 0 = it exists.
+    return {entry[1] for entry in response.topics if entry[0] == 0 and entry[1] in names}

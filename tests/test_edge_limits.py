@@ -7,6 +7,7 @@ call that answers or not) and no cache (no models known, so no cache key and Red
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -63,13 +64,18 @@ def test_broker_state_transitions_with_an_injected_clock() -> None:
 
 
 class _FakeClient:
+    """What the edge's probe (``streams.topics.existing_topics``) calls: a node, then one metadata request."""
+
     def __init__(self) -> None:
         self.answers = True
 
-    async def fetch_all_metadata(self) -> object:
+    def get_random_node(self) -> int:
+        return 1
+
+    async def send(self, node_id: int, request: object) -> object:
         if not self.answers:
             raise KafkaConnectionError("no broker")
-        return object()
+        return SimpleNamespace(topics=[])
 
 
 class _FakeProducer:

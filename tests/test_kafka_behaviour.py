@@ -64,3 +64,20 @@ def test_the_policy_retries_outages_and_wraps() -> None:
     wrapped.__cause__ = KafkaConnectionError("refused")
     assert classify(wrapped) is Verdict.RETRIABLE
     assert classify(RuntimeError("a bug")) is Verdict.PERMANENT
+
+
+@pytest.mark.integration
+async def test_existing_topics_asks_for_just_the_named_topics_and_creates_none(infra_settings: Settings) -> None:
+    from streams.topics import existing_topics, partitions_of
+
+    present = f"exist-{uuid.uuid4().hex[:8]}"
+    absent = f"absent-{uuid.uuid4().hex[:8]}"
+    await ensure_topics(infra_settings, [(present, 1)])
+    producer = AIOKafkaProducer(bootstrap_servers=infra_settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        assert await existing_topics(producer.client, [present, absent]) == {present}
+        assert await existing_topics(producer.client, [absent]) == set()
+    finally:
+        await producer.stop()
+    assert await partitions_of(infra_settings, absent) == []  # asking did not create it
