@@ -290,3 +290,33 @@ async def test_native_sse_stream_with_stream_timings(pipeline: Pipeline) -> None
     print("NATIVE-STREAM:", json.dumps({"headers_s": round(timings.headers_s, 3), "ttft_s": round(timings.ttft_s, 3),
                                         "total_s": round(timings.total_s, 3), "text_events": timings.text_events,
                                         "tokens": done.output["tokens"]}))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "obj"),
+    [
+        ("/v1/embeddings", {"model": "nlp", "input": ["async one", "async two"]}, "list"),
+        ("/v1/chat/completions",
+         {"model": "llm", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4, "temperature": 0},
+         "chat.completion"),
+    ],
+)  # fmt: skip
+def test_an_asynchronous_request_is_202_then_the_openai_body(
+    pipeline: Pipeline, path: str, body: dict[str, object], obj: str
+) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}", "Prefer": "respond-async"}
+    with httpx.Client(base_url=pipeline.url, timeout=60) as http:
+        accepted = http.post(path, json=body, headers=headers)
+        assert accepted.status_code == 202, accepted.text
+        location = accepted.headers["Location"]
+        for _ in range(600):  # bounded: at most ~60 s
+            done = http.get(location, headers=headers)
+            if done.status_code != 202:
+                break
+            time.sleep(0.1)
+    assert done.status_code == 200, done.text
+    assert done.json()["object"] == obj  # the OpenAI shape, as the synchronous call answers
+    if obj == "list":
+        assert len(done.json()["data"]) == 2 and done.json()["usage"]["prompt_tokens"] > 0
+    else:
+        assert done.json()["choices"][0]["message"]["role"] == "assistant"

@@ -6,15 +6,22 @@ limit and cache policy (the llm's for completions: temperature 0 or seeded; embe
 streamed request (``stream: true``) is served by ``Edge.stream``: a cache hit comes as one chunk with the
 whole text. Every error is in OpenAI's shape. The routes are left out of the OpenAPI document: their
 contract is OpenAI's API reference, not aisemble's ``ErrorBody`` one.
+
+Asynchronous requests (``Prefer: respond-async`` or ``?wait=false``, ``api.async_requests``) work on the
+three POST routes except with ``stream: true`` (a stream is its own way of not waiting): 202 at once, and
+``GET /requests/{id}`` later answers the OpenAI body (or OpenAI error) the synchronous call would have.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import ORJSONResponse, Response
 
+from api.async_requests import register_renderer, submit, wants_async
 from api.deps import get_edge, request_id
 from api.edge import Edge
 from api.errors import EdgeError
@@ -39,12 +46,37 @@ from api.openai import (
     validate,
 )
 from api.streaming import SseResponse
+from schemas import ReplyEvent
 
 router = APIRouter(tags=["openai"], include_in_schema=False)
 
+CHAT, COMPLETION, EMBEDDINGS = "openai.chat", "openai.completion", "openai.embeddings"
+
+
+def _rendered(reply: ReplyEvent, context: Mapping[str, object]) -> Response:
+    """An OpenAI body (or OpenAI error) from a reply; ``context`` says which (``api.async_requests``)."""
+    if not reply.ok:
+        return from_reply(reply).response()
+    model, kind = str(context.get("model", "")), context.get("kind")
+    if kind == EMBEDDINGS:
+        encoding: Literal["float", "base64"] = "base64" if context.get("encoding") == "base64" else "float"
+        content = embedding_response(reply, model, encoding)
+    else:
+        created = int(context.get("created", 0))  # type: ignore[call-overload]
+        content = (chat_response if kind == CHAT else completion_response)(reply, model, created)
+    return ORJSONResponse(content, headers={"X-Request-Id": reply.id})
+
+
+for _kind in (CHAT, COMPLETION, EMBEDDINGS):
+    register_renderer(_kind, _rendered)
+
 
 async def _generate(
-    request: Request, edge: Edge, rid: str | None, model_cls: type[ChatCompletionRequest | CompletionRequest]
+    request: Request,
+    edge: Edge,
+    rid: str | None,
+    model_cls: type[ChatCompletionRequest | CompletionRequest],
+    respond_async: bool = False,
 ) -> Response:
     chat = model_cls is ChatCompletionRequest
     try:
@@ -59,12 +91,11 @@ async def _generate(
                 chunk_id, model, body.include_usage
             )
             return SseResponse(stream, fmt)
-        created = int(time.time())
-        reply = await edge.call("llm", task, payload, request_id=rid)
-        if not reply.ok:
-            raise from_reply(reply)
-        content = chat_response(reply, model, created) if chat else completion_response(reply, model, created)
-        return ORJSONResponse(content, headers={"X-Request-Id": reply.id})
+        context = {"model": model, "created": int(time.time()), "kind": CHAT if chat else COMPLETION}
+        if respond_async:
+            return await submit(edge, "llm", task, payload, request_id=rid, render=str(context["kind"]),
+                                context=context)  # fmt: skip
+        return _rendered(await edge.call("llm", task, payload, request_id=rid), context)
     except EdgeError as exc:
         return from_edge_error(exc).response()
     except OpenAIError as exc:
@@ -73,33 +104,42 @@ async def _generate(
 
 @router.post("/v1/chat/completions")
 async def chat_completions(
-    request: Request, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
+    request: Request,
+    edge: Edge = Depends(get_edge),
+    rid: str | None = Depends(request_id),
+    respond_async: bool = Depends(wants_async),
 ) -> Response:
     """OpenAI's chat completions on the llm task ``chat``."""
-    return await _generate(request, edge, rid, ChatCompletionRequest)
+    return await _generate(request, edge, rid, ChatCompletionRequest, respond_async)
 
 
 @router.post("/v1/completions")
 async def completions(
-    request: Request, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
+    request: Request,
+    edge: Edge = Depends(get_edge),
+    rid: str | None = Depends(request_id),
+    respond_async: bool = Depends(wants_async),
 ) -> Response:
     """OpenAI's (legacy) completions on the llm task ``completion``."""
-    return await _generate(request, edge, rid, CompletionRequest)
+    return await _generate(request, edge, rid, CompletionRequest, respond_async)
 
 
 @router.post("/v1/embeddings")
 async def embeddings(
-    request: Request, edge: Edge = Depends(get_edge), rid: str | None = Depends(request_id)
+    request: Request,
+    edge: Edge = Depends(get_edge),
+    rid: str | None = Depends(request_id),
+    respond_async: bool = Depends(wants_async),
 ) -> Response:
     """OpenAI's embeddings on the nlp task ``embed`` (L2-normalised)."""
     try:
         body = validate(EmbeddingRequest, parse_body(await request.body()))
         model = resolve_model(body.model, "nlp", edge.models)
-        reply = await edge.call("nlp", "embed", to_input(body), request_id=rid)
-        if not reply.ok:
-            raise from_reply(reply)
-        content = embedding_response(reply, model, body.encoding_format)
-        return ORJSONResponse(content, headers={"X-Request-Id": reply.id})
+        context = {"model": model, "kind": EMBEDDINGS, "encoding": body.encoding_format}
+        if respond_async:
+            return await submit(edge, "nlp", "embed", to_input(body), request_id=rid, render=EMBEDDINGS,
+                                context=context)  # fmt: skip
+        return _rendered(await edge.call("nlp", "embed", to_input(body), request_id=rid), context)
     except EdgeError as exc:
         return from_edge_error(exc).response()
     except OpenAIError as exc:
