@@ -12,8 +12,10 @@ its workers). Prints ``READY <url>`` once ``serve.run`` returns (the replica is 
 The HTTP entry point binds 127.0.0.1 only: the Serve proxy on ``--port`` (``http_options``), with
 ``ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")``. Ray's own gRPC servers do not all
 follow: checked with ``ss -ltnp`` on Ray 2.60, the GCS, the raylet, the workers' core-worker servers and the
-dashboard agent listened on all interfaces (``*`` / 0.0.0.0) while it ran: run it only on a machine whose
-ports are not reachable from outside. SIGTERM or SIGINT runs ``serve.shutdown()`` then ``ray.shutdown()``,
+dashboard agent listened on all interfaces (``*`` / 0.0.0.0) while it ran, so the suite runs this script and its
+load driver in a private network namespace (``bench.suite.ray_serve_isolated``: ``unshare --net``, only a
+loopback of its own), where nothing outside can reach them. Run by hand, it binds as Ray does.
+SIGTERM or SIGINT runs ``serve.shutdown()`` then ``ray.shutdown()``,
 which stop the raylet, GCS and worker processes Ray started; the caller checks for leftovers by PID and
 kills them (``bench.suite.ray_serve_server``). What can go wrong: Ray's start-up takes tens of seconds on
 2 cores; a runner failure answers 422 with its code, a raising runner 500.
