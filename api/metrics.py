@@ -3,7 +3,7 @@
 One ``EdgeMetrics`` per app, on its own ``CollectorRegistry`` (never the process-global one), so several
 apps in one process (tests) never collide. The families, all prefixed ``aisemble_edge_``:
 
-* ``requests_total{service,task,status}``: every request to a service path (``/data/...``, ``/ai/<svc>/...``)
+* ``requests_total{service,task,status}``: every request to a service path (``/data/...``, ``/ai/<svc>/...``, ``/v1``)
   by its HTTP status, counted in ONE place, ``RequestMetrics`` (ASGI middleware): so a 401 from the key gate,
   a 413 from the body limit and a 422 from validation count as well as the answers of ``Edge.call``. The task
   is what ``Edge.call`` was asked for (``note_call``); a request refused before that has ``task=""``.
@@ -62,8 +62,14 @@ def note_call(service: str, task: str) -> None:
         labels.service, labels.task = service, task
 
 
+OPENAI_PATHS = {"/v1/chat/completions": "llm", "/v1/completions": "llm", "/v1/embeddings": "nlp"}
+
+
 def service_of_path(path: str) -> str:
-    """The service a path belongs to (``/data/...``, ``/ai/<service>/...``), or '' for any other path."""
+    """The service a path belongs to (``/data/...``, ``/ai/<service>/...``, the OpenAI-compatible ``/v1``
+    POST routes), or '' for any other path."""
+    if path in OPENAI_PATHS:
+        return OPENAI_PATHS[path]
     parts = path.strip("/").split("/")
     name = parts[1] if parts[0] == "ai" and len(parts) > 1 else parts[0]
     return name if name in SERVICES else ""

@@ -271,3 +271,13 @@ def test_edge_and_agent_metrics_after_real_requests(pipeline: Pipeline) -> None:
     assert delta(agent, agent_before, "aisemble_agent_inference_seconds_count", service="data") >= 1
     assert delta(agent, agent_before, "aisemble_agent_replies_total", service="data") == 5
     assert not any(name == "aisemble_agent_errors_total" for name, _ in agent)
+
+
+def test_the_openai_routes_count_as_their_services() -> None:
+    from api.metrics import service_of_path
+
+    assert service_of_path("/v1/chat/completions") == "llm"
+    assert service_of_path("/v1/completions") == "llm"
+    assert service_of_path("/v1/embeddings") == "nlp"
+    assert service_of_path("/v1/models") == ""  # a listing, not a request to a service
+    assert service_of_path("/ai/nlp/process") == "nlp" and service_of_path("/data/process") == "data"
