@@ -49,7 +49,9 @@ Per-item failures: invalid input -> ``invalid_input`` (naming the field); unknow
 ``unknown_task``; a ``generate`` failure -> ``model_error`` for that group's items only. With
 ``settings.llm.compile`` the model's ``forward`` is ``torch.compile``d (``dynamic=True``; compiling the
 module object would leave ``generate``'s own calls eager); any failure while compiled (at warm-up or
-in a batch) is logged, the runner falls back to eager for good and the group is retried once.
+in a batch) is logged, the runner falls back to eager for good and the group is retried once. The
+engine calls the same (compiled) ``forward``; a compiled engine warm-up that fails falls back to eager, and
+a compiled forward failing in a step answers that step's rows ``model_error`` (no retry) and drops compile.
 
 Device and dtype: see ``agents.llm_model`` (CUDA when available, bf16 or fp16 there, fp32 on CPU).
 ``settings.llm.threads`` sets torch's CPU threads at load and again in whichever thread runs a batch.
@@ -290,7 +292,16 @@ class LlmRunner:
             max_batch=self._llm.max_batch,
             max_prefill_tokens=self._llm.max_prefill_tokens,
             clock_ms=self._clock_ms,
+            on_error=self._engine_failed,
+            threads=self._llm.threads,
         )
+
+    def _engine_failed(self, exc: Exception) -> None:
+        """A forward pass of the engine failed: its rows are answered ``model_error``; a compiled forward is
+        dropped for good (later steps run eager), as in the static path (which also retries its group)."""
+        if self._compiled:
+            logger.error("compiled forward failed in the engine (%r); falling back to eager", exc)
+            self._uncompile()
 
     def row_request(self, key: str, item: Item, *, stream: bool = False) -> RowRequest | Failure:
         """``item`` validated and tokenised for the engine (a ``Failure`` for that item otherwise)."""

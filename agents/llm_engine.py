@@ -222,8 +222,14 @@ class DecodeEngine:
         max_batch: int,
         max_prefill_tokens: int,
         clock_ms: Callable[[], float] = epoch_ms,
+        on_error: Callable[[Exception], None] | None = None,
+        threads: int | None = None,
     ) -> None:
+        """``on_error`` is told of every failed forward pass (the runner drops a ``torch.compile``d forward);
+        ``threads``: torch CPU threads, applied in whichever thread runs ``step`` (OpenMP keeps it per thread)."""
         self._model = model
+        self._threads = threads
+        self._on_error = on_error
         self._device = device
         self._eos_ids = eos_ids
         self._decode = decode
@@ -273,6 +279,8 @@ class DecodeEngine:
     def step(self) -> StepReport:
         """One iteration: retire, prefill within the budget, decode one token per running row, merge."""
         report = StepReport()
+        if self._threads is not None and torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)
         with self._lock:
             self._waiting.extend(self._incoming)
             self._incoming.clear()
@@ -333,7 +341,8 @@ class DecodeEngine:
         self._mask = mask[:, first:]
         for layer in self._cache.layers:
             keys, values = _kv(layer)
-            _set_kv(layer, keys.index_select(0, index)[:, :, first:], values.index_select(0, index)[:, :, first:])
+            keys, values = keys.index_select(0, index)[:, :, first:], values.index_select(0, index)[:, :, first:]
+            _set_kv(layer, keys.contiguous(), values.contiguous())  # one stride layout: fewer torch.compile guards
 
     # -- prefill ------------------------------------------------------------------------------------------
 
@@ -523,6 +532,8 @@ class DecodeEngine:
 
     def _fail(self, rows: Sequence[_Row], exc: Exception, report: StepReport) -> None:
         logger.exception("llm forward pass failed for %d rows", len(rows), exc_info=exc)
+        if self._on_error is not None:
+            self._on_error(exc)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         message = f"generation failed: {type(exc).__name__}: {exc}"[:500]
