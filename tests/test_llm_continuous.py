@@ -452,3 +452,43 @@ def _fake_record(event: _Event) -> Record:
     m = event.message
     return Record(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key, value=m.value,
                   timestamp_ms=int(m.timestamp * 1000))  # fmt: skip
+
+
+@pytest.mark.parametrize("grace_s", [30.0, 0.2])
+async def test_stop_admits_nothing_new_and_acks_only_what_finished_within_grace(
+    model_dir: Path, tmp_path: Path, grace_s: float
+) -> None:
+    before = torch.get_num_threads()
+    settings = Settings(cache_dir=tmp_path, llm=LlmSettings(model=str(model_dir), device="cpu", threads=1, max_batch=1))
+    runner = build_runner(settings)
+    runner.load()
+    sink = _Sink()
+    processor = BatchProcessor("llm", runner, sink, topic_prefix="p", cache=None, cache_ttl_s=60)
+    tp = TP("req", 0)
+    loop = ContinuousLoop[_Event](
+        processor, runner, sink, assignment=lambda: {tp}, record_of=_fake_record, lane_of=lambda e: e.message.tp,
+        worker_id="w1", redis=None, topic_prefix="p", max_batch=1, grace_s=grace_s,
+    )  # fmt: skip
+    acks: list[str] = []
+    queue: asyncio.Queue[_Event] = asyncio.Queue()
+    tokens = 60 if grace_s > 1 else LONG
+    for offset, name in enumerate(["first", "waiting"]):
+        queue.put_nowait(_Event(tp, offset, _request(name, "p.replies.x", "Paris is", tokens), acks))
+    task = asyncio.create_task(loop.run(_Stream(queue)))
+    try:
+        for _ in range(2000):
+            if loop.figures.admitted == 1 and loop.figures.steps > 2:
+                break
+            await asyncio.sleep(0.005)
+        task.cancel()  # what Faust does on SIGTERM
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        torch.set_num_threads(before)
+    answered = [orjson.loads(v)["id"] for _, k, v in sink.sent if k != b"w1"]
+    print("STOP:", {"grace_s": grace_s, "answered": answered, "acked": acks, "admitted": loop.figures.admitted})
+    assert loop.figures.admitted == 1  # the waiting event was never admitted (delivered again)
+    if grace_s > 1:
+        assert answered == ["first"] and acks == ["first"]
+    else:
+        assert acks == []  # past the grace period: nothing acknowledged, the row is delivered again
