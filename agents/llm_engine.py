@@ -507,10 +507,14 @@ class DecodeEngine:
         stops = params.stop or []
         done = token in self._eos_ids or len(row.generated) >= params.max_tokens
         text: str | None = None
-        if not done and (stops or row.request.stream):
-            body = row.generated[:-1] if row.generated[-1] in self._eos_ids else row.generated
-            text = self._decode(body)
+        if not done and row.request.stream:
+            text = self._decode(row.generated)  # the whole text: deltas are cut from it
             done = first_stop(text, stops) is not None
+        elif not done and stops:
+            # Only a tail long enough to hold the longest stop string (UTF-8 is <= 4 bytes a character): a stop
+            # string ends in the tokens of the step that completes it, so no earlier one can be missed.
+            window = 4 * max(len(stop) for stop in stops) + 2
+            done = first_stop(self._decode(row.generated[-window:]), stops) is not None
         if done:
             outcome = finish_output(row.generated, params, self._eos_ids, self._decode, len(row.request.ids))
             if row.request.stream:

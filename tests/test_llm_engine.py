@@ -167,6 +167,7 @@ def test_stop_string_cut_and_stream_deltas_concatenate_to_the_final_text(runner:
         _row(runner, "cut", "Paris is", True, max_tokens=16, stop=[stop, "\x00never"]),
         _row(runner, "plain", PROMPTS[1], True, max_tokens=10),
         _row(runner, "quiet", PROMPTS[2], False, max_tokens=10),
+        _row(runner, "cut-quiet", "Paris is", False, max_tokens=16, stop=[stop, "\x00never"]),
     ]
     finished, reports = _run(_engine(runner), {0: rows[:1], 2: rows[1:]})
     cut = _ok(finished["cut"])
@@ -175,6 +176,7 @@ def test_stop_string_cut_and_stream_deltas_concatenate_to_the_final_text(runner:
         [Item("completion", {"prompt": "Paris is", "max_tokens": 16, "temperature": 0, "stop": [stop, "\x00never"]})]
     )[0]
     assert static == cut  # the same cut and token count as the static path
+    assert _ok(finished["cut-quiet"]) == cut  # a row that does not stream finds the stop in a tail window
     for key in ("cut", "plain"):
         deltas = [d for r in reports for d in r.deltas if d.key == key]
         assert "".join(d.text for d in deltas) == _ok(finished[key])["text"]
