@@ -44,12 +44,11 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeGuard, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agents.llm_engine import DecodeEngine, Delta, Finished, RowRequest, StepReport
 from agents.loop import BatchProcessor, Settlement, _Pending
 from agents.runner import Failure, Item
 from schemas import ErrorCode, PartialBatchEvent, PartialDelta
@@ -57,6 +56,9 @@ from streams.batching import BatchBuffer, BufferClosed
 from streams.cancel import cancel_key
 from streams.codec import Record, encode
 from streams.redis import guarded
+
+if TYPE_CHECKING:  # torch stays out of the agents that do not run the LLM (agents.worker imports this module)
+    from agents.llm_engine import DecodeEngine, Delta, RowRequest, StepReport
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +323,8 @@ class ContinuousLoop(Generic[E]):
             self.figures.engine_resets += 1
             self.engine = self.runner.make_engine()
             message = f"engine failed: {type(exc).__name__}: {exc}"[:500]
+            from agents.llm_engine import Finished, StepReport
+
             report = StepReport(finished=[Finished(k, Failure(ErrorCode.MODEL_ERROR, message)) for k in self._active])
         self.figures.steps += 1
         self.processor._observer.inference(rows, time.perf_counter() - started)
