@@ -190,6 +190,7 @@ def one_run(label: str, scratch: Path, uv_cache: Path, model_cache: Path, timeou
         "AISEMBLE_EDGE_HOST": "127.0.0.1",
         "AISEMBLE_TOPIC_PREFIX": f"firstrun-{label}-{os.getpid()}",
         "AISEMBLE_EDGE_ID": f"firstrun-{label}-{os.getpid()}",
+        "PYTHONUNBUFFERED": "1",  # aisemble's "ready on" line reaches the log when it is printed
     }
     for name in ("VIRTUAL_ENV", "AISEMBLE_API_KEYS", "AISEMBLE_AGENT_METRICS_PORT"):
         env.pop(name, None)
@@ -204,7 +205,8 @@ def one_run(label: str, scratch: Path, uv_cache: Path, model_cache: Path, timeou
     make = subprocess.Popen(
         ["make", "run"], cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
-    threading.Thread(target=lines.pump, args=(make.stdout,), daemon=True).start()
+    pump = threading.Thread(target=lines.pump, args=(make.stdout,), daemon=True)
+    pump.start()
     pids: set[int] = set()
     first_200: float | None = None
     healthy: float | None = None
@@ -225,6 +227,7 @@ def one_run(label: str, scratch: Path, uv_cache: Path, model_cache: Path, timeou
             time.sleep(0.5)
     finally:
         stopped = stop(make, pids, grace=60)
+        pump.join(timeout=10)
     marks = {name: lines.first(needle) for needle, name in PHASES}
     marks["ready_line"] = lines.first("aisemble: ready on")
     site = next((clone / ".venv" / "lib").glob("python3*/site-packages"), None)
