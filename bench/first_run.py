@@ -7,6 +7,8 @@ Each run clones the repository's committed HEAD into a scratch folder and starts
 Makefile bootstraps uv, makes .venv from the lock files, installs the project, starts the pipeline), then
 polls ``GET /health`` until it answers 200 with status ``ok`` and a live agent for each of the four services.
 The times of the phases are read from make's own output (each command line it echoes is timestamped).
+``ready_line`` is when ``aisemble run`` printed "ready on"; null when /health was already healthy before that
+line (the run is stopped at the first healthy answer).
 
 Guarantees: it stops what it started. ``make run`` gets its own session; the script records every
 descendant process it sees, stops them with SIGINT to that process group (what Ctrl-C does), waits, and
