@@ -319,7 +319,8 @@ def test_the_openapi_document_declares_the_security_schemes_and_401(keyed: TestC
         operation = doc["paths"][path]["post"]
         assert operation["security"] == [{"ApiKey": []}, {"Bearer": []}], path
         assert "WWW-Authenticate" in operation["responses"]["401"]["headers"]
-        assert set(operation["responses"]) == {"200", *(str(s) for s in STATUS_DESCRIPTIONS)}
+        # 202: the asynchronous answer (Prefer: respond-async / ?wait=false, api.async_requests)
+        assert set(operation["responses"]) == {"200", "202", *(str(s) for s in STATUS_DESCRIPTIONS)}
         rid = next(p for p in operation["parameters"] if p["name"] == "x-request-id")
         assert {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9._:-]{1,128}$"} in rid[
             "schema"
