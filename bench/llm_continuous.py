@@ -194,7 +194,10 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", default="")
+    parser.add_argument("--quick", action="store_true", help="make bench's size: 16 requests at 2/s, 8-64 tokens")
     args = parser.parse_args()
+    if args.quick:
+        args.n, args.rate, args.max_tokens = 16, 2.0, "8,16,32,64"
 
     model = args.model
     cache_dir = Path(args.cache_dir) if args.cache_dir else Settings().cache_dir

@@ -392,8 +392,7 @@ def summary_md(result: dict[str, Any]) -> str:
         f"Machine: {get(result, 'machine', 'cpus')} CPUs, {get(result, 'machine', 'platform')}. One run: every ratio "
         f"below is between figures of this run; the load driver shares the CPUs with the servers. "
         f"{prof.get('duration_s')} s per load point; wall {result.get('wall_s')} s. The broker held "
-        f"{result.get('broker_topics', '?')} topics (the edge's 1 s broker probe and the agents' metadata checks "
-        "fetch metadata for all of them).",
+        f"{result.get('broker_topics', '?')} topics when the run began.",
         "",
     ]
     if result.get("profile_name") == "smoke":
