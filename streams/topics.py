@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.protocol.metadata import MetadataRequest
 
 from schemas import SERVICES, Service
@@ -144,15 +145,25 @@ async def existing_topics(client: AIOKafkaClient, topics: Iterable[str]) -> set[
     """Those of ``topics`` the cluster has, from ONE metadata request naming just them, which never creates a
     topic (``allow_auto_topic_creation`` false). Cheap whatever the cluster holds: a request for all topics
     (``fetch_all_metadata``, or a client tracking none) makes the broker send, and this process decode, every
-    topic of the cluster (thousands on a shared one).
+    topic of the cluster (thousands on a shared one). The known brokers are asked in random order until one
+    answers (as aiokafka's own metadata refresh does), so one dead broker of a cluster is no outage.
 
     Raises:
-        KafkaError (or OSError): no broker is known or the one asked did not answer.
+        KafkaError (or OSError): no broker is known, or none of them answered.
     """
     names = sorted(set(topics))
-    node = client.get_random_node()
-    if node is None:
+    nodes = [broker.nodeId for broker in client.cluster.brokers()]
+    random.shuffle(nodes)
+    if not nodes:
         raise KafkaConnectionError("no broker is known to the client")
-    response = await client.send(node, MetadataRequest(names, allow_auto_topic_creation=False))
-    # Every version of the response starts a topic's entry with (error_code, name, ...); 0 = it exists.
-    return {entry[1] for entry in response.topics if entry[0] == 0 and entry[1] in names}
+    failure: BaseException | None = None
+    for node in nodes:
+        try:
+            response = await client.send(node, MetadataRequest(names, allow_auto_topic_creation=False))
+        except (KafkaError, OSError) as exc:
+            failure = exc
+            continue
+        # Every version of the response starts a topic's entry with (error_code, name, ...); 0 = it exists.
+        return {entry[1] for entry in response.topics if entry[0] == 0 and entry[1] in names}
+    assert failure is not None
+    raise failure

@@ -69,8 +69,9 @@ class _FakeClient:
     def __init__(self) -> None:
         self.answers = True
 
-    def get_random_node(self) -> int:
-        return 1
+    @property
+    def cluster(self) -> SimpleNamespace:
+        return SimpleNamespace(brokers=lambda: [SimpleNamespace(nodeId=1)])
 
     async def send(self, node_id: int, request: object) -> object:
         if not self.answers:
@@ -186,3 +187,28 @@ async def test_edge_errors_become_the_reply_shape_with_retry_after() -> None:
     assert body["service"] == "data" and body["task"] == "analyze" and body["output"] is None
     assert down_r.status_code == 503 and "retry-after" not in down_r.headers
     assert down_r.json()["error"] == {"code": ErrorCode.UNAVAILABLE, "message": "kafka down"}
+
+
+async def test_the_probe_asks_the_next_broker_when_one_is_dead() -> None:
+    from streams.topics import existing_topics
+
+    class TwoBrokers:
+        cluster = SimpleNamespace(brokers=lambda: [SimpleNamespace(nodeId=1), SimpleNamespace(nodeId=2)])
+        asked: list[int] = []
+
+        async def send(self, node_id: int, request: object) -> object:
+            self.asked.append(node_id)
+            if node_id == 1:
+                raise KafkaConnectionError("connect call failed")  # the killed leader of a cluster
+            return SimpleNamespace(topics=[(0, "t", False, [])])
+
+    for _ in range(10):  # random order: the dead broker comes first about half of the time
+        assert await existing_topics(TwoBrokers(), ["t"]) == {"t"}  # type: ignore[arg-type]
+    assert 1 in TwoBrokers.asked and 2 in TwoBrokers.asked
+
+    class NoneAnswers(TwoBrokers):
+        async def send(self, node_id: int, request: object) -> object:
+            raise KafkaConnectionError("connect call failed")
+
+    with pytest.raises(KafkaConnectionError):
+        await existing_topics(NoneAnswers(), ["t"])  # type: ignore[arg-type]
