@@ -52,7 +52,7 @@ from redis.exceptions import RedisError
 from agents.loop import BatchProcessor, Settlement, _Pending
 from agents.runner import Failure, Item
 from schemas import ErrorCode, PartialBatchEvent, PartialDelta
-from streams.batching import BatchBuffer, BufferClosed
+from streams.batching import BatchBuffer, BufferClosed, feed
 from streams.cancel import cancel_key
 from streams.codec import Record, encode
 from streams.redis import guarded
@@ -202,16 +202,11 @@ class ContinuousLoop(Generic[E]):
                      len(dropped))  # fmt: skip
 
     async def _feed(self, stream: object) -> None:
-        try:
-            async for event in stream.events():  # type: ignore[attr-defined]
-                await self.buffer.put(event)
-        except (asyncio.CancelledError, BufferClosed):
-            raise
-        except Exception as exc:  # noqa: BLE001  (recorded; run() then stops the process)
-            self.failure = exc
-            log.critical("the agent's stream failed: %r", exc)
-        finally:
-            self.buffer.close()
+        """Put every event in the buffer; a failure of the stream is recorded (``run`` then stops)."""
+        failure = await feed(stream.events(), self.buffer)  # type: ignore[attr-defined]
+        if failure is not None:
+            self.failure = failure
+            log.critical("the agent's stream failed: %r", failure)
 
     async def run(self, stream: object) -> None:
         """Serve until the stream ends, the task is cancelled (graceful stop) or something fails.

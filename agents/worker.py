@@ -38,7 +38,7 @@ from agents.metrics import serve_agent_metrics
 from agents.runner import ModelRunner
 from schemas import Service
 from streams.app import create_app, request_topic
-from streams.batching import BatchBuffer, BufferClosed
+from streams.batching import BatchBuffer, BufferClosed, feed
 from streams.cache import ResultCache
 from streams.codec import Record
 from streams.policy import ReplyTopicPolicy
@@ -200,18 +200,11 @@ class BatchLoop:
                      len(dropped))  # fmt: skip
 
     async def _feed(self, stream: faust.StreamT) -> None:
-        """Put every event in the buffer; when the stream ends (or fails), close the buffer so the batch
-        loop drains what it holds and ends too, instead of waiting forever on a dead feeder."""
-        try:
-            async for event in stream.events():  # type: ignore[attr-defined]
-                await self.buffer.put(event)
-        except (asyncio.CancelledError, BufferClosed):
-            raise
-        except Exception as exc:  # noqa: BLE001  (recorded; run() then stops the process)
-            self.failure = exc
-            log.critical("the agent's stream failed: %r", exc)
-        finally:
-            self.buffer.close()
+        """Put every event in the buffer; a failure of the stream is recorded (``run`` then stops)."""
+        failure = await feed(stream.events(), self.buffer)  # type: ignore[attr-defined]
+        if failure is not None:
+            self.failure = failure
+            log.critical("the agent's stream failed: %r", failure)
 
     async def run(self, stream: faust.StreamT) -> None:
         feeder = asyncio.create_task(self._feed(stream.noack()), name="agent-feed")  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import AsyncIterable, Callable, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -196,3 +196,19 @@ class BatchBuffer(Generic[T]):
         """Refuse new items; ``take`` drains what is left, then returns ``[]``."""
         self._closed = True
         self._notify()
+
+
+async def feed(events: AsyncIterable[T], buffer: BatchBuffer[T]) -> BaseException | None:
+    """Put every item of ``events`` in ``buffer``; when the source ends or fails, close the buffer (so the
+    consumer drains what it holds and ends too, instead of waiting forever on a dead feeder) and return the
+    failure, if any. Cancellation and a closed buffer propagate."""
+    try:
+        async for item in events:
+            await buffer.put(item)
+    except (asyncio.CancelledError, BufferClosed):
+        raise
+    except Exception as exc:  # noqa: BLE001  (returned: the caller stops its process)
+        return exc
+    finally:
+        buffer.close()
+    return None
