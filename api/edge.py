@@ -238,15 +238,8 @@ class Edge:
             correlation_id, future = self.router.expect(request_id, service, task)
         except DuplicateRequestIdError as exc:
             raise DuplicateIdError(str(exc), request_id=request_id, service=service, task=task) from exc
-        event = RequestEvent(
-            id=request_id,
-            correlation_id=correlation_id,
-            task=task,
-            input=payload,
-            reply_to=self.reply_topic,
-            deadline_ms=int((time.time() + timeout_s) * 1000),
-            cache=cache,
-            store_result_s=store_result_s,
+        event = self._request_event(
+            request_id, correlation_id, task, payload, timeout_s, cache=cache, store_result_s=store_result_s
         )
         try:
             await self._produce(service, event, timeout_s)
@@ -286,6 +279,29 @@ class Edge:
             return None
         elapsed = (time.perf_counter() - started) * 1000.0
         return hit.model_copy(update={"id": request_id, "cached": True, "timings_ms": {"edge_ms": elapsed}})
+
+    def _request_event(
+        self,
+        request_id: str,
+        correlation_id: str,
+        task: str,
+        payload: dict[str, object],
+        timeout_s: float,
+        **options: object,
+    ) -> RequestEvent:
+        """The event for one call: replies to this edge's topic, deadline ``timeout_s`` from now; ``options``
+        are the event's optional fields (cache, stream, store_result_s)."""
+        return RequestEvent.model_validate(
+            {
+                "id": request_id,
+                "correlation_id": correlation_id,
+                "task": task,
+                "input": payload,
+                "reply_to": self.reply_topic,
+                "deadline_ms": int((time.time() + timeout_s) * 1000),
+                **options,
+            }
+        )
 
     def _check_broker(self, service: Service, task: str, request_id: str) -> None:
         if self.broker.down:
@@ -354,16 +370,7 @@ class Edge:
                 correlation_id, _, queue = self.router.expect_stream(request_id, service, task)
             except DuplicateRequestIdError as exc:
                 raise DuplicateIdError(str(exc), request_id=request_id, service=service, task=task) from exc
-            event = RequestEvent(
-                id=request_id,
-                correlation_id=correlation_id,
-                task=task,
-                input=payload,
-                reply_to=self.reply_topic,
-                deadline_ms=int((time.time() + timeout_s) * 1000),
-                cache=cache,
-                stream=True,
-            )
+            event = self._request_event(request_id, correlation_id, task, payload, timeout_s, cache=cache, stream=True)
             try:
                 await self._produce(service, event, timeout_s)
             except BaseException:
