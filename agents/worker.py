@@ -22,12 +22,11 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import faust
 import orjson
-from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -36,6 +35,7 @@ from agents.errors import DeliveryError
 from agents.loop import BatchObserver, BatchProcessor, Settlement
 from agents.metrics import serve_agent_metrics
 from agents.runner import ModelRunner
+from agents.sink import FaustSink
 from schemas import Service
 from streams.app import create_app, request_topic
 from streams.batching import BatchBuffer, BufferClosed, feed
@@ -49,7 +49,6 @@ from streams.topics import ensure_service_topics
 
 log = logging.getLogger(__name__)
 
-METADATA_CHECK_S = 2.0
 EXIT_AGENT_FAILED = 3
 EXIT_STOP_WAIT_S = 15.0
 
@@ -80,43 +79,6 @@ def build_hook(service: Service, name: str, settings: Settings, redis: Redis) ->
     module = importlib.import_module(f"agents.{service}")
     factory = getattr(module, name, None)
     return factory(settings, redis) if factory is not None else None
-
-
-class FaustSink:
-    """Produces through the Faust app's producer; ``send`` returns the broker-ack future."""
-
-    def __init__(self, app: faust.App) -> None:
-        self._app = app
-        self._known: set[str] = set()
-        self._missing: dict[str, float] = {}
-
-    async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]:
-        return await self._app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
-
-    async def missing_topics(self, topics: set[str]) -> set[str]:
-        """Those of ``topics`` the cluster does not have. Unknown ones cost one bounded metadata refresh for
-        the whole set, skipped for topics already found missing in the last second, so a stream of requests
-        naming made-up topics cannot make every batch wait on metadata."""
-        client = getattr(getattr(self._app.producer, "_producer", None), "client", None)
-        if client is None:
-            return set()
-        now = time.monotonic()
-        self._missing = {t: at for t, at in self._missing.items() if now - at < 1.0}
-        unknown = {t for t in topics if t not in self._known and t not in client.cluster.topics()}
-        if unknown - set(self._missing):
-            # The producer's own refresh (the topics it tracks). Not streams.topics.existing_topics: an extra
-            # request on the Faust producer's connection stalled its acks (test_kafka_fuzz, 60 s, exit 3).
-            try:
-                async with asyncio.timeout(METADATA_CHECK_S):
-                    await client.force_metadata_update()
-            except (TimeoutError, KafkaError) as exc:
-                log.warning("cannot tell whether topics %s exist: %r", sorted(unknown), exc)
-                return set()
-        existing = client.cluster.topics()
-        self._known |= {t for t in topics if t in existing}
-        missing = {t for t in unknown if t not in existing}
-        self._missing.update(dict.fromkeys(missing - set(self._missing), now))
-        return missing
 
 
 def _record(event: faust.EventT) -> Record:
