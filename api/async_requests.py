@@ -1,12 +1,12 @@
 """Asynchronous requests: ``Prefer: respond-async`` (RFC 7240) or ``?wait=false`` on any service route.
 
-A route takes ``serve: Serve = Depends(serve_request)`` and answers in one line, ``await serve(service, task,
-payload, cache=...)``: synchronously (the reply, as before) or, when the caller asked for it, with
-``202 Accepted``, ``Location: /requests/{id}``, ``Preference-Applied: respond-async`` and the body
-``{"id", "status": "pending", "location"}``. ``GET /requests/{id}`` (``api.routes.requests``) then answers
-202 (``Retry-After``) while the request is pending, and once it is done exactly what the synchronous call
-would have answered: 200 with the reply, or the error reply with its status (422, 504, ...). Unknown or
-expired ids are 404. Ids are request ids: the caller's ``X-Request-Id`` when it sent one.
+``api.serving.RequestServing`` (what every service route calls) serves a request through ``submit`` when
+the caller asked for it: ``202 Accepted``, ``Location: /requests/{id}``, ``Preference-Applied:
+respond-async`` and the body ``{"id", "status": "pending", "location"}``. ``GET /requests/{id}``
+(``api.routes.requests``) then answers 202 (``Retry-After``) while the request is pending, and once it is
+done exactly what the synchronous call would have answered: 200 with the reply, or the error reply with its
+status (422, 504, ...). Unknown or expired ids are 404. Ids are request ids: the caller's ``X-Request-Id``
+when it sent one.
 
 Guarantees, in the order a submission runs:
 
@@ -46,17 +46,14 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Literal
 
 import orjson
-from fastapi import Depends, Header, Query
 from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from redis.exceptions import RedisError
 from starlette.responses import Response
 
-from api.deps import get_edge, request_id
 from api.edge import Edge
 from api.errors import DuplicateIdError, EdgeError, UnavailableError, reply_response
 from schemas import ErrorCode, ErrorInfo, ReplyEvent, Service
@@ -142,27 +139,6 @@ ASYNC_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
-def prefers_async(values: list[str]) -> bool:
-    """Whether ``Prefer`` header values (RFC 7240: comma-separated preferences, ``;`` parameters) ask for
-    ``respond-async``; names are case-insensitive."""
-    for value in values:
-        for preference in value.split(","):
-            name = preference.split(";", 1)[0].split("=", 1)[0].strip().lower()
-            if name == "respond-async":
-                return True
-    return False
-
-
-def wants_async(
-    wait: bool = Query(
-        default=True, description="false: answer 202 at once and keep the result for GET /requests/{id}."
-    ),
-    prefer: str | None = Header(default=None, description="RFC 7240; respond-async: as ?wait=false.", max_length=1024),
-) -> bool:
-    """Whether the caller asked for an asynchronous answer (``?wait=false`` or ``Prefer: respond-async``)."""
-    return not wait or (prefer is not None and prefers_async([prefer]))
-
-
 def location(rid: str) -> str:
     return f"/requests/{rid}"
 
@@ -175,41 +151,6 @@ def accepted(rid: str) -> ORJSONResponse:
         status_code=202,
         headers={"Location": location(rid), "X-Request-Id": rid},
     )
-
-
-@dataclass(slots=True)
-class Serve:
-    """A service route's way to answer: ``await serve(service, task, payload, cache=...)``."""
-
-    edge: Edge
-    request_id: str | None
-    respond_async: bool
-
-    async def __call__(
-        self,
-        service: Service,
-        task: str,
-        payload: dict[str, object],
-        *,
-        cache: bool | None = None,
-        render: str = DEFAULT_RENDER,
-        context: Mapping[str, object] | None = None,
-    ) -> Response:
-        """The reply (synchronous) or a 202 (asynchronous); raises the edge's errors (``Edge.call``)."""
-        if self.respond_async:
-            return await submit(self.edge, service, task, payload, cache=cache, request_id=self.request_id,
-                                render=render, context=context)  # fmt: skip
-        reply = await self.edge.call(service, task, payload, cache=cache, request_id=self.request_id)
-        return RENDERERS[render](reply, context or {})
-
-
-def serve_request(
-    edge: Edge = Depends(get_edge),
-    rid: str | None = Depends(request_id),
-    respond_async: bool = Depends(wants_async),
-) -> Serve:
-    """The dependency every service route takes (see the module docstring)."""
-    return Serve(edge, rid, respond_async)
 
 
 async def submit(

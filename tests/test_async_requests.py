@@ -35,7 +35,8 @@ from starlette.responses import JSONResponse, Response
 
 import infra
 from aisemble.pipeline import Pipeline, free_port
-from api.async_requests import Pending, lookup, prefers_async, register_renderer
+from api.async_requests import Pending, lookup, register_renderer
+from api.serving import prefers_async
 from schemas import ErrorCode, ReplyEvent
 from streams.redis import connect
 from streams.results import pending_key, result_key

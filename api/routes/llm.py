@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from api.async_requests import ASYNC_RESPONSES, Serve, serve_request
+from api.async_requests import ASYNC_RESPONSES
 from api.errors import SERVICE_RESPONSES
+from api.serving import RequestServing, serving
 from api.streaming import SSE_EVENT, NativeFormat, SseResponse
 from schemas.llm import LlmCompletionRequest
 
@@ -29,7 +30,7 @@ STREAM_RESPONSES: dict[int | str, dict[str, object]] = {
 
 
 @router.post("/ai/llm/completion", responses=STREAM_RESPONSES)
-async def completion(body: LlmCompletionRequest, serve: Serve = Depends(serve_request)) -> Response:
+async def completion(body: LlmCompletionRequest, serve: RequestServing = Depends(serving)) -> Response:
     """Complete a prompt; the body of a 200 is the reply event, or with ``stream: true`` its SSE stream
     (``stream: true`` wins over ``Prefer: respond-async``: the preference is then not applied)."""
     if body.stream:

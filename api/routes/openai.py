@@ -21,7 +21,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import ORJSONResponse, Response
 
-from api.async_requests import register_renderer, submit, wants_async
+from api.async_requests import register_renderer, submit
 from api.deps import get_edge, request_id
 from api.edge import Edge
 from api.errors import EdgeError
@@ -45,6 +45,7 @@ from api.openai import (
     to_input,
     validate,
 )
+from api.serving import wants_async
 from api.streaming import SseResponse
 from schemas import ReplyEvent
 

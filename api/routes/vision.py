@@ -16,8 +16,9 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from redis.exceptions import RedisError
 from starlette.responses import Response
 
-from api.async_requests import ASYNC_RESPONSES, Serve, serve_request
+from api.async_requests import ASYNC_RESPONSES
 from api.errors import SERVICE_RESPONSES, InvalidInputError, PayloadTooLargeError, UnavailableError
+from api.serving import RequestServing, serving
 from schemas.vision import VisionRequest, VisionTask
 from streams.claimcheck import put_claim
 
@@ -30,7 +31,9 @@ def _b64_len(n: int) -> int:
     return 4 * ((n + 2) // 3)
 
 
-async def _analyze(serve: Serve, task: str, image: bytes, params: dict[str, object], cache: bool | None) -> Response:
+async def _analyze(
+    serve: RequestServing, task: str, image: bytes, params: dict[str, object], cache: bool | None
+) -> Response:
     edge, rid = serve.edge, serve.request_id
     settings = edge.settings.vision
     if not image:
@@ -65,7 +68,7 @@ async def _analyze(serve: Serve, task: str, image: bytes, params: dict[str, obje
 
 
 @router.post("/ai/vision/analyze", responses=SERVICE_RESPONSES | ASYNC_RESPONSES)
-async def analyze(body: VisionRequest, serve: Serve = Depends(serve_request)) -> Response:
+async def analyze(body: VisionRequest, serve: RequestServing = Depends(serving)) -> Response:
     """Analyse a base64-encoded image; the body of a 200 is the reply event."""
     try:
         image = base64.b64decode(body.image_b64, validate=True)
@@ -90,7 +93,7 @@ async def analyze_upload(
     top_k: int = Form(5, ge=1, le=100),
     min_face_size: int = Form(30, ge=8, le=4096),
     cache: bool = Form(None),
-    serve: Serve = Depends(serve_request),
+    serve: RequestServing = Depends(serving),
 ) -> Response:
     """Analyse an uploaded image file (multipart/form-data)."""
     image = await file.read()
