@@ -30,6 +30,17 @@ name is not resolved here.
 FastAPI reads and parses a request's body before it runs dependencies, so the check also runs first as an
 ASGI middleware (``ApiKeyGate``) on the raw headers: a request without a valid key is answered 401 before
 any of its body is read.
+
+Who the caller is (``Caller``): the gate identifies every HTTP request once, open paths included, and
+leaves the answer in the ASGI scope (``request_caller`` reads it). With keys configured, a caller whose key
+matches has an ``owner``: a digest of that key's identity (SHA-256 over a fixed label and the key's own
+SHA-256, hex), never the key itself. ``api.async_requests`` stores it with an asynchronous request's
+pending marker, so only the same key reads the result. The owner is the same on every edge and across
+restarts for the same key; removing a key from ``AISEMBLE_API_KEYS`` makes its kept results unreadable.
+Without keys every caller is anonymous (``owner`` None).
+
+What can go wrong: ``request_caller`` on a request the gate did not see raises ``RuntimeError`` (a 500):
+an app built without the gate fails closed rather than serving results to anyone.
 """
 
 from __future__ import annotations
@@ -38,11 +49,14 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import Depends, Request, Security
 from fastapi.params import Depends as DependsParam
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import UnauthorizedError, caller_id, error_response, service_of
@@ -56,6 +70,8 @@ log = logging.getLogger(__name__)
 MAX_KEY_LENGTH = 512
 WWW_AUTHENTICATE = 'Bearer realm="aisemble"'
 LOOPBACK_NAMES = frozenset({"localhost"})
+OWNER_LABEL = b"aisemble.owner.v1:"  # what a key's digest is hashed with to make its owner id
+CALLER_SCOPE_KEY = "aisemble.caller"  # where ApiKeyGate leaves the ``Caller`` in the ASGI scope
 
 _api_key_header = APIKeyHeader(
     name=API_KEY_HEADER, scheme_name=API_KEY_SCHEME, description=SECURITY_DESCRIPTION, auto_error=False
@@ -109,12 +125,67 @@ def key_digests(settings: Settings) -> list[bytes]:
 def matches_any(candidate: str, digests: list[bytes]) -> bool:
     """Whether ``candidate`` is one of the keys behind ``digests``, in time independent of which one and of
     whether any: every digest is compared (``hmac.compare_digest``), none is skipped."""
-    # A header value is Latin-1 text to Starlette: encoding it back gives the bytes the client sent.
-    presented = _digest(candidate.encode("latin-1", errors="replace"))
-    found = False
-    for digest in digests:
-        found |= hmac.compare_digest(presented, digest)
+    return identify([candidate], digests) is not None
+
+
+def identify(presented: list[str], digests: list[bytes]) -> bytes | None:
+    """The configured key's digest that one of ``presented`` matches, or None; every value is compared with
+    every digest (``hmac.compare_digest``), none skipped, so the time says neither which nor whether."""
+    found: bytes | None = None
+    for value in presented:
+        # A header value is Latin-1 text to Starlette: encoding it back gives the bytes the client sent.
+        candidate = _digest(value.encode("latin-1", errors="replace"))
+        for digest in digests:
+            if hmac.compare_digest(candidate, digest):
+                found = digest
     return found
+
+
+def owner_of(key_digest: bytes) -> str:
+    """The owner id of a key (from its SHA-256 digest): stored with results, never the key."""
+    return hashlib.sha256(OWNER_LABEL + key_digest).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request, as ``ApiKeyGate`` found it (see the module docstring).
+
+    ``keys_on``: the edge has API keys. ``owner``: the matching key's owner id (None without keys, or when
+    no key matched). ``presented``: the request carried a key, matching or not.
+    """
+
+    keys_on: bool
+    owner: str | None
+    presented: bool
+
+    @property
+    def admitted(self) -> bool:
+        """Whether a route behind the door serves this caller: keys off, or a key matched."""
+        return not self.keys_on or self.owner is not None
+
+
+ANONYMOUS = Caller(keys_on=False, owner=None, presented=False)
+
+
+def presented_keys(headers: Headers) -> list[str]:
+    """The non-empty key values a request carries: ``X-API-Key`` and ``Authorization: Bearer <key>``."""
+    presented = [headers.get(API_KEY_HEADER, "")]
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        presented.append(credentials.strip())
+    return [p for p in presented if p]
+
+
+def request_caller(request: Request) -> Caller:
+    """The dependency that says who sent ``request`` (left in the scope by ``ApiKeyGate``).
+
+    Raises:
+        RuntimeError: the gate did not see this request (an app built without it): fail closed.
+    """
+    caller = request.scope.get(CALLER_SCOPE_KEY)
+    if not isinstance(caller, Caller):
+        raise RuntimeError("no caller identified: the app must be built with api.auth.ApiKeyGate")
+    return caller
 
 
 class ApiKeyAuth:
@@ -164,7 +235,8 @@ class ApiKeyGate:
     runs dependencies only after it has read and parsed the body; this gate answers 401 first, so a caller
     without a key can make the edge read no body at all (an unauthenticated 20 MB upload costs a header
     parse). ``open_paths`` (``/health``, the OpenAPI document and docs; ``/metrics`` when it needs no key) pass
-    without a key. A no-op when no keys are configured.
+    without a key. Every request, open or not, leaves with its ``Caller`` in the scope (``request_caller``);
+    without keys every caller is ``ANONYMOUS``.
     """
 
     def __init__(self, app: ASGIApp, settings: Settings, open_paths: frozenset[str]) -> None:
@@ -173,38 +245,44 @@ class ApiKeyGate:
         self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._digests or scope["path"] in self._open:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self._digests:
+            scope[CALLER_SCOPE_KEY] = ANONYMOUS
             await self.app(scope, receive, send)
             return
         request = Request(scope)  # headers only: the body is never read here
-        presented = [request.headers.get(API_KEY_HEADER, "")]
-        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            presented.append(credentials.strip())
-        presented = [p for p in presented if p]
-        valid = False
-        for value in presented:  # every value against every key: no early exit
-            valid |= matches_any(value, self._digests)
-        if valid:
+        presented = presented_keys(request.headers)
+        matched = identify(presented, self._digests)
+        caller = Caller(keys_on=True, owner=owner_of(matched) if matched else None, presented=bool(presented))
+        scope[CALLER_SCOPE_KEY] = caller
+        if caller.admitted or scope["path"] in self._open:
             await self.app(scope, receive, send)
             return
-        reason = "invalid" if presented else "missing"
-        client = request.client.host if request.client else "?"
-        log.info("401 %s %r from %s: API key %s", request.method, request.url.path, client, reason)
-        if request.url.path.startswith("/v1/"):  # the OpenAI-compatible routes answer in OpenAI's shape
-            message = _unauthorized_message(bool(presented))
-            error = from_status(401, ErrorCode.UNAUTHORIZED, message, headers={"WWW-Authenticate": WWW_AUTHENTICATE})
-            await error.response()(scope, receive, send)
-            return
-        response = error_response(
-            401,
-            ErrorCode.UNAUTHORIZED,
-            _unauthorized_message(bool(presented)),
-            request_id=caller_id(request),
-            service=_service_of_path(request.url.path),
-            headers={"WWW-Authenticate": WWW_AUTHENTICATE},
-        )
-        await response(scope, receive, send)
+        await unauthorized(request, caller)(scope, receive, send)
+
+
+def unauthorized(request: Request, caller: Caller) -> Response:
+    """The 401 for a caller without a matching key (logged with the path, never with what was sent); in
+    OpenAI's shape on the ``/v1/`` routes."""
+    reason = "invalid" if caller.presented else "missing"
+    client = request.client.host if request.client else "?"
+    # the path as repr: a percent-encoded newline cannot forge a log line
+    log.info("401 %s %r from %s: API key %s", request.method, request.url.path, client, reason)
+    message = _unauthorized_message(caller.presented)
+    if request.url.path.startswith("/v1/"):  # the OpenAI-compatible routes answer in OpenAI's shape
+        return from_status(
+            401, ErrorCode.UNAUTHORIZED, message, headers={"WWW-Authenticate": WWW_AUTHENTICATE}
+        ).response()
+    return error_response(
+        401,
+        ErrorCode.UNAUTHORIZED,
+        message,
+        request_id=caller_id(request),
+        service=service_of_path(request.url.path),
+        headers={"WWW-Authenticate": WWW_AUTHENTICATE},
+    )
 
 
 def _unauthorized_message(presented: bool) -> str:
@@ -213,7 +291,7 @@ def _unauthorized_message(presented: bool) -> str:
     return f"an API key is required: send it in {API_KEY_HEADER} or as Authorization: Bearer <key>"
 
 
-def _service_of_path(path: str) -> str:
+def service_of_path(path: str) -> str:
     """The service a path belongs to (``/data/...``, ``/ai/<service>/...``), or '' (no route is matched yet)."""
     parts = path.strip("/").split("/")
     name = parts[1] if parts[0] == "ai" and len(parts) > 1 else parts[0]
@@ -222,10 +300,12 @@ def _service_of_path(path: str) -> str:
 
 def auth_dependencies(settings: Settings, route: Literal["service", "metrics"] = "service") -> list[DependsParam]:
     """The ``dependencies=`` for a router: the API-key check for service routes, and for ``/metrics`` when
-    ``settings.metrics_require_key``; raises ``InvalidApiKeysError`` for an unusable configured key."""
-    if route == "metrics" and not settings.metrics_require_key:
+    ``settings.metrics_require_key``; none at all without keys, so the OpenAPI document declares no
+    security a caller need not meet. Raises ``InvalidApiKeysError`` for an unusable configured key."""
+    auth = ApiKeyAuth(settings)
+    if not auth.enabled or (route == "metrics" and not settings.metrics_require_key):
         return []
-    return [Depends(ApiKeyAuth(settings))]
+    return [Depends(auth)]
 
 
 def is_loopback(host: str) -> bool:

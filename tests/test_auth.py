@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -39,6 +40,7 @@ from api.auth import (
     key_digests,
     matches_any,
 )
+from api.guards import InFlightLimit
 from schemas import ErrorCode
 from schemas.http import STATUS_DESCRIPTIONS, ErrorBody, valid_request_id
 from streams.settings import Settings
@@ -198,7 +200,8 @@ def test_the_request_id_rule(value: str, valid: bool) -> None:
 
 def _client(settings: Settings) -> TestClient:
     app = create_app(settings)
-    app.state.edge = object()  # never used: every request below is refused before a route runs
+    # only its in-flight limit is used (api.admission): every request below is refused before a route runs
+    app.state.edge = SimpleNamespace(in_flight=InFlightLimit(10))
     return TestClient(app, raise_server_exceptions=False)  # no `with`: the lifespan (Kafka, Redis) never starts
 
 
@@ -326,6 +329,18 @@ def test_the_openapi_document_declares_the_security_schemes_and_401(keyed: TestC
             "schema"
         ]["anyOf"]
     assert "security" not in doc["paths"]["/health"]["get"]
+    assert doc["paths"]["/requests/{request_id}"]["get"]["security"] == [{"ApiKey": []}, {"Bearer": []}]
+
+
+def test_without_keys_the_openapi_document_declares_no_security() -> None:
+    """A client generator or a fuzzer must not believe that a call without a key fails when none is needed."""
+    client = _client(_settings())
+    doc = client.get("/openapi.json").json()
+    assert "securitySchemes" not in doc.get("components", {})
+    operations = [op for item in doc["paths"].values() for op in item.values() if isinstance(op, dict)]
+    assert len(operations) >= len(SERVICE_ROUTES) + 3
+    assert [op.get("operationId") for op in operations if "security" in op] == []
+    assert "security" not in doc
 
 
 def test_docker_files_require_keys_for_the_exposed_edge() -> None:
