@@ -16,9 +16,11 @@ from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
 from fastapi.responses import ORJSONResponse
 
+from api.admission import AdmissionGate, body_limit
 from api.auth import ApiKeyGate, auth_dependencies
 from api.edge import Edge
 from api.errors import install_error_handlers
+from api.guards import ByteBudget
 from api.limits import BodySizeLimit
 from api.metrics import EdgeMetrics, RequestMetrics
 from api.routes import data, health, lag, llm, metrics, nlp, requests, status, vision
@@ -96,12 +98,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         default_response_class=ORJSONResponse,
     )
-    vision_limit = max(settings.vision.max_upload_bytes, settings.max_body_bytes)
-    app.add_middleware(
-        BodySizeLimit,
-        limit_for=lambda path: vision_limit if path.startswith("/ai/vision") else settings.max_body_bytes,
-    )
-    # Outermost: no key, no body read (api/auth.py ApiKeyGate); the dependency below documents and re-checks.
+    app.add_middleware(BodySizeLimit, limit_for=lambda path: body_limit(settings, path))
+    # Before any body is read: an in-flight slot and the body's bytes (api/admission.py), inside the key check.
+    app.state.body_bytes = ByteBudget(settings.max_in_flight_bytes)
+    app.add_middleware(AdmissionGate, settings=settings, budget=app.state.body_bytes)
+    # Outermost: no key, no body read (api/auth.py ApiKeyGate); the dependency below documents and re-checks
+    # (declared in the OpenAPI document only when keys are configured: auth_dependencies).
     open_paths = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", *status.PAGE_PATHS}
     if not settings.metrics_require_key:
         open_paths.update({"/metrics", "/lag", "/status.json"})  # operational data: same access as /metrics

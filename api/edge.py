@@ -27,10 +27,12 @@ for the whole stream. A stream closed before its final reply (the client went aw
 passed) sets the request's cancel key in Redis (``streams.cancel.cancel_key``, TTL ``request_timeout_s``) so
 the agent can stop generating, in a background task (best effort: a Redis failure is logged).
 
-Asynchronous requests (``api.async_requests``) run ``call`` in a background task (``spawn``) with
-``store_result_s`` (the agent keeps the reply in Redis) and ``on_produced`` (told once the request is
-produced, so the route answers 202 only then); the task holds its in-flight slot until the reply or the
-timeout, like a synchronous call.
+Admission before work (``api.admission``): an HTTP request to a service route takes its in-flight slot
+before its body is read and holds it until its response is sent, so it calls ``call``/``stream`` with
+``admitted=True`` and they take no second slot. Asynchronous requests (``api.async_requests``) run ``call``
+in a background task (``spawn``) with ``admitted=True`` (they hold no in-flight slot once Kafka has them;
+``pending_async`` bounds them per API key instead), ``store_result_s`` (the agent keeps the reply in
+Redis) and ``on_produced`` (told once the request is produced, so the route answers 202 only then).
 
 What can go wrong: a request that timed out while producing may still reach the broker later (the
 producer keeps what it already accepted until its own timeout), so a 503 means "maybe not processed",
@@ -54,7 +56,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.errors import DuplicateIdError, OverloadedError, ReplyTimeoutError, UnavailableError
-from api.guards import BrokerState, InFlightLimit
+from api.guards import BrokerState, InFlightLimit, PendingPerOwner
 from api.metrics import EdgeMetrics, note_call
 from schemas import ReplyEvent, RequestEvent, Service
 from streams.cache import ResultCache, wants_cache
@@ -100,6 +102,7 @@ class Edge:
         self.cache = ResultCache(redis, settings.topic_prefix)
         self.models: dict[str, dict[str, str]] = {}
         self.in_flight = InFlightLimit(settings.max_in_flight)
+        self.pending_async = PendingPerOwner(settings.max_pending_async_per_key)  # api.async_requests
         self.broker = BrokerState()
         self._probe_now = asyncio.Event()
         self._probe_task: asyncio.Task[None] | None = None
@@ -191,11 +194,13 @@ class Edge:
         timeout_s: float | None = None,
         store_result_s: int | None = None,
         on_produced: Callable[[], None] | None = None,
+        admitted: bool = False,
     ) -> ReplyEvent:
         """Serve one request through the cache or the service's agents.
 
         ``store_result_s`` goes into the request event (the agent keeps the reply in Redis that long);
-        ``on_produced`` is called once Kafka has taken the request (never for a cache hit).
+        ``on_produced`` is called once Kafka has taken the request (never for a cache hit); ``admitted``:
+        the caller decided admission already (``api.admission`` holds the slot), so no slot is taken here.
 
         Raises:
             OverloadedError: ``max_in_flight`` requests are already held (429, at once).
@@ -204,6 +209,8 @@ class Edge:
         """
         request_id = request_id or uuid.uuid4().hex
         note_call(service, task)  # labels the request counted by api.metrics.RequestMetrics
+        if admitted:
+            return await self._call(service, task, payload, cache, request_id, timeout_s, store_result_s, on_produced)
         if not self.in_flight.try_acquire():
             raise OverloadedError(
                 f"the edge holds {self.in_flight.limit} requests already; retry after {RETRY_AFTER_S} s",
@@ -341,15 +348,17 @@ class Edge:
         cache: bool | None = None,
         request_id: str | None = None,
         timeout_s: float | None = None,
+        admitted: bool = False,
     ) -> EdgeStream:
         """Start one streamed request (see the module docstring); the caller must ``close()`` what it gets.
+        ``admitted``: as for ``call`` (the stream then holds no slot of its own).
 
         Raises (before anything is streamed): the errors of ``call`` but ``ReplyTimeoutError``, which the
         stream's ``next`` raises instead.
         """
         request_id = request_id or uuid.uuid4().hex
         note_call(service, task)
-        if not self.in_flight.try_acquire():
+        if not admitted and not self.in_flight.try_acquire():
             raise OverloadedError(
                 f"the edge holds {self.in_flight.limit} requests already; retry after {RETRY_AFTER_S} s",
                 request_id=request_id,
@@ -364,7 +373,7 @@ class Edge:
             if hit is not None:
                 queue: asyncio.Queue[StreamItem] = asyncio.Queue()
                 queue.put_nowait(hit)
-                return EdgeStream(self, service, task, request_id, None, queue, started, timeout_s)
+                return EdgeStream(self, service, task, request_id, None, queue, started, timeout_s, not admitted)
             self._check_broker(service, task, request_id)
             try:
                 correlation_id, _, queue = self.router.expect_stream(request_id, service, task)
@@ -377,9 +386,10 @@ class Edge:
                 self.router.forget(correlation_id)
                 raise
         except BaseException:
-            self.in_flight.release()
+            if not admitted:
+                self.in_flight.release()
             raise
-        return EdgeStream(self, service, task, request_id, correlation_id, queue, started, timeout_s)
+        return EdgeStream(self, service, task, request_id, correlation_id, queue, started, timeout_s, not admitted)
 
     def _cancel_later(self, request_id: str) -> None:
         """Set ``request_id``'s cancel key (TTL ``request_timeout_s``) in a background task."""
@@ -409,8 +419,8 @@ class EdgeStream:
     then its final ``ReplyEvent`` (ok or not), after which the stream is ``finished``.
 
     It holds one in-flight slot until ``close()`` (idempotent, synchronous: safe in any ``finally``, even a
-    cancelled one). Closing an unfinished stream forgets its waiter (later partials and the reply are
-    dropped) and sets its cancel key.
+    cancelled one), unless ``holds_slot`` is false (the HTTP exchange holds it: ``api.admission``). Closing an
+    unfinished stream forgets its waiter (later partials and the reply are dropped) and sets its cancel key.
     """
 
     def __init__(
@@ -423,8 +433,10 @@ class EdgeStream:
         queue: asyncio.Queue[StreamItem],
         started: float,
         timeout_s: float,
+        holds_slot: bool = True,
     ) -> None:
         self._edge = edge
+        self._holds_slot = holds_slot
         self.service = service
         self.task = task
         self.request_id = request_id
@@ -472,7 +484,8 @@ class EdgeStream:
         if self.closed:
             return
         self.closed = True
-        self._edge.in_flight.release()
+        if self._holds_slot:
+            self._edge.in_flight.release()
         if self._correlation_id is not None:
             self._edge.router.forget(self._correlation_id)
             if not self.finished:

@@ -1,8 +1,13 @@
-"""The edge's two admission guards, pure (no Kafka, no Redis, an injectable clock).
+"""The edge's admission guards, pure (no Kafka, no Redis, an injectable clock).
 
 * ``InFlightLimit`` counts the requests the edge holds; ``try_acquire`` never waits: past the limit it
   says no at once (the edge answers 429 with ``Retry-After``), so the number of requests held, and the
   memory they hold, stays bounded whatever the load.
+* ``ByteBudget`` counts the body bytes the edge holds (uploads above all): ``try_take(n)`` never waits
+  either; past ``limit`` bytes it says no (429), so a handful of 20 MB uploads cannot exhaust memory while
+  the request count is low.
+* ``PendingPerOwner`` counts the asynchronous requests each caller (API key) has pending at this edge,
+  at most ``limit`` each; past it, no (429).
 * ``BrokerState`` is the edge's cheap view of Kafka: ``"ok"`` or ``"down"``, since when, and the last
   error. The edge's metadata probe marks it down or ok, a successful produce marks it ok, a failed one
   is only noted (``suspect``); while it says ``"down"`` the edge answers 503 without handing anything
@@ -49,6 +54,77 @@ class InFlightLimit:
         if self.count <= 0:
             raise RuntimeError("release() without a matching try_acquire()")
         self.count -= 1
+
+
+class ByteBudget:
+    """A non-blocking budget of bytes held at once, at most ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"byte budget must be >= 1, not {limit}")
+        self.limit = limit
+        self.held = 0
+        self.peak = 0
+        self.rejected = 0
+
+    def try_take(self, n: int) -> bool:
+        """Hold ``n`` more bytes; False (and counted as rejected) when that would pass ``limit``."""
+        if n < 0:
+            raise ValueError(f"cannot take {n} bytes")
+        if self.held + n > self.limit:
+            self.rejected += 1
+            return False
+        self.held += n
+        self.peak = max(self.peak, self.held)
+        return True
+
+    def give(self, n: int) -> None:
+        """Give back ``n`` bytes taken by ``try_take``."""
+        if n < 0 or n > self.held:
+            raise RuntimeError(f"give({n}) with {self.held} bytes held")
+        self.held -= n
+
+
+class PendingPerOwner:
+    """How many asynchronous requests each owner has pending, at most ``limit`` each (owner None: the
+    anonymous callers of an edge without keys, who share one count)."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"pending limit must be >= 1, not {limit}")
+        self.limit = limit
+        self.rejected = 0
+        self._counts: dict[str | None, int] = {}
+
+    def count(self, owner: str | None) -> int:
+        return self._counts.get(owner, 0)
+
+    def full(self, owner: str | None) -> bool:
+        """Whether ``owner`` is at its limit (a check that takes nothing)."""
+        return self.count(owner) >= self.limit
+
+    def try_acquire(self, owner: str | None) -> bool:
+        """Take one of ``owner``'s slots; False (and counted as rejected) at its limit."""
+        if self.full(owner):
+            self.rejected += 1
+            return False
+        self._counts[owner] = self.count(owner) + 1
+        return True
+
+    def release(self, owner: str | None) -> None:
+        """Give back one slot of ``owner`` (once per successful ``try_acquire``); an owner at 0 is forgotten."""
+        count = self.count(owner)
+        if count <= 0:
+            raise RuntimeError("release() without a matching try_acquire()")
+        if count == 1:
+            del self._counts[owner]
+        else:
+            self._counts[owner] = count - 1
+
+    @property
+    def total(self) -> int:
+        """Pending asynchronous requests of every owner."""
+        return sum(self._counts.values())
 
 
 @dataclass(frozen=True, slots=True)

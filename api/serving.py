@@ -9,8 +9,14 @@ task, payload, cache=...)``. ``RequestServing`` decides, per request, between
   keeps the reply for ``GET /requests/{id}``.
 
 The decision is read once, by the dependency, from the query and the ``Prefer`` header; nothing else of the
-request changes it. What can go wrong is what ``Edge.call`` and ``submit`` raise (429, 503, 409, 504), each
-an ``api.errors.EdgeError`` that the edge maps to HTTP in one place.
+request changes it. The dependency also carries who the caller is (``api.auth.Caller``: its owner id goes
+with an asynchronous request, so only that key reads the result) and whether ``api.admission`` admitted the
+request (it then holds the request's in-flight slot, and ``Edge.call``/``Edge.stream`` take none). A caller
+already at its ``max_pending_async_per_key`` who asks for an asynchronous answer is refused (429) by the
+dependency itself, before the route does any work (a vision upload writes no claim check).
+
+What can go wrong is what ``Edge.call`` and ``submit`` raise (429, 503, 409, 504), each an
+``api.errors.EdgeError`` that the edge maps to HTTP in one place.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fastapi import Depends, Header, Query
+from fastapi import Depends, Header, Query, Request
 from starlette.responses import Response
 
-from api.async_requests import DEFAULT_RENDER, RENDERERS, submit
+from api.admission import admitted
+from api.async_requests import DEFAULT_RENDER, RENDERERS, submit, too_many_pending
+from api.auth import Caller, request_caller
 from api.deps import get_edge, request_id
-from api.edge import Edge
+from api.edge import Edge, EdgeStream
+from api.errors import service_of
 from schemas import Service
 
 
@@ -55,6 +64,8 @@ class RequestServing:
     edge: Edge
     request_id: str | None
     respond_async: bool
+    caller: Caller
+    admitted: bool = False  # api.admission holds this request's in-flight slot
 
     async def __call__(
         self,
@@ -69,15 +80,33 @@ class RequestServing:
         """The reply (synchronous) or a 202 (asynchronous); raises the edge's errors (``Edge.call``)."""
         if self.respond_async:
             return await submit(self.edge, service, task, payload, cache=cache, request_id=self.request_id,
-                                render=render, context=context)  # fmt: skip
-        reply = await self.edge.call(service, task, payload, cache=cache, request_id=self.request_id)
+                                render=render, context=context, owner=self.caller.owner)  # fmt: skip
+        reply = await self.edge.call(
+            service, task, payload, cache=cache, request_id=self.request_id, admitted=self.admitted
+        )
         return RENDERERS[render](reply, context or {})
+
+    async def stream(self, service: Service, task: str, payload: dict[str, object], *, cache: bool | None = None
+                     ) -> EdgeStream:  # fmt: skip
+        """A streamed request (``Edge.stream``; a stream is its own way of not waiting: never asynchronous)."""
+        return await self.edge.stream(
+            service, task, payload, cache=cache, request_id=self.request_id, admitted=self.admitted
+        )
 
 
 def serving(
+    request: Request,
     edge: Edge = Depends(get_edge),
     rid: str | None = Depends(request_id),
     respond_async: bool = Depends(wants_async),
 ) -> RequestServing:
-    """The dependency every service route takes (see the module docstring)."""
-    return RequestServing(edge, rid, respond_async)
+    """The dependency every service route takes (see the module docstring).
+
+    Raises:
+        OverloadedError: an asynchronous request from a caller at its pending limit (429).
+    """
+    caller = request_caller(request)
+    if respond_async and edge.pending_async.full(caller.owner):
+        edge.pending_async.rejected += 1
+        raise too_many_pending(edge, rid, service_of(request), "")
+    return RequestServing(edge, rid, respond_async, caller, admitted(request))

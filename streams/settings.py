@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import SERVICES, Service
@@ -134,6 +134,15 @@ class Settings(BaseSettings):
     async_result_ttl_s: int = Field(
         default=3600, ge=1, description="How long GET /requests/{id} keeps an asynchronous request's result."
     )
+    max_pending_async_per_key: int = Field(
+        default=100, ge=1, description="Asynchronous requests one API key may have pending at an edge; past it 429."
+    )
+    max_in_flight_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description="Request body bytes the edge holds at once (uploads above all); past it 429. At least the "
+        "largest body limit (max_body_bytes, vision.max_upload_bytes).",
+    )
 
     # Security (issue 7): where agents may write, who the edge answers, a secured Kafka.
     reply_to_allow: list[str] = Field(
@@ -165,6 +174,16 @@ class Settings(BaseSettings):
     nlp: NlpSettings = NlpSettings()
     llm: LlmSettings = LlmSettings()
     vision: VisionSettings = VisionSettings()
+
+    @model_validator(mode="after")
+    def _one_upload_fits_the_byte_budget(self) -> Settings:
+        largest = max(self.max_body_bytes, self.vision.max_upload_bytes)
+        if self.max_in_flight_bytes < largest:
+            raise ValueError(
+                f"max_in_flight_bytes ({self.max_in_flight_bytes}) must be at least the largest body limit "
+                f"({largest}): a body that size could never be admitted"
+            )
+        return self
 
     def service(self, name: Service) -> ServiceSettings:
         """The settings of one service."""

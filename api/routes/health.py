@@ -1,5 +1,11 @@
 """``GET /health``: the broker, Redis, the reply listener and every service's agents.
 
+Who sees what: the status and its HTTP code are open to everyone (load balancers and probes send no key).
+The detail (agents' pids and model paths, broker and Redis errors, the edge's counters) is shown only to a
+caller with a matching API key when keys are configured (``AISEMBLE_API_KEYS``); any other caller gets
+``{"status": ...}`` alone, with the same code. Without keys the detail is open, as the edge then listens on
+a loopback address only (``api.auth.check_bind``).
+
 The rule for the HTTP status (what a load balancer acts on):
 
 * **503, status "down"**: this edge cannot serve requests: Kafka does not answer, the reply listener is
@@ -22,10 +28,13 @@ probe every second), so /health answers at once even while the broker is away.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastapi import APIRouter, Depends
 from fastapi.responses import ORJSONResponse
 from redis.exceptions import RedisError
 
+from api.auth import Caller, request_caller
 from api.deps import get_edge
 from api.edge import Edge
 from streams.redis import breaker_of
@@ -80,8 +89,34 @@ def _service_view(agents: list[AgentInfo] | None, warming: bool) -> dict[str, ob
         503: {"description": "status down: Kafka away, reply listener stopped, or a service without a live agent"},
     },
 )
-async def health(edge: Edge = Depends(get_edge)) -> ORJSONResponse:
-    """Report each dependency; 503 only when requests cannot be served (see the module doc)."""
+async def health(edge: Edge = Depends(get_edge), caller: Caller = Depends(request_caller)) -> ORJSONResponse:
+    """The status for everyone, each dependency's detail for a caller with a key (see the module doc); 503
+    only when requests cannot be served."""
+    report = await health_report(edge)
+    if caller.keys_on and caller.owner is None:
+        return ORJSONResponse({"status": report.status}, status_code=report.code)
+    return ORJSONResponse(report.as_dict(), status_code=report.code)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    """What ``/health`` knows: the status, its HTTP code, and each part's detail."""
+
+    status: str
+    code: int
+    edge: dict[str, object]
+    kafka: dict[str, object]
+    redis: dict[str, object]
+    services: dict[str, dict[str, object]]
+
+    def as_dict(self) -> dict[str, object]:
+        """The body of ``/health`` with its detail."""
+        return {"status": self.status, "edge": self.edge, "kafka": self.kafka, "redis": self.redis,
+                "services": self.services}  # fmt: skip
+
+
+async def health_report(edge: Edge) -> HealthReport:
+    """The full report (also read by ``/status.json``)."""
     kafka = _check_kafka(edge)
     redis, agents = await _check_redis(edge)
     by_service: dict[str, list[AgentInfo] | None] = {
@@ -98,19 +133,14 @@ async def health(edge: Edge = Depends(get_edge)) -> ORJSONResponse:
         status, code = "degraded", 200
     else:
         status, code = "ok", 200
-    body = {
-        "status": status,
-        "edge": {
-            "id": edge.settings.edge_id,
-            "reply_topic": edge.reply_topic,
-            "listening": listening,
-            "waiting": len(edge.router),
-            "replies_dropped": edge.router.dropped,
-            "replies_foreign": edge.router.foreign,
-            **edge.load,
-        },
-        "kafka": kafka,
-        "redis": redis,
-        "services": services,
+    edge_view: dict[str, object] = {
+        "id": edge.settings.edge_id,
+        "reply_topic": edge.reply_topic,
+        "listening": listening,
+        "waiting": len(edge.router),
+        "replies_dropped": edge.router.dropped,
+        "replies_foreign": edge.router.foreign,
+        "pending_async": edge.pending_async.total,
+        **edge.load,
     }
-    return ORJSONResponse(body, status_code=code)
+    return HealthReport(status, code, edge_view, kafka, redis, services)

@@ -34,8 +34,7 @@ async def completion(body: LlmCompletionRequest, serve: RequestServing = Depends
     """Complete a prompt; the body of a 200 is the reply event, or with ``stream: true`` its SSE stream
     (``stream: true`` wins over ``Prefer: respond-async``: the preference is then not applied)."""
     if body.stream:
-        edge, rid = serve.edge, serve.request_id
-        stream = await edge.stream("llm", "completion", body.to_input(), cache=body.cache, request_id=rid)
+        stream = await serve.stream("llm", "completion", body.to_input(), cache=body.cache)
         return SseResponse(stream, NativeFormat(stream))
     return await serve("llm", "completion", body.to_input(), cache=body.cache)
 

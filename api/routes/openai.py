@@ -21,7 +21,9 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import ORJSONResponse, Response
 
+from api.admission import admitted
 from api.async_requests import register_renderer, submit
+from api.auth import request_caller
 from api.deps import get_edge, request_id
 from api.edge import Edge
 from api.errors import EdgeError
@@ -86,7 +88,7 @@ async def _generate(
         payload = to_input(body)
         task = "chat" if chat else "completion"
         if body.stream:
-            stream = await edge.stream("llm", task, payload, request_id=rid)
+            stream = await edge.stream("llm", task, payload, request_id=rid, admitted=admitted(request))
             chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{stream.request_id}"
             fmt = ChatChunks(chunk_id, model, body.include_usage) if chat else CompletionChunks(
                 chunk_id, model, body.include_usage
@@ -95,8 +97,8 @@ async def _generate(
         context = {"model": model, "created": int(time.time()), "kind": CHAT if chat else COMPLETION}
         if respond_async:
             return await submit(edge, "llm", task, payload, request_id=rid, render=str(context["kind"]),
-                                context=context)  # fmt: skip
-        return _rendered(await edge.call("llm", task, payload, request_id=rid), context)
+                                context=context, owner=request_caller(request).owner)  # fmt: skip
+        return _rendered(await edge.call("llm", task, payload, request_id=rid, admitted=admitted(request)), context)
     except EdgeError as exc:
         return from_edge_error(exc).response()
     except OpenAIError as exc:
@@ -139,8 +141,9 @@ async def embeddings(
         context = {"model": model, "kind": EMBEDDINGS, "encoding": body.encoding_format}
         if respond_async:
             return await submit(edge, "nlp", "embed", to_input(body), request_id=rid, render=EMBEDDINGS,
-                                context=context)  # fmt: skip
-        return _rendered(await edge.call("nlp", "embed", to_input(body), request_id=rid), context)
+                                context=context, owner=request_caller(request).owner)  # fmt: skip
+        reply = await edge.call("nlp", "embed", to_input(body), request_id=rid, admitted=admitted(request))
+        return _rendered(reply, context)
     except EdgeError as exc:
         return from_edge_error(exc).response()
     except OpenAIError as exc:

@@ -3,7 +3,8 @@
 202 with ``Retry-After`` while pending; once done, exactly what the synchronous call would have answered
 (200 and the reply, or the error reply with its status); 504 ``timeout`` past the deadline without a
 result; 404 ``not_found`` for an unknown or expired id; 503 when Redis cannot be read. Same API keys as the
-service routes (``api.app`` mounts it with them).
+service routes (``api.app`` mounts it with them); with keys, a result is answered only to the key that
+submitted it, and any other key gets the 404 of an unknown id.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from fastapi import APIRouter, Depends, Path
 from starlette.responses import Response
 
 from api.async_requests import ACCEPTED_HEADERS, AsyncAccepted, lookup
+from api.auth import Caller, request_caller
 from api.deps import get_edge
 from api.edge import Edge
 from api.errors import SERVICE_RESPONSES
@@ -27,7 +29,11 @@ RESPONSES: dict[int | str, dict[str, object]] = {
         "description": "Still pending: ask again after Retry-After seconds.",
         "headers": ACCEPTED_HEADERS,
     },
-    404: {"model": ErrorBody, "description": "No such asynchronous request, or its result expired (code not_found)."},
+    404: {
+        "model": ErrorBody,
+        "description": "No such asynchronous request, its result expired, or (with API keys) another key "
+        "submitted it (code not_found).",
+    },
     503: {"model": ErrorBody, "description": "Redis is unavailable: results cannot be read (code unavailable)."},
     504: {
         "model": ErrorBody,
@@ -43,6 +49,7 @@ async def get_request(
         min_length=1, max_length=REQUEST_ID_MAX_LENGTH, pattern=REQUEST_ID_PATTERN, description=REQUEST_ID_RULE
     ),
     edge: Edge = Depends(get_edge),
+    caller: Caller = Depends(request_caller),
 ) -> Response:
     """The state or result of an asynchronous request (``Prefer: respond-async`` or ``?wait=false``)."""
-    return await lookup(edge, request_id)
+    return await lookup(edge, request_id, caller.owner)

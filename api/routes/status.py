@@ -40,14 +40,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 
-import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import ORJSONResponse, Response
 
 from api.deps import get_edge
 from api.edge import Edge
 from api.metrics import EdgeMetrics, ServiceLag
-from api.routes.health import health
+from api.routes.health import health_report
 from api.routes.metrics import read_lag
 
 WINDOW_S = 60.0  # the figures cover at most this many seconds
@@ -249,11 +248,11 @@ def window_of(request: Request) -> StatusWindow:
 @router.get("/status.json", include_in_schema=False)
 async def status_json(request: Request, edge: Edge = Depends(get_edge)) -> ORJSONResponse:
     """Every dependency and service at a glance, with rates over the recent window (see the module doc)."""
-    health_doc = orjson.loads((await health(edge)).body)
-    kafka_ok = bool(health_doc["kafka"].get("ok"))
+    health_doc = await health_report(edge)
+    kafka_ok = bool(health_doc.kafka.get("ok"))
     lag = await read_lag(request) if kafka_ok else None
     buckets = latency_buckets(request.app.state.metrics)
-    views: dict[str, dict[str, object]] = health_doc["services"]
+    views = health_doc.services
     sample = Sample(
         time.monotonic(),
         {s: ServiceSample(buckets.get(s, ()), _agents_of(view)) for s, view in views.items()},
@@ -275,14 +274,14 @@ async def status_json(request: Request, edge: Edge = Depends(get_edge)) -> ORJSO
             "items_total": None if known is None else sum(a.items for a in known.values()),
             "batches_total": None if known is None else sum(a.batches for a in known.values()),
         }
-    redis = health_doc["redis"]
+    redis = health_doc.redis
     body = {
-        "status": health_doc["status"],
+        "status": health_doc.status,
         "taken_at": round(time.time(), 3),
         "window_s": _round(window, 1),
-        "kafka": {k: health_doc["kafka"].get(k) for k in ("ok", "status", "since", "last_error")},
+        "kafka": {k: health_doc.kafka.get(k) for k in ("ok", "status", "since", "last_error")},
         "redis": {"ok": bool(redis.get("ok")), "breaker": redis.get("breaker"), "error": redis.get("error")},
-        "edge": health_doc["edge"],
+        "edge": health_doc.edge,
         "services": services,
     }
     return ORJSONResponse(body, headers={"Cache-Control": "no-store"})

@@ -4,12 +4,21 @@ Images above ``vision.inline_max_bytes`` travel by claim check (see ``streams.cl
 check cannot be written (Redis down, hanging, or its breaker open), the image travels inline if its base64
 form still fits one event (``max_event_bytes`` less ``ENVELOPE_ROOM``); otherwise the answer is 503
 ``unavailable`` naming Redis and the claim check, never a raw 500.
+
+Admission comes before any of this work: API keys (``api.auth.ApiKeyGate``), the in-flight limit and the
+in-flight bytes (``api.admission.AdmissionGate``) are decided on the headers, before the body is read, and
+a caller at its pending asynchronous limit is refused by ``api.serving`` before the route runs; a refused
+upload is never decoded and never parks a claim check in Redis. A request refused after its claim check
+was written (409 for an id in use, 429/503 from the edge before the produce) deletes that claim check at
+once rather than leaving it to its TTL; only a 504 (the request reached Kafka, an agent may still read
+it) leaves it to the agent.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
@@ -17,11 +26,19 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 
 from api.async_requests import ASYNC_RESPONSES
-from api.errors import SERVICE_RESPONSES, InvalidInputError, PayloadTooLargeError, UnavailableError
+from api.errors import (
+    SERVICE_RESPONSES,
+    EdgeError,
+    InvalidInputError,
+    PayloadTooLargeError,
+    ReplyTimeoutError,
+    UnavailableError,
+)
 from api.serving import RequestServing, serving
 from schemas.vision import VisionRequest, VisionTask
-from streams.claimcheck import put_claim
+from streams.claimcheck import put_claim, release_claims
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["vision"])
 
 ENVELOPE_ROOM = 16 * 1024  # bytes of an event besides the image: id, task, params, reply_to, deadline
@@ -64,7 +81,21 @@ async def _analyze(
         cache = False  # a claim key is unique per upload: caching it could never hit
     else:
         payload["image_b64"] = base64.b64encode(image).decode("ascii")
-    return await serve("vision", task, payload, cache=cache)
+    try:
+        return await serve("vision", task, payload, cache=cache)
+    except EdgeError as exc:
+        if ref is not None and not isinstance(exc, ReplyTimeoutError):  # refused before the produce: ours to free
+            await _release(serve, ref)
+        raise
+
+
+async def _release(serve: RequestServing, ref: str) -> None:
+    """Best effort: delete the claim check of a refused request (its TTL bounds a failure)."""
+    edge = serve.edge
+    try:
+        await release_claims(edge.redis, edge.settings.topic_prefix, [ref])
+    except RedisError as exc:
+        log.warning("could not release the claim check of refused request %s: %s", serve.request_id, exc)
 
 
 @router.post("/ai/vision/analyze", responses=SERVICE_RESPONSES | ASYNC_RESPONSES)
@@ -73,9 +104,7 @@ async def analyze(body: VisionRequest, serve: RequestServing = Depends(serving))
     try:
         image = base64.b64decode(body.image_b64, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidInputError(
-            f"image_b64: not valid base64 ({exc})", service="vision", task=body.task
-        ) from exc
+        raise InvalidInputError(f"image_b64: not valid base64 ({exc})", service="vision", task=body.task) from exc
     params = body.model_dump(exclude={"task", "image_b64", "cache"})
     return await _analyze(serve, body.task, image, params, body.cache)
 
