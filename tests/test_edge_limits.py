@@ -1,4 +1,6 @@
-"""Pure units for the edge's admission guards: the in-flight limit, the broker view, their HTTP answers.
+"""Pure units for the edge's admission guards: the in-flight limit, the broker view, their HTTP answers, and
+admission before work (``api.admission.AdmissionGate``: the slot and the body's bytes before the body is read;
+``ByteBudget``; ``PendingPerOwner``).
 
 No Kafka, no Redis: ``Edge`` gets a fake producer (a ``send_and_wait`` that blocks or fails, a metadata
 call that answers or not) and no cache (no models known, so no cache key and Redis is never touched).
@@ -11,16 +13,19 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from fastapi import FastAPI
+from starlette.datastructures import Headers
 
+from api.admission import ADMITTED_SCOPE_KEY, AdmissionGate, declared_bytes
 from api.edge import Edge
 from api.errors import OverloadedError, UnavailableError, install_error_handlers
-from api.guards import BrokerState, InFlightLimit
+from api.guards import BrokerState, ByteBudget, InFlightLimit, PendingPerOwner
 from schemas import ErrorCode
 from streams.replies import ReplyRouter
-from streams.settings import Settings
+from streams.settings import Settings, VisionSettings
 
 
 def test_in_flight_limit_refuses_past_the_limit_and_counts() -> None:
@@ -212,3 +217,164 @@ async def test_the_probe_asks_the_next_broker_when_one_is_dead() -> None:
 
     with pytest.raises(KafkaConnectionError):
         await existing_topics(NoneAnswers(), ["t"])  # type: ignore[arg-type]
+
+
+# --- admission before work (api.admission, api.guards): pure, a stand-in app behind the gate ---------------------
+
+
+def test_byte_budget_refuses_past_the_limit_and_counts() -> None:
+    budget = ByteBudget(100)
+    assert budget.try_take(60) and budget.try_take(40)
+    assert not budget.try_take(1)
+    assert (budget.held, budget.peak, budget.rejected) == (100, 100, 1)
+    budget.give(60)
+    assert budget.try_take(50) and budget.held == 90
+    with pytest.raises(RuntimeError):
+        budget.give(91)
+    with pytest.raises(ValueError):
+        ByteBudget(0)
+
+
+def test_pending_per_owner_bounds_each_owner_apart() -> None:
+    pending = PendingPerOwner(2)
+    assert pending.try_acquire("a") and pending.try_acquire("a")
+    assert not pending.try_acquire("a") and pending.full("a")
+    assert pending.try_acquire("b") and pending.try_acquire(None)  # None: the anonymous callers, one count
+    assert (pending.count("a"), pending.count("b"), pending.total, pending.rejected) == (2, 1, 4, 1)
+    pending.release("a")
+    assert not pending.full("a") and pending.try_acquire("a")
+    for owner in ("a", "a", "b", None):
+        pending.release(owner)
+    assert pending.total == 0
+    with pytest.raises(RuntimeError):
+        pending.release("b")
+
+
+class _Exchange:
+    """One request through ``AdmissionGate`` to a stand-in app that reads the body: what was read, sent."""
+
+    def __init__(self, body: bytes, headers: dict[str, str], path: str = "/ai/vision/analyze/upload") -> None:
+        self.body, self.headers, self.path = body, headers, path
+        self.read = 0  # receive() calls
+        self.app_ran = False
+        self.sent: list[dict[str, Any]] = []
+
+    async def run(self, gate_for: Any, edge: Any, fail: bool = False) -> int:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            self.app_ran = True
+            assert scope[ADMITTED_SCOPE_KEY] is True
+            assert edge.in_flight.count == 1  # the slot is held while the route works
+            await receive()
+            if fail:
+                raise RuntimeError("the route failed")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        async def receive() -> dict[str, Any]:
+            self.read += 1
+            return {"type": "http.request", "body": self.body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            self.sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": self.path,
+            "raw_path": self.path.encode(),
+            "query_string": b"",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in self.headers.items()],
+            "app": SimpleNamespace(state=SimpleNamespace(edge=edge)),
+        }
+        await gate_for(app)(scope, receive, send)
+        return int(self.sent[0]["status"])
+
+
+def _gate_settings() -> Settings:
+    return Settings(max_body_bytes=2048, vision=VisionSettings(max_upload_bytes=4096), max_in_flight_bytes=6000)
+
+
+async def test_the_gate_refuses_at_the_in_flight_limit_before_reading_the_body() -> None:
+    edge = SimpleNamespace(in_flight=InFlightLimit(1))
+    budget = ByteBudget(6000)
+
+    def gate(app: Any) -> AdmissionGate:
+        return AdmissionGate(app, _gate_settings(), budget)
+
+    assert edge.in_flight.try_acquire()  # another request holds the only slot
+    refused = _Exchange(b"x" * 3000, {"content-length": "3000", "x-request-id": "up-1"})
+    assert await refused.run(gate, edge) == 429
+    assert refused.read == 0 and not refused.app_ran, "the body of a refused request is never read"
+    headers = dict(refused.sent[0]["headers"])
+    assert headers[b"retry-after"] == b"1" and headers[b"x-request-id"] == b"up-1"
+    body = orjson.loads(refused.sent[1]["body"])
+    assert body["error"]["code"] == ErrorCode.UNAVAILABLE and body["service"] == "vision"
+    assert "requests already" in body["error"]["message"]
+    assert budget.held == 0 and edge.in_flight.count == 1 and edge.in_flight.rejected == 1
+    edge.in_flight.release()
+    admitted = _Exchange(b"x" * 3000, {"content-length": "3000"})
+    assert await admitted.run(gate, edge) == 200 and admitted.read == 1
+    assert (edge.in_flight.count, budget.held, budget.peak) == (0, 0, 3000)  # both given back with the response
+
+
+async def test_the_gate_counts_body_bytes_and_gives_them_back_however_the_exchange_ends() -> None:
+    edge = SimpleNamespace(in_flight=InFlightLimit(10))
+    budget = ByteBudget(6000)
+
+    def gate(app: Any) -> AdmissionGate:
+        return AdmissionGate(app, _gate_settings(), budget)
+
+    assert budget.try_take(3000)  # an upload in progress holds 3,000 bytes
+    over = _Exchange(b"x" * 3500, {"content-length": "3500"})
+    assert await over.run(gate, edge) == 429 and over.read == 0
+    assert "body bytes" in orjson.loads(over.sent[1]["body"])["error"]["message"]
+    assert edge.in_flight.count == 0, "a request refused for its bytes gives its slot back"
+    # without Content-Length (chunked) a body is counted at its path's full limit: 4,096 for vision
+    assert await _Exchange(b"x" * 10, {"transfer-encoding": "chunked"}).run(gate, edge) == 429
+    chunked_small_path = _Exchange(b"x" * 10, {"transfer-encoding": "chunked"}, path="/data/process")
+    assert await chunked_small_path.run(gate, edge) == 200  # 2,048 for /data/process: fits
+    # a declared length past the path's limit is counted at the limit (the body limit answers 413 unread)
+    assert declared_bytes(Headers({"content-length": "99999"}), 4096) == 4096
+    budget.give(3000)
+    with pytest.raises(RuntimeError, match="the route failed"):
+        await _Exchange(b"x" * 3000, {"content-length": "3000"}).run(gate, edge, fail=True)
+    assert (edge.in_flight.count, budget.held) == (0, 0)
+
+
+async def test_the_gate_lets_other_requests_through_and_fails_closed_without_an_edge() -> None:
+    budget = ByteBudget(6000)
+    seen: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    gate = AdmissionGate(app, _gate_settings(), budget)  # type: ignore[arg-type]
+    no_edge = SimpleNamespace(state=SimpleNamespace())
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("never read")
+
+    for method, path in (("GET", "/requests/x"), ("GET", "/health"), ("POST", "/other")):
+        scope = {"type": "http", "method": method, "path": path, "headers": [], "app": no_edge, "query_string": b""}
+        await gate(scope, receive, send)
+    assert seen == ["/requests/x", "/health", "/other"]
+    sent.clear()
+    scope = {"type": "http", "method": "POST", "path": "/data/process", "headers": [], "app": no_edge,
+             "query_string": b""}  # fmt: skip
+    await gate(scope, receive, send)
+    assert sent[0]["status"] == 503 and seen == ["/requests/x", "/health", "/other"]
+    scope["path"] = "/v1/chat/completions"
+    sent.clear()
+    await gate(scope, receive, send)
+    assert sent[0]["status"] == 503 and "error" in orjson.loads(sent[1]["body"])  # OpenAI's shape on /v1/
+
+
+def test_the_byte_budget_must_hold_the_largest_body() -> None:
+    with pytest.raises(ValueError, match="max_in_flight_bytes"):
+        Settings(max_in_flight_bytes=1024 * 1024, vision=VisionSettings(max_upload_bytes=2 * 1024 * 1024))
