@@ -12,11 +12,14 @@ Three tiers:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,8 +47,11 @@ from api.guards import InFlightLimit
 from schemas import ErrorCode
 from schemas.http import STATUS_DESCRIPTIONS, ErrorBody, valid_request_id
 from streams.settings import Settings
+from tests.kafka_client import committed_and_end
 
 ROOT = Path(__file__).resolve().parents[1]
+KEYED_TIMEOUT_S = 5
+KEYED_MAX_PENDING = 2
 KEYS = ["k1-0123456789abcdef", "k2-fedcba9876543210"]
 SERVICE_ROUTES = ["/data/process", "/ai/nlp/process", "/ai/llm/completion", "/ai/vision/analyze"]
 UPLOAD = "/ai/vision/analyze/upload"
@@ -453,7 +459,14 @@ def test_run_command_refuses_before_starting_anything(monkeypatch: pytest.Monkey
 @pytest.fixture(scope="module")
 def pipeline(infra_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     logs = Path(tmp_path_factory.mktemp("auth-logs"))
-    p = Pipeline.isolated(infra_settings, ["data"], logs, AISEMBLE_API_KEYS=json.dumps(["k1", "k2"])).start()
+    p = Pipeline.isolated(
+        infra_settings,
+        ["data"],
+        logs,
+        AISEMBLE_API_KEYS=json.dumps(["k1", "k2"]),
+        AISEMBLE_REQUEST_TIMEOUT_S=str(KEYED_TIMEOUT_S),  # an nlp request (no agent here) stays pending that long
+        AISEMBLE_MAX_PENDING_ASYNC_PER_KEY=str(KEYED_MAX_PENDING),
+    ).start()
     yield p
     p.stop()
     log_text = "".join(path.read_text(errors="replace") for path in logs.glob("*.log"))
@@ -464,9 +477,14 @@ def pipeline(infra_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
 def test_a_real_edge_answers_only_its_callers(pipeline: Pipeline) -> None:
     counts: dict[str, int] = {}
     with httpx.Client(base_url=pipeline.url, timeout=30) as http:
-        health = http.get("/health")  # open for probes
-        assert health.status_code == 200, health.text
+        health = http.get("/health")  # open for probes: the status, and nothing else without a key
+        assert health.status_code == 200 and health.json() == {"status": "ok"}, health.text
         counts["health"] = health.status_code
+        wrong_health = http.get("/health", headers={"X-API-Key": "k3"})
+        assert wrong_health.status_code == 200 and wrong_health.json() == {"status": "ok"}, wrong_health.text
+        detail = http.get("/health", headers={"X-API-Key": "k1"}).json()  # the detail behind the key
+        assert detail["status"] == "ok" and detail["services"]["data"]["agents"][0]["pid"] > 0, detail
+        assert {"edge", "kafka", "redis"} <= set(detail)
 
         no_key = http.post("/data/process", json=BRIEF)
         _error(no_key, 401, ErrorCode.UNAUTHORIZED)
@@ -498,6 +516,77 @@ def test_a_real_edge_answers_only_its_callers(pipeline: Pipeline) -> None:
         _error(upload, 401, ErrorCode.UNAUTHORIZED)
         counts["upload_wrong_key"] = upload.status_code
     print("AUTH-COUNTS:", json.dumps(counts))
+
+
+def _poll(http: httpx.Client, rid: str, headers: dict[str, str], max_polls: int = 200) -> httpx.Response:
+    for _ in range(max_polls):
+        response = http.get(f"/requests/{rid}", headers=headers)
+        if response.status_code != 202:
+            return response
+        time.sleep(0.1)
+    raise AssertionError(f"{rid} still pending after {max_polls} polls")
+
+
+def _produced(pipeline: Pipeline, service: str) -> int:
+    """How many events the service's request topic holds (its end offsets, summed)."""
+    topic = f"{pipeline.prefix}.{service}.requests"
+    return asyncio.run(committed_and_end(pipeline.settings, "nobody", topic))[1]
+
+
+@pytest.mark.integration
+def test_an_async_result_belongs_to_the_key_that_submitted_it(pipeline: Pipeline) -> None:
+    """Another key reads the 404 of an unknown id, and re-using the id is 409 that changes nothing (nothing
+    produced, the owner's result and pending marker intact); the same key re-using it is 409 too."""
+    k1, k2 = {"X-API-Key": "k1"}, {"Authorization": "Bearer k2"}
+    rid, unknown_rid = f"own-{uuid.uuid4().hex}", f"own-{uuid.uuid4().hex}"
+    payload = {**BRIEF, "cache": False}
+    counts: dict[str, int] = {}
+    with httpx.Client(base_url=pipeline.url, timeout=30) as http:
+        first = http.post("/data/process", params={"wait": "false"}, json=payload, headers={**k1, "X-Request-Id": rid})
+        assert first.status_code == 202, first.text
+        early = http.get(f"/requests/{rid}", headers=k2)  # pending or done: never another key's
+        done = _poll(http, rid, k1)
+        assert done.status_code == 200 and done.json()["ok"] and done.json()["id"] == rid, done.text
+        unknown = http.get(f"/requests/{unknown_rid}", headers=k2)
+        foreign = http.get(f"/requests/{rid}", headers=k2)
+        assert early.status_code == foreign.status_code == unknown.status_code == 404, foreign.text
+        # the same body as an unknown id (but for the id itself): whose ids exist is not told
+        assert foreign.json() == json.loads(unknown.text.replace(unknown_rid, rid))
+        assert http.get(f"/requests/{rid}").status_code == 401
+
+        before = _produced(pipeline, "data")
+        other = http.post("/data/process", json=payload, headers={**k2, "X-Request-Id": rid, "Prefer": "respond-async"})
+        same = http.post("/data/process", json=payload, headers={**k1, "X-Request-Id": rid, "Prefer": "respond-async"})
+        assert other.status_code == same.status_code == 409, (other.text, same.text)
+        assert other.json()["error"]["code"] == ErrorCode.INVALID_INPUT and "in use" in other.json()["error"]["message"]
+        assert _produced(pipeline, "data") == before, "a refused id is never produced"
+        kept = http.get(f"/requests/{rid}", headers=k1)
+        assert kept.status_code == 200 and kept.json() == done.json(), "the owner's result is intact"
+        counts["produced_by_409s"] = _produced(pipeline, "data") - before
+
+        # a pending id (nlp: no agent runs here, so it stays pending until its deadline)
+        pending_rid = f"own-{uuid.uuid4().hex}"
+        nlp = {"task": "sentiment", "text": "pending"}
+        asynchronous = {"X-Request-Id": pending_rid, "Prefer": "respond-async"}
+        ok = http.post("/ai/nlp/process", json=nlp, headers={**k1, **asynchronous})
+        assert ok.status_code == 202, ok.text
+        nlp_before = _produced(pipeline, "nlp")
+        taken = http.post("/ai/nlp/process", json=nlp, headers={**k2, **asynchronous})
+        assert taken.status_code == 409, taken.text
+        assert _produced(pipeline, "nlp") == nlp_before
+        still = http.get(f"/requests/{pending_rid}", headers=k1)
+        assert still.status_code == 202, still.text  # the owner's pending marker is intact
+        assert http.get(f"/requests/{pending_rid}", headers=k2).status_code == 404
+
+        # pending asynchronous requests are bounded per key: k1 is at its limit, k2 is not
+        for _ in range(KEYED_MAX_PENDING - 1):
+            assert http.post("/ai/nlp/process", json=nlp, headers={**k1, "Prefer": "respond-async"}).status_code == 202
+        over = http.post("/ai/nlp/process", json=nlp, headers={**k1, "Prefer": "respond-async"})
+        assert over.status_code == 429 and over.headers["retry-after"] == "1", over.text
+        assert http.post("/ai/nlp/process", json=nlp, headers={**k2, "Prefer": "respond-async"}).status_code == 202
+        timed_out = _poll(http, pending_rid, k1, max_polls=int(40 * KEYED_TIMEOUT_S))
+        assert timed_out.status_code == 504 and timed_out.json()["error"]["code"] == ErrorCode.TIMEOUT
+    print("OWNER-COUNTS:", json.dumps(counts))
 
 
 def test_a_tiny_app_reuses_the_dependency(caplog: pytest.LogCaptureFixture) -> None:
