@@ -5,9 +5,10 @@ Real Kafka and Redis, the edge and agents as processes (``Pipeline.isolated``):
 * a data + vision pipeline: round trips on both services (``?wait=false`` and the Prefer header), the
   result equal to the synchronous call's, an agent's error reply (501) and the edge's timeout (504, no agent
   for nlp) kept with the synchronous status, 404 for an unknown id, TTLs on the kept keys;
-* a slow data agent (``tests.fault_runners:slow_data``): 202 with Retry-After while pending, 409 for a
-  pending id, the result surviving an edge restart between the 202 and the GET, and a reply produced while
-  the edge is down (kept by the agent) answered by the restarted edge;
+* a slow data agent (``tests.fault_runners:slow_data``): 202 with Retry-After while pending, 409 for an
+  id in use (pending, or done with its result kept, which stays intact), the result surviving an edge
+  restart between the 202 and the GET, and a reply produced while the edge is down (kept by the agent)
+  answered by the restarted edge;
 * the agent's Redis away: the edge's own copy of the reply answers; a custom renderer gets its context back;
 * a private Redis, stopped: an asynchronous request is 503, never a 202.
 
@@ -39,7 +40,7 @@ from api.async_requests import Pending, lookup, register_renderer
 from api.serving import prefers_async
 from schemas import ErrorCode, ReplyEvent
 from streams.redis import connect
-from streams.results import pending_key, result_key
+from streams.results import encode_result, pending_key, result_key
 from streams.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -260,7 +261,7 @@ def slow(infra_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
     p.stop()
 
 
-def test_pending_is_202_with_retry_after_and_a_pending_id_is_409(slow: Pipeline) -> None:
+def test_pending_is_202_with_retry_after_and_an_id_in_use_is_409(slow: Pipeline) -> None:
     with httpx.Client(base_url=slow.url, timeout=60) as http:
         rid = f"slow-{uuid.uuid4().hex[:8]}"
         payload = {**_records(), "cache": False}
@@ -274,9 +275,9 @@ def test_pending_is_202_with_retry_after_and_a_pending_id_is_409(slow: Pipeline)
         print("ASYNC-FIGURES:", json.dumps({"slow_pending_polls": polls}))
         assert done.status_code == 200 and done.json()["ok"], done.text
         reused = http.post("/data/process", json=payload, headers={**ASYNC, "X-Request-Id": rid})
-        assert _accepted(reused) == rid  # a done id may be used again
-        assert http.get(f"/requests/{rid}").status_code == 202  # its old result is gone
-        assert _poll(http, rid, int(10 * SLOW_BATCH_S / POLL_S))[0].status_code == 200
+        assert reused.status_code == 409, reused.text  # a done id is still in use while its result is kept
+        kept = http.get(f"/requests/{rid}")
+        assert kept.status_code == 200 and kept.json() == done.json(), "its result is intact"
 
 
 def test_a_result_survives_an_edge_restart_while_pending(slow: Pipeline) -> None:
@@ -370,7 +371,7 @@ def test_a_renderer_gets_its_context_back(infra_settings: Settings, redis: redis
         edge = SimpleNamespace(settings=settings, redis=client)
         try:
             pending = await lookup(edge, rid)  # type: ignore[arg-type]
-            redis.set(result_key(prefix, rid), reply.model_dump_json(), ex=60)
+            redis.set(result_key(prefix, rid), encode_result(reply), ex=60)
             return pending, await lookup(edge, rid), await lookup(edge, late)  # type: ignore[arg-type]
         finally:
             await client.aclose()
