@@ -30,9 +30,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.auth import service_of_path
 from api.errors import caller_id, error_response
 from api.guards import ByteBudget, InFlightLimit
+from api.metrics import service_of_path
 from api.openai import from_status
 from schemas import ErrorCode
 from streams.settings import Settings

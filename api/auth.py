@@ -280,7 +280,7 @@ def unauthorized(request: Request, caller: Caller) -> Response:
         ErrorCode.UNAUTHORIZED,
         message,
         request_id=caller_id(request),
-        service=service_of_path(request.url.path),
+        service=_service_of_path(request.url.path),
         headers={"WWW-Authenticate": WWW_AUTHENTICATE},
     )
 
@@ -291,7 +291,7 @@ def _unauthorized_message(presented: bool) -> str:
     return f"an API key is required: send it in {API_KEY_HEADER} or as Authorization: Bearer <key>"
 
 
-def service_of_path(path: str) -> str:
+def _service_of_path(path: str) -> str:
     """The service a path belongs to (``/data/...``, ``/ai/<service>/...``), or '' (no route is matched yet)."""
     parts = path.strip("/").split("/")
     name = parts[1] if parts[0] == "ai" and len(parts) > 1 else parts[0]

@@ -103,6 +103,14 @@ class PendingPerOwner:
         """Whether ``owner`` is at its limit (a check that takes nothing)."""
         return self.count(owner) >= self.limit
 
+    def check(self, owner: str | None) -> bool:
+        """Whether ``owner`` has a slot free now, taking nothing (a refusal to come early); a no is counted as
+        rejected."""
+        if self.full(owner):
+            self.rejected += 1
+            return False
+        return True
+
     def try_acquire(self, owner: str | None) -> bool:
         """Take one of ``owner``'s slots; False (and counted as rejected) at its limit."""
         if self.full(owner):

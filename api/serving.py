@@ -106,7 +106,6 @@ def serving(
         OverloadedError: an asynchronous request from a caller at its pending limit (429).
     """
     caller = request_caller(request)
-    if respond_async and edge.pending_async.full(caller.owner):
-        edge.pending_async.rejected += 1
+    if respond_async and not edge.pending_async.check(caller.owner):
         raise too_many_pending(edge, rid, service_of(request), "")
     return RequestServing(edge, rid, respond_async, caller, admitted(request))

@@ -238,9 +238,10 @@ def test_byte_budget_refuses_past_the_limit_and_counts() -> None:
 def test_pending_per_owner_bounds_each_owner_apart() -> None:
     pending = PendingPerOwner(2)
     assert pending.try_acquire("a") and pending.try_acquire("a")
-    assert not pending.try_acquire("a") and pending.full("a")
+    assert not pending.try_acquire("a") and pending.full("a") and not pending.check("a")
+    assert pending.check("b") and pending.count("b") == 0  # a check takes nothing
     assert pending.try_acquire("b") and pending.try_acquire(None)  # None: the anonymous callers, one count
-    assert (pending.count("a"), pending.count("b"), pending.total, pending.rejected) == (2, 1, 4, 1)
+    assert (pending.count("a"), pending.count("b"), pending.total, pending.rejected) == (2, 1, 4, 2)
     pending.release("a")
     assert not pending.full("a") and pending.try_acquire("a")
     for owner in ("a", "a", "b", None):
