@@ -49,8 +49,9 @@ it is an error reply over an ok one.
 Other response shapes (the OpenAI routes): ``register_renderer(name, render)`` once, then ``serve(...,
 render=name, context={...})`` (or ``submit``); the marker keeps the renderer's name and the JSON ``context``
 (e.g. the requested model name and ``created``), so ``GET`` renders the kept ``ReplyEvent`` as the
-synchronous call would have (``render(reply, context)``). Once the marker has expired, a result still kept
-is answered in the native shape.
+synchronous call would have (``render(reply, context)``). The marker lives at least as long as its result
+(``streams.results`` stretches its TTL); a result found without it (Redis lost the key) is answered in the
+native shape, and only to an anonymous caller.
 """
 
 from __future__ import annotations

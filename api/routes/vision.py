@@ -9,9 +9,10 @@ Admission comes before any of this work: API keys (``api.auth.ApiKeyGate``), the
 in-flight bytes (``api.admission.AdmissionGate``) are decided on the headers, before the body is read, and
 a caller at its pending asynchronous limit is refused by ``api.serving`` before the route runs; a refused
 upload is never decoded and never parks a claim check in Redis. A request refused after its claim check
-was written (409 for an id in use, 429/503 from the edge before the produce) deletes that claim check at
-once rather than leaving it to its TTL; only a 504 (the request reached Kafka, an agent may still read
-it) leaves it to the agent.
+was written (409 for an id in use, 429, 503) deletes that claim check at once rather than leaving it to its
+TTL; only a 504 (the request reached Kafka, an agent may still read it) leaves it to the agent. A 503 whose
+produce timed out may still reach an agent later, which then answers ``claim_check_missing`` to nobody: the
+caller already has its 503 ("maybe not processed").
 """
 
 from __future__ import annotations
