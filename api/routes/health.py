@@ -85,7 +85,10 @@ def _service_view(agents: list[AgentInfo] | None, warming: bool) -> dict[str, ob
 @router.get(
     "/health",
     responses={
-        200: {"description": "status ok or degraded (requests are served; see the body)"},
+        200: {
+            "description": "status ok or degraded (requests are served); the detail only with an API key when "
+            "keys are configured, else the body is {status} alone"
+        },
         503: {"description": "status down: Kafka away, reply listener stopped, or a service without a live agent"},
     },
 )
