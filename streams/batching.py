@@ -12,7 +12,9 @@
 * ``put`` blocks while ``capacity`` items wait, which is the backpressure towards the consumer: the
   agent never holds more than ``capacity + max_batch`` events in memory.
 * ``drop(pred)`` removes waiting items (a rebalance revoked their partitions: the new owner will serve
-  them, so this process must neither run nor acknowledge them).
+  them, so this process must neither run nor acknowledge them); ``accept`` (optional) is asked about each
+  item as it is put, after any wait for room and with no await in between, and an item it refuses is
+  dropped (a partition being revoked takes no new items).
 * ``close()`` ends it: ``put`` refuses, ``take`` returns what remains and then ``[]``.
 * fairness (``lane_of`` and ``age_of`` given, e.g. the Kafka partition and the record's timestamp): a batch
   is taken oldest-first across lanes, each lane in its own order (a k-way merge on each lane's head), so a
@@ -56,6 +58,7 @@ class BatchBuffer(Generic[T]):
         age_of: Callable[[T], float] | None = None,
         cost_of: Callable[[T], float] | None = None,
         max_cost: float | None = None,
+        accept: Callable[[T], bool] | None = None,
     ) -> None:
         """
         Args:
@@ -66,6 +69,7 @@ class BatchBuffer(Generic[T]):
             clock: seconds, monotonic.
             lane_of, age_of: an item's lane (partition) and age key (smaller = older); both or neither.
             cost_of, max_cost: an item's cost and the most one batch may carry; both or neither.
+            accept: whether an item being put is taken (False: dropped); checked after the wait for room.
         """
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -79,6 +83,7 @@ class BatchBuffer(Generic[T]):
         self.capacity = capacity if capacity is not None else 2 * max_batch
         self.linger_s = max(0.0, linger_s)
         self._deadline_of = deadline_of
+        self._accept = accept
         self._clock = clock
         self._items: deque[tuple[float, T]] = deque()
         self._changed = asyncio.Event()
@@ -99,8 +104,8 @@ class BatchBuffer(Generic[T]):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), within_s)
 
-    async def put(self, item: T) -> None:
-        """Add one item, waiting while the buffer is at capacity.
+    async def put(self, item: T) -> bool:
+        """Add one item, waiting while the buffer is at capacity. Returns False if ``accept`` refused it.
 
         Raises:
             BufferClosed: the buffer was closed (before or while waiting).
@@ -109,8 +114,11 @@ class BatchBuffer(Generic[T]):
             await self._wait_change()
         if self._closed:
             raise BufferClosed("buffer closed")
+        if self._accept is not None and not self._accept(item):
+            return False
         self._items.append((self._clock(), item))
         self._notify()
+        return True
 
     async def take(self) -> list[T]:
         """The next batch: at least one item, unless the buffer is closed and empty (then ``[]``)."""
