@@ -144,8 +144,23 @@ def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | Non
     )
 
 
+def stream_buffer_events(settings: Settings, service: Service) -> int:
+    """Faust's ``stream_buffer_maxsize`` for ``service``: events fetched and waiting for the agent's loop.
+
+    Faust's default (4,096 events) sits upstream of the loop's own bounded buffer: for vision (events of up to
+    ``max_event_bytes``) that was gigabytes under a backlog. One batch's worth is enough to keep the loop fed:
+    ``max_batch`` events, and with ``max_batch_bytes`` no more events than that many bytes can hold at the
+    largest event size (at least one).
+    """
+    conf = settings.service(service)
+    events = conf.max_batch
+    if conf.max_batch_bytes:
+        events = min(events, max(1, conf.max_batch_bytes // settings.max_event_bytes))
+    return max(1, events)
+
+
 def create_app(settings: Settings, service: Service) -> faust.App:
-    """A Faust app for one service's agents."""
+    """A Faust app for one service's agents (its stream buffer sized by ``stream_buffer_events``)."""
     datadir = settings.cache_dir / "faust" / f"{settings.topic_prefix}-{service}"
     datadir.parent.mkdir(parents=True, exist_ok=True)
     return faust.App(
@@ -171,6 +186,7 @@ def create_app(settings: Settings, service: Service) -> faust.App:
         # bounded retry (agents.loop) it keeps a dead broker from holding a batch, or a shutdown, for long.
         producer_request_timeout=settings.delivery_retry_s,
         stream_wait_empty=False,
+        stream_buffer_maxsize=stream_buffer_events(settings, service),
         logging_config=None,
     )
 

@@ -20,6 +20,7 @@ from aiokafka.errors import NotLeaderForPartitionError
 from agents.loop import BatchProcessor
 from agents.loops import AgentStopped, BatchLoop
 from agents.runner import Item, Outcome
+from streams.batching import BatchBuffer
 from streams.codec import Record
 
 
@@ -279,3 +280,15 @@ async def test_a_revoke_past_its_wait_forgets_what_did_not_settle_unacknowledged
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_the_buffer_put_waits_while_the_waiting_items_cost_reaches_max_waiting_cost() -> None:
+    buffer: BatchBuffer[int] = BatchBuffer(8, capacity=100, cost_of=float, max_cost=10.0, max_waiting_cost=10.0)
+    await buffer.put(6)
+    await buffer.put(6)  # 6 < 10: let in (the cost may pass the bound by one item)
+    blocked = asyncio.create_task(buffer.put(1))
+    await asyncio.sleep(0.02)
+    assert not blocked.done() and len(buffer) == 2  # 12 >= 10: waits
+    assert await buffer.take() == [6]  # a batch stays under max_cost
+    await asyncio.wait_for(blocked, 1)
+    assert len(buffer) == 2

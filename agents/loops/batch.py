@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 E = TypeVar("E")
 
+WAITING_BATCHES = 2  # with max_batch_bytes: the buffer holds at most this many batches' bytes
+
 
 class BatchLoop(LoopBase[E]):
     """Feeds a stream into a ``BatchBuffer`` and runs one batch at a time; see the module docstring."""
@@ -50,7 +52,8 @@ class BatchLoop(LoopBase[E]):
     ) -> None:
         super().__init__(processor, view, grace_s=grace_s, revoke_wait_s=revoke_wait_s)
         # Oldest first across partitions (each partition in order), within what waits here; a batch's
-        # events together stay under max_batch_bytes when it is set (always one event at least).
+        # events together stay under max_batch_bytes when it is set (always one event at least), and what
+        # waits stays under WAITING_BATCHES batches' bytes (memory: streams.app.stream_buffer_events).
         self.buffer = BatchBuffer(
             max_batch,
             capacity=4 * max_batch,
@@ -61,6 +64,7 @@ class BatchLoop(LoopBase[E]):
             cost_of=view.size if max_batch_bytes else None,
             max_cost=max_batch_bytes,
             accept=self._accepts,
+            max_waiting_cost=WAITING_BATCHES * max_batch_bytes if max_batch_bytes else None,
         )
         self._delivering: asyncio.Task[None] | None = None
 
