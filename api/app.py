@@ -19,7 +19,7 @@ from fastapi.responses import ORJSONResponse
 from api.auth import ApiKeyGate, auth_dependencies
 from api.edge import Edge
 from api.errors import install_error_handlers
-from api.limits import BodySizeLimit
+from api.limits import BodyLimit
 from api.metrics import EdgeMetrics, RequestMetrics
 from api.routes import data, health, lag, llm, metrics, nlp, requests, status, vision
 from api.routes import openai as openai_routes
@@ -97,8 +97,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_response_class=ORJSONResponse,
     )
     vision_limit = max(settings.vision.max_upload_bytes, settings.max_body_bytes)
-    app.add_middleware(
-        BodySizeLimit,
+    app.add_middleware(  # 413 for a body past its limit, in every route's error shape (api/limits.py)
+        BodyLimit,
         limit_for=lambda path: vision_limit if path.startswith("/ai/vision") else settings.max_body_bytes,
     )
     # Outermost: no key, no body read (api/auth.py ApiKeyGate); the dependency below documents and re-checks.

@@ -58,7 +58,7 @@ from starlette.responses import Response
 
 from api.deps import get_edge, request_id
 from api.edge import Edge
-from api.errors import DuplicateIdError, EdgeError, UnavailableError, reply_response
+from api.errors import DuplicateIdError, EdgeError, NotFoundError, UnavailableError, reply_response
 from schemas import ErrorCode, ErrorInfo, ReplyEvent, Service
 from streams.redis import guarded
 from streams.results import decode_result, pending_key, result_key, store_replies
@@ -116,11 +116,6 @@ class Pending(BaseModel):
     deadline_ms: int
     render: str = DEFAULT_RENDER
     context: dict[str, object] = Field(default_factory=dict)
-
-
-class NotFoundError(EdgeError):
-    status = 404
-    code = ErrorCode.NOT_FOUND
 
 
 ACCEPTED_HEADERS = {

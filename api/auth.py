@@ -45,9 +45,8 @@ from fastapi.params import Depends as DependsParam
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import UnauthorizedError, caller_id, error_response, service_of
-from api.openai import from_status
-from schemas import SERVICES, ErrorCode
+from api.errors import UnauthorizedError, caller_id, error_response, is_openai_path, service_of
+from schemas import SERVICES
 from schemas.http import API_KEY_HEADER, API_KEY_SCHEME, BEARER_SCHEME, SECURITY_DESCRIPTION
 from streams.settings import Settings
 
@@ -191,20 +190,14 @@ class ApiKeyGate:
         reason = "invalid" if presented else "missing"
         client = request.client.host if request.client else "?"
         log.info("401 %s %r from %s: API key %s", request.method, request.url.path, client, reason)
-        if request.url.path.startswith("/v1/"):  # the OpenAI-compatible routes answer in OpenAI's shape
-            message = _unauthorized_message(bool(presented))
-            error = from_status(401, ErrorCode.UNAUTHORIZED, message, headers={"WWW-Authenticate": WWW_AUTHENTICATE})
-            await error.response()(scope, receive, send)
-            return
-        response = error_response(
-            401,
-            ErrorCode.UNAUTHORIZED,
+        error = UnauthorizedError(
             _unauthorized_message(bool(presented)),
             request_id=caller_id(request),
             service=_service_of_path(request.url.path),
             headers={"WWW-Authenticate": WWW_AUTHENTICATE},
         )
-        await response(scope, receive, send)
+        # the OpenAI-compatible routes (/v1) answer in OpenAI's shape
+        await error_response(error, openai=is_openai_path(request.url.path))(scope, receive, send)
 
 
 def _unauthorized_message(presented: bool) -> str:

@@ -35,7 +35,5 @@ async def completion(body: LlmCompletionRequest, serve: Serve = Depends(serve_re
     if body.stream:
         edge, rid = serve.edge, serve.request_id
         stream = await edge.stream("llm", "completion", body.to_input(), cache=body.cache, request_id=rid)
-        return SseResponse(stream, NativeFormat(stream))
+        return SseResponse(stream, NativeFormat(stream), keepalive_s=edge.settings.sse_keepalive_s)
     return await serve("llm", "completion", body.to_input(), cache=body.cache)
-
-
