@@ -2,7 +2,7 @@
 
 Two ways to batch, chosen by ``settings.llm.batching``:
 
-* ``continuous``: the agent runs ``agents.continuous.ContinuousLoop`` over ``make_engine()`` (an
+* ``continuous``: the agent runs ``agents.loops.continuous.ContinuousLoop`` over ``make_engine()`` (an
   ``agents.llm_engine.DecodeEngine``): rows join and leave between decode steps, and streaming rows report
   their text step by step. ``row_request`` validates and tokenises one item for it. See that module for its
   guarantees (seeded rows use their own generator there, so they are not run alone).

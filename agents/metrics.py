@@ -1,6 +1,6 @@
 """An agent process's Prometheus metrics, served on its own port (``AISEMBLE_AGENT_METRICS_PORT``).
 
-``AgentMetrics`` is the ``agents.loop.BatchObserver`` that ``agents.worker`` passes to the batch processor;
+``AgentMetrics`` is the ``agents.loop.BatchObserver`` that ``agents.wiring`` passes to the batch processor;
 its families, all prefixed ``aisemble_agent_`` and labelled with the ``service``:
 
 * ``batch_size`` (histogram): records per micro-batch;

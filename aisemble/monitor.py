@@ -15,8 +15,8 @@ request, never a crash; the exit status is 1 when any endpoint succeeded on no r
 verdict), else 0. What it is not: a load test (requests are sequential, as in the brief), nor a cold-path
 measurement: repeated payloads are served from the cache unless ``--no-cache`` is given (``cached`` counts them).
 
-p95 is the 95th percentile with linear interpolation between the closest ranks (numpy's default); with one
-sample it is that sample.
+p95 is the 95th percentile with linear interpolation between the closest ranks (numpy's default,
+``streams.stats.percentile``); with one sample it is that sample.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import typer
 
 from schemas.http import API_KEY_HEADER
 from streams.settings import Settings, get_settings
+from streams.stats import percentile
 
 ENDPOINT_NAMES = ("health", "llm", "nlp", "data", "vision")
 DEFAULT_IMAGE = Path(__file__).resolve().parent.parent / "tests" / "data" / "astronaut.jpg"
@@ -132,19 +133,6 @@ class Report:
             "summary": asdict(self.summary),
             "notes": self.notes,
         }
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) with linear interpolation between closest ranks; one value: itself."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if len(values) == 1:
-        return float(values[0])
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def summarize(probe: Probe, samples: Sequence[Sample]) -> EndpointStats:

@@ -30,11 +30,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import caller_id, error_response
+from api.errors import EdgeError, OverloadedError, UnavailableError, caller_id, error_response, is_openai_path
 from api.guards import ByteBudget, InFlightLimit
 from api.metrics import service_of_path
-from api.openai import from_status
-from schemas import ErrorCode
 from streams.settings import Settings
 
 ADMITTED_SCOPE_KEY = "aisemble.admitted"  # set on a request that holds its slot and bytes (``admitted``)
@@ -102,14 +100,12 @@ class AdmissionGate:
 
 
 def _refused(request: Request, status: int, message: str) -> Response:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else {}
-    if request.url.path.startswith("/v1/"):  # the OpenAI-compatible routes answer in OpenAI's shape
-        return from_status(status, ErrorCode.UNAVAILABLE, message, headers=headers).response()
-    return error_response(
-        status,
-        ErrorCode.UNAVAILABLE,
-        message,
-        request_id=caller_id(request),
-        service=service_of_path(request.url.path),
-        headers=headers,
-    )
+    """The 429 (``OverloadedError``) or 503 (``UnavailableError``) of a request not admitted, in OpenAI's shape
+    on the ``/v1`` routes."""
+    rid, service = caller_id(request), service_of_path(request.url.path)
+    error: EdgeError
+    if status == 429:
+        error = OverloadedError(message, request_id=rid, service=service, retry_after_s=RETRY_AFTER_S)
+    else:
+        error = UnavailableError(message, request_id=rid, service=service)
+    return error_response(error, openai=is_openai_path(request.url.path))

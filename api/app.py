@@ -21,7 +21,7 @@ from api.auth import ApiKeyGate, auth_dependencies
 from api.edge import Edge
 from api.errors import install_error_handlers
 from api.guards import ByteBudget
-from api.limits import BodySizeLimit
+from api.limits import BodyLimit
 from api.metrics import EdgeMetrics, RequestMetrics
 from api.routes import data, health, lag, llm, metrics, nlp, requests, status, vision
 from api.routes import openai as openai_routes
@@ -98,7 +98,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         default_response_class=ORJSONResponse,
     )
-    app.add_middleware(BodySizeLimit, limit_for=lambda path: body_limit(settings, path))
+    app.add_middleware(  # 413 for a body past its limit, in every route's error shape (api/limits.py)
+        BodyLimit, limit_for=lambda path: body_limit(settings, path)
+    )
     # Before any body is read: an in-flight slot and the body's bytes (api/admission.py), inside the key check.
     app.state.body_bytes = ByteBudget(settings.max_in_flight_bytes)
     app.add_middleware(AdmissionGate, settings=settings, budget=app.state.body_bytes)

@@ -71,7 +71,7 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 
 from api.edge import Edge
-from api.errors import DuplicateIdError, EdgeError, OverloadedError, UnavailableError, reply_response
+from api.errors import DuplicateIdError, EdgeError, NotFoundError, OverloadedError, UnavailableError, reply_response
 from schemas import ErrorCode, ErrorInfo, ReplyEvent, Service
 from streams.redis import guarded
 from streams.results import decode_result, pending_key, result_key, store_replies
@@ -124,11 +124,6 @@ class Pending(BaseModel):
     render: str = DEFAULT_RENDER
     context: dict[str, object] = Field(default_factory=dict)
     owner: str | None = None  # the submitting key's owner id (api.auth.Caller.owner); None without keys
-
-
-class NotFoundError(EdgeError):
-    status = 404
-    code = ErrorCode.NOT_FOUND
 
 
 ACCEPTED_HEADERS = {

@@ -59,9 +59,8 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import UnauthorizedError, caller_id, error_response, service_of
-from api.openai import from_status
-from schemas import SERVICES, ErrorCode
+from api.errors import UnauthorizedError, caller_id, error_response, is_openai_path, service_of
+from schemas import SERVICES
 from schemas.http import API_KEY_HEADER, API_KEY_SCHEME, BEARER_SCHEME, SECURITY_DESCRIPTION
 from streams.settings import Settings
 
@@ -270,19 +269,13 @@ def unauthorized(request: Request, caller: Caller) -> Response:
     client = request.client.host if request.client else "?"
     # the path as repr: a percent-encoded newline cannot forge a log line
     log.info("401 %s %r from %s: API key %s", request.method, request.url.path, client, reason)
-    message = _unauthorized_message(caller.presented)
-    if request.url.path.startswith("/v1/"):  # the OpenAI-compatible routes answer in OpenAI's shape
-        return from_status(
-            401, ErrorCode.UNAUTHORIZED, message, headers={"WWW-Authenticate": WWW_AUTHENTICATE}
-        ).response()
-    return error_response(
-        401,
-        ErrorCode.UNAUTHORIZED,
-        message,
+    error = UnauthorizedError(
+        _unauthorized_message(caller.presented),
         request_id=caller_id(request),
         service=_service_of_path(request.url.path),
         headers={"WWW-Authenticate": WWW_AUTHENTICATE},
     )
+    return error_response(error, openai=is_openai_path(request.url.path))
 
 
 def _unauthorized_message(presented: bool) -> str:

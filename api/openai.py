@@ -19,10 +19,12 @@ OpenAI's shapes for the fields that apply, so the official ``openai`` client wor
 
 Every other field, ``n`` other than 1, and any value out of range is a 400 in OpenAI's error shape,
 ``{"error": {"message", "type": "invalid_request_error", "param", "code"}}``, ``param`` naming the field.
-aisemble's own errors keep their status (401, 409, 429 with Retry-After, 503, 504; an agent's 422/413 becomes
-400) in that shape, so the client raises its matching exceptions. ``usage.prompt_tokens`` is the agent's
-``prompt_tokens`` (0 when an agent does not report it); ``system_fingerprint`` is null; ``id`` is
-``chatcmpl-``/``cmpl-`` + the request id (also in ``X-Request-Id``).
+These are the edge's own errors (``api.errors``: ``InvalidInputError`` with OpenAI's ``openai_code`` and
+``param``, ``InvalidJsonError``, ``ModelNotFoundError``), rendered in OpenAI's shape for every path under
+``/v1`` by ``api.errors.error_response``; every other error keeps its status there (401, 409, 413, 422 as 400,
+429 with Retry-After, 503, 504), so the client raises its matching exceptions.
+``usage.prompt_tokens`` is the agent's ``prompt_tokens`` (0 when an agent does not report it);
+``system_fingerprint`` is null; ``id`` is ``chatcmpl-``/``cmpl-`` + the request id (also in ``X-Request-Id``).
 
 What can go wrong: the model list is as fresh as the edge's last heartbeat read (every
 ``heartbeat_interval_s``); a model not yet announced is 404 until then (the service name always works).
@@ -37,72 +39,16 @@ from typing import Annotated, Literal, TypeVar
 
 import numpy as np
 import orjson
-from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
-from api.errors import STATUS_BY_CODE, EdgeError
+from api.errors import EdgeError, InvalidInputError, InvalidJsonError, ModelNotFoundError, openai_body
 from api.streaming import sse
-from schemas import ErrorCode, ReplyEvent, Service
+from schemas import ReplyEvent, Service
 from schemas.llm import MAX_MESSAGES, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, ChatInput, CompletionInput
 from schemas.nlp import MAX_TEXT_CHARS, MAX_TEXTS
 
 MODEL_TASKS: dict[Service, tuple[str, ...]] = {"llm": ("completion", "chat"), "nlp": ("embed",)}
-DONE = b"data: [DONE]\n\n"
-
-
-class OpenAIError(Exception):
-    """An error answered in OpenAI's shape; ``param`` names the offending field."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, object]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> ORJSONResponse:
-        return ORJSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def _openai_type(status: int) -> str:
-    if status == 429:
-        return "rate_limit_error"
-    return "server_error" if status >= 500 else "invalid_request_error"
-
-
-def from_status(
-    status: int, code: str, message: str, *, request_id: str | None = None, headers: Mapping[str, str] | None = None
-) -> OpenAIError:
-    """aisemble's status and error code in OpenAI's shape (an agent's 422/413 become 400)."""
-    status = 400 if status in (413, 422) else status
-    all_headers = {**(headers or {}), **({"X-Request-Id": request_id} if request_id else {})}
-    openai_code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status, code)
-    return OpenAIError(status, message, type=_openai_type(status), code=openai_code, headers=all_headers)
-
-
-def from_edge_error(exc: EdgeError) -> OpenAIError:
-    return from_status(exc.status, exc.code, exc.message, request_id=exc.request_id, headers=exc.headers)
-
-
-def from_reply(reply: ReplyEvent) -> OpenAIError:
-    """An agent's error reply in OpenAI's shape."""
-    code = reply.error.code if reply.error else ErrorCode.INTERNAL
-    message = reply.error.message if reply.error else "the request failed"
-    return from_status(STATUS_BY_CODE.get(code, 500), code, message, request_id=reply.id)
+DONE = sse("[DONE]")
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
@@ -113,8 +59,8 @@ def _param(loc: tuple[int | str, ...]) -> str:
     return out or "body"
 
 
-def from_validation(exc: ValidationError, prefix: tuple[int | str, ...] = ()) -> OpenAIError:
-    """The first validation error as OpenAI's 400, naming its field (``param``)."""
+def from_validation(exc: ValidationError, prefix: tuple[int | str, ...] = ()) -> InvalidInputError:
+    """The first validation error as OpenAI's 400 (``InvalidInputError``), naming its field (``param``)."""
     error = exc.errors()[0]
     # a union's member names ("str", "constrained-str", "list[str]") are noise in a field path
     noise = ("str", "int", "float", "bool")
@@ -122,21 +68,21 @@ def from_validation(exc: ValidationError, prefix: tuple[int | str, ...] = ()) ->
     param = _param((*prefix, *loc))
     if error["type"] == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
-        return OpenAIError(400, message, param=param, code="unsupported_parameter")
+        return InvalidInputError(message, param=param, openai_code="unsupported_parameter")
     if error["type"] == "missing":
         message = f"Missing required parameter: '{param}'."
-        return OpenAIError(400, message, param=param, code="missing_required_parameter")
-    return OpenAIError(400, f"Invalid value for '{param}': {error['msg']}", param=param, code="invalid_value")
+        return InvalidInputError(message, param=param, openai_code="missing_required_parameter")
+    return InvalidInputError(f"Invalid value for '{param}': {error['msg']}", param=param, openai_code="invalid_value")
 
 
 def parse_body(raw: bytes) -> dict[str, object]:
-    """The JSON object of a request body; OpenAIError 400 otherwise."""
+    """The JSON object of a request body; ``InvalidJsonError`` (400) otherwise."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise OpenAIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from exc
+        raise InvalidJsonError(f"We could not parse the JSON body of your request: {exc}") from exc
     if not isinstance(data, dict):
-        raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+        raise InvalidJsonError("The request body must be a JSON object.")
     return data
 
 
@@ -166,10 +112,10 @@ class _Generation(_Strict):
     user: StrictStr | None = None
 
     def check(self) -> None:
-        """The rules between fields (OpenAIError 400 naming the field)."""
+        """The rules between fields (``InvalidInputError``, OpenAI's 400, naming the field)."""
         if self.stream_options is not None and not self.stream:
             message = "Invalid value for 'stream_options': only allowed when 'stream' is true."
-            raise OpenAIError(400, message, param="stream_options", code="invalid_value")
+            raise InvalidInputError(message, param="stream_options", openai_code="invalid_value")
 
     @property
     def include_usage(self) -> bool:
@@ -208,7 +154,7 @@ class ChatCompletionRequest(_Generation):
         both = self.max_tokens is not None and self.max_completion_tokens is not None
         if both and self.max_tokens != self.max_completion_tokens:
             message = "Give 'max_tokens' or 'max_completion_tokens', not two different values."
-            raise OpenAIError(400, message, param="max_completion_tokens", code="invalid_value")
+            raise InvalidInputError(message, param="max_completion_tokens", openai_code="invalid_value")
 
     def to_input(self) -> dict[str, object]:
         """The ``chat`` task's input (validated by ``ChatInput``: ValidationError names its field)."""
@@ -229,9 +175,13 @@ class CompletionRequest(_Generation):
 
 class EmbeddingRequest(_Strict):
     model: str = Field(min_length=1, max_length=256)
-    input: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)] | Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]], Field(min_length=1, max_length=MAX_TEXTS)
-    ]
+    input: (
+        Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]],
+            Field(min_length=1, max_length=MAX_TEXTS),
+        ]
+    )
     encoding_format: Literal["float", "base64"] = "float"
     user: StrictStr | None = None
 
@@ -244,7 +194,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def validate(model: type[M], data: Mapping[str, object]) -> M:
-    """``model`` from ``data``; OpenAIError 400 naming the first bad field otherwise."""
+    """``model`` from ``data``; ``InvalidInputError`` (OpenAI's 400) naming the first bad field otherwise."""
     try:
         request = model.model_validate(data)
     except ValidationError as exc:
@@ -255,7 +205,7 @@ def validate(model: type[M], data: Mapping[str, object]) -> M:
 
 
 def to_input(request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest) -> dict[str, object]:
-    """The task input of ``request``; OpenAIError 400 when aisemble's own input rules refuse it."""
+    """The task input of ``request``; ``InvalidInputError`` (OpenAI's 400) when aisemble's own input rules refuse it."""
     try:
         return request.to_input()
     except ValidationError as exc:
@@ -282,12 +232,10 @@ def resolve_model(requested: str, service: Service, models: Mapping[str, Mapping
     served = served_models(models)
     if requested != service and served.get(requested) != service:
         names = sorted(name for name, s in served.items() if s == service)
-        raise OpenAIError(
-            404,
+        raise ModelNotFoundError(
             f"The model `{requested}` does not exist or you do not have access to it. "
             f"This endpoint serves: {', '.join([service, *names])}.",
             param="model",
-            code="model_not_found",
         )
     if requested != service:
         return requested
@@ -321,9 +269,7 @@ def chat_response(reply: ReplyEvent, model: str, created: int) -> dict[str, obje
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": output.get("finish_reason")}
-        ],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": output.get("finish_reason")}],
         "usage": _usage(output),
     }
 
@@ -387,8 +333,8 @@ class _ChunkFormat:
         usage = [self._chunk([], _usage(reply.output or {}))] if self.include_usage else []
         return [*usage, DONE]
 
-    def failure(self, status: int, code: str, message: str, reply: ReplyEvent | None) -> bytes:
-        return sse(orjson.dumps(from_status(status, code, message).body()))
+    def failure(self, error: EdgeError, reply: ReplyEvent | None) -> bytes:
+        return sse(orjson.dumps(openai_body(error)))
 
 
 class ChatChunks(_ChunkFormat):

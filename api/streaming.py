@@ -1,9 +1,22 @@
 """Server-sent events (SSE): an ``EdgeStream`` relayed to an HTTP client, in a format of the route's choosing.
 
-``SseResponse`` streams ``relay(stream, fmt)`` as ``text/event-stream`` and closes the ``EdgeStream`` when
-the response ends, however it ends: a client that disconnects cancels the body and the close (synchronous)
-still runs, which releases the in-flight slot, forgets the waiter and sets the request's cancel key
-(``api.edge.EdgeStream.close``).
+``SseResponse`` (FastAPI's ``EventSourceResponse``: ``text/event-stream``, ``Cache-Control: no-cache``,
+``X-Accel-Buffering: no``) streams ``relay(stream, fmt)`` and closes the ``EdgeStream`` when the response
+ends, however it ends: a client that disconnects cancels the body and the close (synchronous) still runs,
+which releases the in-flight slot, forgets the waiter and sets the request's cancel key
+(``api.edge.EdgeStream.close``). Events are written by FastAPI's own encoder (``fastapi.sse.format_sse_event``:
+a ``data`` value with line breaks becomes several ``data:`` lines, as the SSE grammar wants).
+
+Keep-alive: while no event comes for ``keepalive_s`` (``AISEMBLE_SSE_KEEPALIVE_S``, 15 s by default: a long
+queue wait, a long prefill) the relay sends FastAPI's keep-alive comment (``: ping``), again every
+``keepalive_s``, so proxies and load balancers that drop idle connections keep the stream open. SSE clients
+(the browser's ``EventSource``, the ``openai`` client, ``stream_timings``) ignore comments. Waiting for the
+next event is not disturbed by a ping: the item stays queued and comes with the next wait.
+
+Why not FastAPI's generator endpoints (``response_class=EventSourceResponse`` and ``yield``), which ping by
+themselves: those routes always stream, while ours answer JSON or SSE by the body's ``stream`` field and
+refuse a stream with a plain HTTP error (429, 503, 409) before any header is sent; and their ping interval is
+a private module constant, not a setting.
 
 What ``relay`` guarantees: the text it sends is, piece by piece, the request's text in order (the router
 only queues text that continues what came before, ``streams.replies``); when the final reply comes it sends
@@ -31,6 +44,7 @@ event that carries text (``StreamTimings.ttft_s``), the whole stream and the num
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -38,12 +52,12 @@ from typing import Protocol
 
 import httpx
 import orjson
-from fastapi.responses import StreamingResponse
+from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 from starlette.types import Receive, Scope, Send
 
 from api.edge import EdgeStream
-from api.errors import STATUS_BY_CODE, EdgeError, error_body
-from schemas import ErrorCode, ReplyEvent
+from api.errors import EdgeError, native_body, reply_error
+from schemas import ReplyEvent
 from streams.replies import StreamText
 
 DIVERGED = (
@@ -64,9 +78,8 @@ SSE_EVENT: dict[str, object] = {
 
 
 def sse(data: str | bytes, event: str | None = None) -> bytes:
-    """One SSE event; ``data`` must be one line (JSON is)."""
-    body = data.encode() if isinstance(data, str) else data
-    return (f"event: {event}\n".encode() if event else b"") + b"data: " + body + b"\n\n"
+    """One SSE event with ``data`` (already serialised: JSON, or ``[DONE]``), by FastAPI's encoder."""
+    return format_sse_event(data_str=data.decode() if isinstance(data, bytes) else data, event=event)
 
 
 class SseFormat(Protocol):
@@ -84,54 +97,69 @@ class SseFormat(Protocol):
         """The end of a successful stream: ``remainder`` is the final text past what was sent (maybe empty)."""
         ...
 
-    def failure(self, status: int, code: str, message: str, reply: ReplyEvent | None) -> bytes:
+    def failure(self, error: EdgeError, reply: ReplyEvent | None) -> bytes:
         """The event that ends a failed stream; ``reply`` when the agent answered with an error."""
         ...
 
 
-def _reply_status(reply: ReplyEvent) -> tuple[int, str, str]:
-    code = reply.error.code if reply.error else ErrorCode.INTERNAL
-    message = reply.error.message if reply.error else "the request failed"
-    return STATUS_BY_CODE.get(code, 500), code, message
-
-
-async def relay(stream: EdgeStream, fmt: SseFormat) -> AsyncIterator[bytes]:
-    """The SSE events of ``stream`` in ``fmt`` (see the module docstring); does not close the stream."""
+async def relay(stream: EdgeStream, fmt: SseFormat, keepalive_s: float | None = None) -> AsyncIterator[bytes]:
+    """The SSE events of ``stream`` in ``fmt`` (see the module docstring), with a keep-alive comment after each
+    ``keepalive_s`` without an event (None: none); does not close the stream."""
     for frame in fmt.opening():
         yield frame
     sent = ""
     while True:
         try:
-            item = await stream.next()
+            if keepalive_s is None:
+                item = await stream.next()
+            else:
+                try:
+                    # A ping interrupts only the wait: the queued item is taken by the next call (EdgeStream.next
+                    # waits on an asyncio.Queue, whose get() leaves the item queued when cancelled).
+                    async with asyncio.timeout(keepalive_s):
+                        item = await stream.next()
+                except TimeoutError:
+                    yield KEEPALIVE_COMMENT
+                    continue
         except EdgeError as exc:
-            yield fmt.failure(exc.status, exc.code, exc.message, None)
+            yield fmt.failure(exc, None)
             return
         if isinstance(item, StreamText):
             sent += item.text
             yield fmt.text(item.text)
             continue
         if not item.ok:
-            yield fmt.failure(*_reply_status(item), item)
+            yield fmt.failure(reply_error(item), item)
             return
         text = (item.output or {}).get("text")
         if not isinstance(text, str):
-            yield fmt.failure(500, ErrorCode.INTERNAL, "the final reply carries no text", item)
+            yield fmt.failure(_stream_error(stream, "the final reply carries no text"), item)
             return
         if not text.startswith(sent):
-            yield fmt.failure(500, ErrorCode.INTERNAL, DIVERGED, None)
+            yield fmt.failure(_stream_error(stream, DIVERGED), None)
             return
         for frame in fmt.done(item, text[len(sent) :]):
             yield frame
         return
 
 
-class SseResponse(StreamingResponse):
-    """``relay(stream, fmt)`` as ``text/event-stream``; the stream is closed when the response ends."""
+def _stream_error(stream: EdgeStream, message: str) -> EdgeError:
+    """A 500 ``internal`` naming ``stream``'s request."""
+    return EdgeError(message, request_id=stream.request_id, service=stream.service, task=stream.task)
 
-    def __init__(self, stream: EdgeStream, fmt: SseFormat, headers: Mapping[str, str] | None = None) -> None:
+
+class SseResponse(EventSourceResponse):
+    """``relay(stream, fmt, keepalive_s)`` as ``text/event-stream``; the stream is closed when the response ends."""
+
+    def __init__(
+        self,
+        stream: EdgeStream,
+        fmt: SseFormat,
+        headers: Mapping[str, str] | None = None,
+        keepalive_s: float | None = None,
+    ) -> None:
         super().__init__(
-            relay(stream, fmt),
-            media_type="text/event-stream",
+            relay(stream, fmt, keepalive_s),
             headers={
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",  # proxies (nginx) must not buffer the events
@@ -167,12 +195,12 @@ class NativeFormat:
         frames = [self.text(remainder)] if remainder else []
         return [*frames, sse(orjson.dumps(reply.model_dump(mode="json")), "done")]
 
-    def failure(self, status: int, code: str, message: str, reply: ReplyEvent | None) -> bytes:
+    def failure(self, error: EdgeError, reply: ReplyEvent | None) -> bytes:
         if reply is not None:
-            body = reply.model_dump(mode="json")
-        else:
-            body = error_body(code, message, request_id=self.request_id, service=self.service, task=self.task)
-        return sse(orjson.dumps(body), "error")
+            return sse(orjson.dumps(reply.model_dump(mode="json")), "error")
+        error.request_id = error.request_id or self.request_id
+        error.service, error.task = error.service or self.service, error.task or self.task
+        return sse(orjson.dumps(native_body(error)), "error")
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import orjson
 import infra
 from aisemble.pipeline import Pipeline
 from streams.settings import Settings
+from streams.stats import percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -51,20 +52,12 @@ def running_pipeline(services: list[str], runners: Mapping[str, str] | None = No
         local.stop()
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
 def summary_ms(values: Sequence[float]) -> dict[str, float]:
     return {
         "n": len(values),
-        "p50": round(percentile(values, 50), 3),
-        "p90": round(percentile(values, 90), 3),
-        "p99": round(percentile(values, 99), 3),
+        "p50": round(percentile(values, 50), 3) if values else float("nan"),
+        "p90": round(percentile(values, 90), 3) if values else float("nan"),
+        "p99": round(percentile(values, 99), 3) if values else float("nan"),
         "mean": round(statistics.fmean(values), 3) if values else float("nan"),
         "max": round(max(values), 3) if values else float("nan"),
     }

@@ -45,6 +45,7 @@ from agents.llm_engine import RowRequest  # noqa: E402
 from agents.runner import Failure, Item  # noqa: E402
 from bench.samples_llm import PROMPTS  # noqa: E402
 from streams.settings import LlmSettings, Settings  # noqa: E402
+from streams.stats import percentile  # noqa: E402
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +143,7 @@ def run_continuous(runner: LlmRunner, requests: list[Request]) -> Result:
 
 
 def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))], 1) if ordered else 0.0
+    return round(percentile(values, q), 1) if values else 0.0
 
 
 def summary(result: Result) -> dict[str, object]:

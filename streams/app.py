@@ -1,19 +1,30 @@
 """The Faust app factory: one app (= one consumer group) per service.
 
-Faust is used as the agent runtime only: consumer-group membership, partition assignment, fetching,
-micro-batching (``Stream.take_events``) and offset commits of acknowledged events. The app has no web
-server, no tables and no autodiscovery; values stay raw bytes and are decoded by our codec, so a
-malformed event never reaches Faust's deserialiser (which would drop it silently).
+Faust is used as the agent runtime only: consumer-group membership, partition assignment, fetching and
+offset commits of acknowledged events. The app has no web server, no tables and no autodiscovery; values
+stay raw bytes and are decoded by our codec, so a malformed event never reaches Faust's deserialiser (which
+would drop it silently).
+
+Rebalances (``CommittingConsumer``). faust-streaming 0.15.3, on a revoke (``Consumer.on_partitions_revoked``),
+first forgets the revoked partitions' acknowledged offsets (``_acked``, ``_committed_offset``) and only then
+stops the flow and tells the app; it commits them nowhere (with ``stream_wait_empty=False``, and with it the
+commit after ``wait_empty`` finds them already forgotten). Every rebalance thus answered again what was
+acknowledged since the last periodic commit. ``CommittingConsumer`` first lets the agent loop settle what it
+took of the revoked partitions (``RebalanceListener.revoking``, bounded), then commits their acknowledged
+offsets, then lets Faust go on: a graceful rebalance answers nothing twice. A commit that fails there is
+logged (the events are answered again, never lost).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import logging
+from collections.abc import Hashable, Iterable, Mapping, Set
+from typing import Any, Protocol
 
 import faust
 from faust.transport import drivers as faust_drivers
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 
 from schemas import Service
 from streams.kafka_security import client_options
@@ -33,13 +44,73 @@ class IdempotentProducer(faust_aiokafka.Producer):
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
+class RebalanceListener(Protocol):
+    """The agent loop's side of a rebalance (``agents.loops.base.LoopBase``)."""
+
+    def on_assigned(self, assigned: Iterable[Hashable]) -> None:
+        """Partitions assigned to this consumer (before Faust resumes fetching them)."""
+
+    async def revoking(self, revoked: Iterable[Hashable]) -> None:
+        """Partitions about to be revoked: return once what may be committed of them is acknowledged."""
+
+
+class CommittingConsumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer that commits acknowledged offsets of revoked partitions before Faust forgets
+    them (see the module docstring); ``listener`` is told of assignments and revokes first."""
+
+    listener: RebalanceListener | None = None
+
+    async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
+        if revoked:
+            if self.listener is not None:
+                try:
+                    await self.listener.revoking(set(revoked))
+                except Exception:
+                    log.exception("the agent loop failed to settle revoked partitions")
+            await self.commit_acked(revoked)
+        await super().on_partitions_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Set[TP], generation_id: int = 0) -> None:
+        if self.listener is not None:
+            self.listener.on_assigned(set(assigned))
+        await super().on_partitions_assigned(set(assigned), generation_id)
+
+    async def commit_acked(self, tps: Set[TP]) -> bool:
+        """Commit the acknowledged offsets of ``tps`` now (after any commit already running). Never raises."""
+        try:
+            await self.maybe_wait_for_commit_to_finish()
+            committed = await self.commit(set(tps))
+        except Exception as exc:  # noqa: BLE001  (not committed: answered again by the next owner, never lost)
+            log.warning("could not commit acknowledged offsets of revoked partitions: %r", exc)
+            return False
+        log.info("rebalance: acknowledged offsets of %d revoked partitions committed (new offsets: %s)", len(tps),
+                 bool(committed))  # fmt: skip
+        return bool(committed)
+
+
 class IdempotentTransport(faust_aiokafka.Transport):
-    """Faust's aiokafka transport, producing through :class:`IdempotentProducer`."""
+    """Faust's aiokafka transport, producing through :class:`IdempotentProducer` and consuming through
+    :class:`CommittingConsumer`."""
 
     Producer = IdempotentProducer
+    Consumer = CommittingConsumer
 
 
 faust_drivers.TRANSPORTS.aliases.setdefault("aisemble", f"{__name__}:IdempotentTransport")
+
+log = logging.getLogger(__name__)
+
+
+def listen_rebalance(app: faust.App, listener: RebalanceListener) -> None:
+    """Tell ``listener`` of ``app``'s partition assignments and revokes (see ``CommittingConsumer``).
+
+    Raises:
+        TypeError: the app does not consume through ``CommittingConsumer`` (its broker URL is not ``aisemble://``).
+    """
+    consumer = app.consumer
+    if not isinstance(consumer, CommittingConsumer):
+        raise TypeError(f"{type(consumer).__name__} is not a CommittingConsumer: use broker_urls()")
+    consumer.listener = listener
 
 
 def broker_urls(bootstrap: str) -> list[str]:
@@ -73,8 +144,23 @@ def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | Non
     )
 
 
+def stream_buffer_events(settings: Settings, service: Service) -> int:
+    """Faust's ``stream_buffer_maxsize`` for ``service``: events fetched and waiting for the agent's loop.
+
+    Faust's default (4,096 events) sits upstream of the loop's own bounded buffer: for vision (events of up to
+    ``max_event_bytes``) that was gigabytes under a backlog. One batch's worth is enough to keep the loop fed:
+    ``max_batch`` events, and with ``max_batch_bytes`` no more events than that many bytes can hold at the
+    largest event size (at least one).
+    """
+    conf = settings.service(service)
+    events = conf.max_batch
+    if conf.max_batch_bytes:
+        events = min(events, max(1, conf.max_batch_bytes // settings.max_event_bytes))
+    return max(1, events)
+
+
 def create_app(settings: Settings, service: Service) -> faust.App:
-    """A Faust app for one service's agents."""
+    """A Faust app for one service's agents (its stream buffer sized by ``stream_buffer_events``)."""
     datadir = settings.cache_dir / "faust" / f"{settings.topic_prefix}-{service}"
     datadir.parent.mkdir(parents=True, exist_ok=True)
     return faust.App(
@@ -100,6 +186,7 @@ def create_app(settings: Settings, service: Service) -> faust.App:
         # bounded retry (agents.loop) it keeps a dead broker from holding a batch, or a shutdown, for long.
         producer_request_timeout=settings.delivery_retry_s,
         stream_wait_empty=False,
+        stream_buffer_maxsize=stream_buffer_events(settings, service),
         logging_config=None,
     )
 

@@ -9,10 +9,13 @@
 * an optional linger (``linger_s > 0``, off by default) waits for more items after the first one, measured
   from the first item's arrival and never past the nearest deadline among the items taken
   (``deadline_of``); ``linger_s == 0`` means "don't wait", never "wait until full".
-* ``put`` blocks while ``capacity`` items wait, which is the backpressure towards the consumer: the
-  agent never holds more than ``capacity + max_batch`` events in memory.
+* ``put`` blocks while ``capacity`` items wait, or (``max_waiting_cost`` given) while the waiting items'
+  cost has reached it (one item is always let in), which is the backpressure towards the consumer: the
+  buffer never holds more than ``capacity`` items, nor more than ``max_waiting_cost`` plus one item's cost.
 * ``drop(pred)`` removes waiting items (a rebalance revoked their partitions: the new owner will serve
-  them, so this process must neither run nor acknowledge them).
+  them, so this process must neither run nor acknowledge them); ``accept`` (optional) is asked about each
+  item as it is put, after any wait for room and with no await in between, and an item it refuses is
+  dropped (a partition being revoked takes no new items).
 * ``close()`` ends it: ``put`` refuses, ``take`` returns what remains and then ``[]``.
 * fairness (``lane_of`` and ``age_of`` given, e.g. the Kafka partition and the record's timestamp): a batch
   is taken oldest-first across lanes, each lane in its own order (a k-way merge on each lane's head), so a
@@ -56,6 +59,8 @@ class BatchBuffer(Generic[T]):
         age_of: Callable[[T], float] | None = None,
         cost_of: Callable[[T], float] | None = None,
         max_cost: float | None = None,
+        accept: Callable[[T], bool] | None = None,
+        max_waiting_cost: float | None = None,
     ) -> None:
         """
         Args:
@@ -66,11 +71,16 @@ class BatchBuffer(Generic[T]):
             clock: seconds, monotonic.
             lane_of, age_of: an item's lane (partition) and age key (smaller = older); both or neither.
             cost_of, max_cost: an item's cost and the most one batch may carry; both or neither.
+            accept: whether an item being put is taken (False: dropped); checked after the wait for room.
+            max_waiting_cost: ``put`` waits while the waiting items' cost reaches this (needs ``cost_of``).
         """
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if (lane_of is None) != (age_of is None) or (cost_of is None) != (max_cost is None):
             raise ValueError("lane_of needs age_of and cost_of needs max_cost (and the other way round)")
+        if max_waiting_cost is not None and cost_of is None:
+            raise ValueError("max_waiting_cost needs cost_of")
+        self.max_waiting_cost = max_waiting_cost
         self._lane_of = lane_of
         self._age_of = age_of
         self._cost_of = cost_of
@@ -79,6 +89,7 @@ class BatchBuffer(Generic[T]):
         self.capacity = capacity if capacity is not None else 2 * max_batch
         self.linger_s = max(0.0, linger_s)
         self._deadline_of = deadline_of
+        self._accept = accept
         self._clock = clock
         self._items: deque[tuple[float, T]] = deque()
         self._changed = asyncio.Event()
@@ -99,18 +110,26 @@ class BatchBuffer(Generic[T]):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), within_s)
 
-    async def put(self, item: T) -> None:
-        """Add one item, waiting while the buffer is at capacity.
+    async def put(self, item: T) -> bool:
+        """Add one item, waiting while the buffer is at capacity. Returns False if ``accept`` refused it.
 
         Raises:
             BufferClosed: the buffer was closed (before or while waiting).
         """
-        while not self._closed and len(self._items) >= self.capacity:
+        while not self._closed and (len(self._items) >= self.capacity or self._cost_full()):
             await self._wait_change()
         if self._closed:
             raise BufferClosed("buffer closed")
+        if self._accept is not None and not self._accept(item):
+            return False
         self._items.append((self._clock(), item))
         self._notify()
+        return True
+
+    def _cost_full(self) -> bool:
+        if self.max_waiting_cost is None or self._cost_of is None or not self._items:
+            return False
+        return sum(self._cost_of(item) for _, item in self._items) >= self.max_waiting_cost
 
     async def take(self) -> list[T]:
         """The next batch: at least one item, unless the buffer is closed and empty (then ``[]``)."""

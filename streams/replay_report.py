@@ -32,6 +32,8 @@ from pathlib import Path
 
 import orjson
 
+from streams.stats import percentile
+
 REPORT_VERSION = 1
 HOPS = ("end_to_end", "queue", "agent", "inference", "reply")
 PLOTS = ("latency_over_time.png", "latency_histogram.png", "batch_sizes.png")
@@ -55,16 +57,6 @@ class Sample:
         return None if self.received_ms is None else self.received_ms - self.sent_ms
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0..100), interpolating linearly between ranks (numpy's default); None if empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
 def summary(values: Sequence[float]) -> dict[str, float | int | None]:
     """count, mean, p50, p95, p99 and max of ``values`` (rounded to 0.001; None when empty)."""
 
@@ -74,9 +66,9 @@ def summary(values: Sequence[float]) -> dict[str, float | int | None]:
     return {
         "count": len(values),
         "mean": r(sum(values) / len(values)) if values else None,
-        "p50": r(percentile(values, 50)),
-        "p95": r(percentile(values, 95)),
-        "p99": r(percentile(values, 99)),
+        "p50": r(percentile(values, 50)) if values else None,
+        "p95": r(percentile(values, 95)) if values else None,
+        "p99": r(percentile(values, 99)) if values else None,
         "max": r(max(values)) if values else None,
     }
 
@@ -330,7 +322,7 @@ def write_plots(directory: Path, samples: Sequence[Sample], title: str = "") -> 
         ax.hist(e2e, bins=min(60, max(5, len(e2e) // 20)))
         for q, style in ((50, "-"), (95, "--"), (99, ":")):
             value = percentile(e2e, q)
-            ax.axvline(value or 0.0, color="black", linestyle=style, label=f"p{q} {value:.1f} ms")
+            ax.axvline(value, color="black", linestyle=style, label=f"p{q} {value:.1f} ms")
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no replies", ha="center", transform=ax.transAxes)

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     edge_id: str = Field(default_factory=lambda: socket.gethostname().replace(".", "-"))
     request_timeout_s: float = Field(default=30.0, gt=0)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    sse_keepalive_s: float = Field(
+        default=15.0, gt=0, description="A streamed answer sends an SSE comment after this long without an event."
+    )
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024, description="Producer max_request_size.")
     session_timeout_s: float = Field(
         default=10.0, ge=6.0, description="Kafka group session timeout: how soon a dead agent's partitions move."

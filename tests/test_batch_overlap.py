@@ -18,8 +18,10 @@ import pytest
 from aiokafka.errors import NotLeaderForPartitionError
 
 from agents.loop import BatchProcessor
+from agents.loops import AgentStopped, BatchLoop
 from agents.runner import Item, Outcome
-from agents.worker import AgentStopped, BatchLoop
+from streams.batching import BatchBuffer
+from streams.codec import Record
 
 
 @dataclass
@@ -54,11 +56,33 @@ class FakeStream:
             yield await self.queue.get()
 
 
-class FakeApp:
-    class consumer:  # mimics app.consumer.assignment()
-        @staticmethod
-        def assignment() -> set[tuple[str, int]]:
-            return {("t", 0)}
+class FakeView:
+    """The loop's view of the fake events (``agents.wiring.FaustEvents`` for Faust's)."""
+
+    @staticmethod
+    def record(e: FakeEvent) -> Record:
+        m = e.message
+        return Record(m.topic, m.partition, m.offset, m.key, m.value, int(m.timestamp * 1000))
+
+    @staticmethod
+    def lane(e: FakeEvent) -> tuple[str, int]:
+        return e.message.tp
+
+    @staticmethod
+    def ack(e: FakeEvent) -> None:
+        e.ack()
+
+    @staticmethod
+    def age(e: FakeEvent) -> float:
+        return e.message.timestamp
+
+    @staticmethod
+    def size(e: FakeEvent) -> int:
+        return len(e.message.value)
+
+    @staticmethod
+    def deadline(e: FakeEvent) -> float | None:
+        return None
 
 
 class GatedSink:
@@ -116,11 +140,19 @@ def event(n: int) -> FakeEvent:
     return FakeEvent(FakeMessage("t", 0, n, f"r{n}".encode(), value, time.time()))
 
 
-def build(sink: GatedSink, runner: RecordingRunner, retry_s: float = 30.0) -> BatchLoop:
+def build(sink: GatedSink, runner: RecordingRunner, retry_s: float = 30.0) -> BatchLoop[FakeEvent]:
     processor = BatchProcessor(
-        "data", runner, sink, topic_prefix="p", cache=None, cache_ttl_s=60, retry_s=retry_s  # type: ignore[arg-type]
+        "data",
+        runner,
+        sink,
+        topic_prefix="p",
+        cache=None,
+        cache_ttl_s=60,
+        retry_s=retry_s,  # type: ignore[arg-type]
     )
-    return BatchLoop(FakeApp(), processor, max_batch=4, linger_ms=0, grace_s=5.0)  # type: ignore[arg-type]
+    loop = BatchLoop(processor, FakeView(), max_batch=4, linger_ms=0, grace_s=5.0)
+    loop.on_assigned({("t", 0)})
+    return loop
 
 
 async def until(predicate: Any, limit: int = 2000) -> None:
@@ -191,3 +223,72 @@ async def test_a_delivery_that_runs_out_of_retries_stops_an_idle_loop_without_ac
         await asyncio.wait_for(loop.run(FakeStream(queue)), 30)  # type: ignore[arg-type]
     assert loop.failure is not None
     assert all(e.acked == [] for e in events)
+
+
+async def test_a_revoke_lets_the_batches_in_hand_settle_and_acknowledges_them_before_it_returns() -> None:
+    sink, runner = GatedSink(), RecordingRunner()
+    loop = build(sink, runner)
+    queue: asyncio.Queue[FakeEvent] = asyncio.Queue()
+    taken = [event(n) for n in range(8)]
+    for e in taken:
+        queue.put_nowait(e)
+    task = asyncio.create_task(loop.run(FakeStream(queue)))  # type: ignore[arg-type]
+    try:
+        await until(lambda: len(runner.batches) == 2 and len(sink.pending) == 4)  # batch 1 delivering, 2 computed
+        waiting = [event(n) for n in range(8, 10)]
+        for e in waiting:
+            queue.put_nowait(e)
+        await until(lambda: len(loop.buffer) == 2)
+        revoke = asyncio.create_task(loop.revoking({("t", 0)}))
+        await asyncio.sleep(0.1)
+        assert not revoke.done()  # it waits for the taken events to settle
+        assert len(loop.buffer) == 0  # what waited is dropped (delivered again from the committed offset)
+        late = event(10)
+        queue.put_nowait(late)
+        await asyncio.sleep(0.05)
+        assert len(loop.buffer) == 0  # a partition being revoked takes nothing new
+        sink.release_all()
+        await until(lambda: len(sink.pending) == 4)
+        sink.release_all()
+        await asyncio.wait_for(revoke, 5)
+        assert [e.acked for e in taken] == [[n] for n in range(8)]  # acknowledged before the revoke returned
+        assert all(e.acked == [] for e in [*waiting, late])
+        assert len(runner.batches) == 2  # the dropped ones never ran
+        assert not loop.tracker.assigned(("t", 0)) and loop.tracker.held() == 0
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_revoke_past_its_wait_forgets_what_did_not_settle_unacknowledged() -> None:
+    sink, runner = GatedSink(), RecordingRunner()
+    loop = build(sink, runner)
+    loop.revoke_wait_s = 0.2
+    queue: asyncio.Queue[FakeEvent] = asyncio.Queue()
+    taken = [event(n) for n in range(2)]
+    for e in taken:
+        queue.put_nowait(e)
+    task = asyncio.create_task(loop.run(FakeStream(queue)))  # type: ignore[arg-type]
+    try:
+        await until(lambda: len(sink.pending) == 2)
+        await asyncio.wait_for(loop.revoking({("t", 0)}), 5)
+        sink.release_all()  # the replies are written after the revoke ...
+        await asyncio.sleep(0.1)
+        assert all(e.acked == [] for e in taken)  # ... but a revoked partition's events are never acknowledged
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_the_buffer_put_waits_while_the_waiting_items_cost_reaches_max_waiting_cost() -> None:
+    buffer: BatchBuffer[int] = BatchBuffer(8, capacity=100, cost_of=float, max_cost=10.0, max_waiting_cost=10.0)
+    await buffer.put(6)
+    await buffer.put(6)  # 6 < 10: let in (the cost may pass the bound by one item)
+    blocked = asyncio.create_task(buffer.put(1))
+    await asyncio.sleep(0.02)
+    assert not blocked.done() and len(buffer) == 2  # 12 >= 10: waits
+    assert await buffer.take() == [6]  # a batch stays under max_cost
+    await asyncio.wait_for(blocked, 1)
+    assert len(buffer) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import signal
 import time
@@ -22,11 +23,13 @@ import pytest
 import torch
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP
+from redis.asyncio import Redis
 
-from agents.continuous import AckTracker, ContinuousLoop
 from agents.llm import LlmRunner, build_runner
 from agents.loop import BatchProcessor
+from agents.loops import ContinuousLoop
 from agents.runner import Item
+from agents.sink import METADATA_CHECK_S
 from aisemble.pipeline import Pipeline, free_port
 from streams.cancel import cancel_key
 from streams.codec import Record
@@ -57,19 +60,6 @@ def test_faust_commits_past_a_gap_when_acked_out_of_order() -> None:
     assert seen["None:[1]"] == 2  # offset 0 never acked, yet 2 would be committed: 0 would be lost
     assert seen["10:[11]"] == 12  # the same with a commit behind: 10 would be lost
     assert seen["None:[0, 2, 3]"] == 1  # a gap after the head is respected
-
-
-def test_ack_tracker_releases_only_the_settled_prefix_of_each_partition() -> None:
-    tracker: AckTracker[str] = AckTracker()
-    for lane, event in [(0, "a0"), (0, "a1"), (1, "b0"), (0, "a2"), (1, "b1")]:
-        tracker.track(lane, event)
-    assert tracker.settle(0, "a1") == []  # a0 still runs
-    assert tracker.settle(1, "b0") == ["b0"]
-    assert tracker.settle(0, "a2") == []
-    assert tracker.settle(0, "a0") == ["a0", "a1", "a2"]
-    tracker.forget({1})
-    assert tracker.settle(1, "b1") == []  # a revoked partition's events are never released
-    assert tracker.held() == 0
 
 
 # -- through Kafka ----------------------------------------------------------------------------------------
@@ -396,10 +386,10 @@ async def test_acks_keep_partition_order_skip_revoked_partitions_and_streaming_s
     processor = BatchProcessor("llm", runner, sink, topic_prefix="p", cache=None, cache_ttl_s=60)
     assigned: set[object] = {TP("req", 0), TP("req", 1)}
     loop = ContinuousLoop[_Event](
-        processor, runner, sink, assignment=lambda: assigned, record_of=_fake_record,
-        lane_of=lambda e: e.message.tp, worker_id="w1", redis=connect(settings), topic_prefix="p",
-        max_batch=6, grace_s=30.0,
+        processor, runner, sink, _View(), worker_id="w1", redis=connect(settings), topic_prefix="p",
+        max_batch=6, grace_s=30.0, revoke_wait_s=0.0,
     )  # fmt: skip
+    loop.on_assigned(assigned)
     acks: list[str] = []
     p0, p1 = TP("req", 0), TP("req", 1)
     plan = [
@@ -415,7 +405,7 @@ async def test_acks_keep_partition_order_skip_revoked_partitions_and_streaming_s
         payload = _request(name, "p.replies.x", "The quick brown fox", tokens, stream=stream)
         queue.put_nowait(_Event(tp, offsets[tp], payload, acks))
         offsets[tp] += 1
-    caplog.set_level("WARNING", logger="agents.continuous")
+    caplog.set_level("WARNING", logger="agents.loops.continuous")
     task = asyncio.create_task(loop.run(_Stream(queue)))
     try:
         for _ in range(2000):
@@ -423,8 +413,7 @@ async def test_acks_keep_partition_order_skip_revoked_partitions_and_streaming_s
                 break
             await asyncio.sleep(0.005)
         assert loop.figures.admitted == 5
-        assigned.discard(p1)
-        loop.on_revoked({p1})
+        await loop.revoking({p1})  # with revoke_wait_s=0: what runs of p1 is forgotten at once
         for _ in range(4000):
             if len([s for s in sink.sent if s[1] != b"w1"]) == 5:
                 break
@@ -448,10 +437,34 @@ async def test_acks_keep_partition_order_skip_revoked_partitions_and_streaming_s
     assert len(warnings) <= 1  # Redis away: logged once, streaming went on
 
 
-def _fake_record(event: _Event) -> Record:
-    m = event.message
-    return Record(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key, value=m.value,
-                  timestamp_ms=int(m.timestamp * 1000))  # fmt: skip
+class _View:
+    """The loop's view of the fake events (``agents.wiring.FaustEvents`` for Faust's)."""
+
+    @staticmethod
+    def record(event: _Event) -> Record:
+        m = event.message
+        return Record(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key, value=m.value,
+                      timestamp_ms=int(m.timestamp * 1000))  # fmt: skip
+
+    @staticmethod
+    def lane(event: _Event) -> TP:
+        return event.message.tp
+
+    @staticmethod
+    def ack(event: _Event) -> None:
+        event.ack()
+
+    @staticmethod
+    def age(event: _Event) -> float:
+        return event.message.timestamp
+
+    @staticmethod
+    def size(event: _Event) -> int:
+        return len(event.message.value)
+
+    @staticmethod
+    def deadline(event: _Event) -> float | None:
+        return None
 
 
 @pytest.mark.parametrize("grace_s", [30.0, 0.2])
@@ -466,9 +479,9 @@ async def test_stop_admits_nothing_new_and_acks_only_what_finished_within_grace(
     processor = BatchProcessor("llm", runner, sink, topic_prefix="p", cache=None, cache_ttl_s=60)
     tp = TP("req", 0)
     loop = ContinuousLoop[_Event](
-        processor, runner, sink, assignment=lambda: {tp}, record_of=_fake_record, lane_of=lambda e: e.message.tp,
-        worker_id="w1", redis=None, topic_prefix="p", max_batch=1, grace_s=grace_s,
+        processor, runner, sink, _View(), worker_id="w1", redis=None, topic_prefix="p", max_batch=1, grace_s=grace_s,
     )  # fmt: skip
+    loop.on_assigned({tp})
     acks: list[str] = []
     queue: asyncio.Queue[_Event] = asyncio.Queue()
     tokens = 60 if grace_s > 1 else LONG
@@ -492,3 +505,133 @@ async def test_stop_admits_nothing_new_and_acks_only_what_finished_within_grace(
         assert answered == ["first"] and acks == ["first"]
     else:
         assert acks == []  # past the grace period: nothing acknowledged, the row is delivered again
+
+
+class _SlowMetadataSink(_Sink):
+    """A sink whose metadata check of an unknown reply topic takes as long as ``FaustSink``'s bounded one
+    may (``METADATA_CHECK_S``); every send is timed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent_at: list[float] = []
+
+    async def send(self, topic: str, key: bytes, value: bytes) -> asyncio.Future[object]:
+        self.sent_at.append(time.monotonic())
+        return await super().send(topic, key, value)
+
+    async def missing_topics(self, topics: set[str]) -> set[str]:
+        unknown = {t for t in topics if "unknown" in t}
+        if unknown:
+            await asyncio.sleep(METADATA_CHECK_S)
+        return unknown
+
+
+def _loop(
+    model_dir: Path, tmp_path: Path, sink: _Sink, redis: Redis | None = None, prefix: str = "p", max_batch: int = 4
+) -> tuple[ContinuousLoop[_Event], TP]:
+    llm = LlmSettings(model=str(model_dir), device="cpu", threads=1, max_batch=max_batch)
+    settings = Settings(cache_dir=tmp_path, llm=llm)
+    runner = build_runner(settings)
+    runner.load()
+    processor = BatchProcessor("llm", runner, sink, topic_prefix=prefix, cache=None, cache_ttl_s=60)
+    tp = TP("req", 0)
+    loop = ContinuousLoop[_Event](
+        processor, runner, sink, _View(), worker_id="w1", redis=redis, topic_prefix=prefix, max_batch=max_batch,
+        grace_s=30.0,
+    )  # fmt: skip
+    loop.on_assigned({tp})
+    return loop, tp
+
+
+async def test_admission_waiting_on_metadata_never_pauses_decoding(model_dir: Path, tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    sink = _SlowMetadataSink()
+    loop, tp = _loop(model_dir, tmp_path, sink, max_batch=6)
+    acks: list[str] = []
+    queue: asyncio.Queue[_Event] = asyncio.Queue()
+    tp2 = TP("req", 1)  # two more long rows (another partition): decoding steps of three rows last longer
+    queue.put_nowait(_Event(tp, 0, _request("long", "p.replies.x", "The quick brown fox", LONG, stream=True), acks))
+    for n in range(2):
+        queue.put_nowait(_Event(tp2, n, _request(f"long{n}", "p.replies.x", "Paris is", LONG, stream=True), acks))
+    loop.on_assigned({tp2})
+    task = asyncio.create_task(loop.run(_Stream(queue)))
+    try:
+        for _ in range(4000):
+            if any(k == b"w1" for _, k, _ in sink.sent):
+                break
+            await asyncio.sleep(0.005)
+        started = time.monotonic()
+        for n in range(1, 4):  # requests naming unknown (allowed) reply topics, while "long" generates
+            payload = _request(f"u{n}", f"p.replies.unknown{n}", "Hello", 5)
+            queue.put_nowait(_Event(tp, n, payload, acks))
+        for _ in range(4000):
+            if sum(t.endswith(".dlq") for t, _, _ in sink.sent) == 3:
+                break
+            await asyncio.sleep(0.005)
+        admitted_by = time.monotonic()
+        for _ in range(6000):
+            if len(acks) == 6:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        torch.set_num_threads(before)
+    partial_times = [
+        at
+        for at, (_, k, v) in zip(sink.sent_at, sink.sent, strict=True)
+        if k == b"w1" and any(d["id"] == "long" for d in orjson.loads(v)["deltas"])
+    ]
+    window = [at for at in partial_times if started <= at <= admitted_by]
+    gaps = [b - a for a, b in itertools.pairwise(window)]
+    letters = [orjson.loads(v) for t, _, v in sink.sent if t.endswith(".dlq")]
+    reply_times = {orjson.loads(v)["id"]: at for at, (t, k, v) in zip(sink.sent_at, sink.sent, strict=True)
+                   if k != b"w1" and not t.endswith(".dlq")}  # fmt: skip
+    figures = {"partials_in_window": len(window), "max_gap_s": round(max(gaps), 3) if gaps else None,
+               "window_s": round(admitted_by - started, 2), "metadata_check_s": METADATA_CHECK_S}  # fmt: skip
+    print("ADMISSION-GAPS:", figures)
+    assert len(letters) == 3 and all(d["error"]["code"] == "reply_to_refused" for d in letters)
+    assert admitted_by - started >= METADATA_CHECK_S  # the admissions did wait on metadata
+    assert reply_times["long"] > window[-1] >= started + 0.75 * METADATA_CHECK_S  # "long" decoded through the wait
+    assert max(gaps) < METADATA_CHECK_S / 2  # decoding went on: no gap near the 2 s metadata stall
+    assert [a for a in acks if a == "long" or a.startswith("u")] == ["long", "u1", "u2", "u3"]  # partition order
+
+
+async def test_the_cancel_key_stops_a_row_that_does_not_stream(model_dir: Path, tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    sink = _Sink()
+    prefix = f"cx{uuid.uuid4().hex[:6]}"
+    redis = connect(Settings(cache_dir=tmp_path))
+    loop, tp = _loop(model_dir, tmp_path, sink, redis, prefix)
+    acks: list[str] = []
+    queue: asyncio.Queue[_Event] = asyncio.Queue()
+    doomed = _request(f"doomed-{prefix}", f"{prefix}.replies.x", "The quick brown fox", LONG)  # stream=False
+    other = _request(f"other-{prefix}", f"{prefix}.replies.x", "Kafka moves events", 40)
+    queue.put_nowait(_Event(tp, 0, doomed, acks))
+    queue.put_nowait(_Event(tp, 1, other, acks))
+    task = asyncio.create_task(loop.run(_Stream(queue)))
+    try:
+        for _ in range(4000):
+            if loop.figures.admitted == 2 and loop.figures.steps > 5:
+                break
+            await asyncio.sleep(0.005)
+        await redis.set(cancel_key(prefix, str(doomed["id"])), b"1", ex=60)
+        for _ in range(6000):
+            if len(acks) == 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await redis.delete(cancel_key(prefix, str(doomed["id"])))
+        await redis.aclose()
+        torch.set_num_threads(before)
+    replies = {r["id"]: r for r in (orjson.loads(v) for _, k, v in sink.sent if k != b"w1")}
+    stopped = replies[doomed["id"]]
+    print("CANCEL-ANY-ROW:", {"cancelled": loop.figures.cancelled, "error": stopped.get("error")})
+    assert not any(k == b"w1" for _, k, _ in sink.sent)  # neither row streamed
+    assert not stopped["ok"] and stopped["error"]["code"] == "cancelled"
+    assert replies[other["id"]]["ok"]
+    assert loop.figures.cancelled == 1 and sorted(acks) == sorted([str(doomed["id"]), str(other["id"])])

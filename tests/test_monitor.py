@@ -9,24 +9,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from aisemble.monitor import Probe, Report, Sample, brief_probes, percentile, summarize
+from aisemble.monitor import Probe, Report, Sample, brief_probes, summarize
 from aisemble.pipeline import Pipeline, free_port
 from streams.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def test_percentile_matches_numpy_linear() -> None:
-    rng = np.random.default_rng(7)
-    for n in (1, 2, 3, 19, 20, 21, 100):
-        values = list(rng.exponential(50.0, n))
-        for q in (0, 50, 95, 100):
-            assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
-    with pytest.raises(ValueError):
-        percentile([], 95)
 
 
 def test_summarize_counts_success_latency_and_cache() -> None:

@@ -25,8 +25,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from openai import OpenAI
 
 from aisemble.pipeline import Pipeline
-from api.errors import DuplicateIdError, EdgeError, OverloadedError, ReplyTimeoutError, UnavailableError
-from api.openai import from_edge_error
+from api.errors import (
+    DuplicateIdError,
+    EdgeError,
+    OverloadedError,
+    ReplyTimeoutError,
+    UnavailableError,
+    error_response,
+    openai_body,
+)
 from api.streaming import stream_timings
 from schemas import ErrorCode, ReplyEvent
 from streams.replies import parse_reply_record
@@ -263,8 +270,7 @@ async def test_a_stream_the_client_leaves_is_cancelled_at_the_agent(pipeline: Pi
 )
 def test_edge_errors_reach_the_client_as_its_exception_classes(error: EdgeError, expected: type[Exception]) -> None:
     """The edge's 429/503/504/409 in OpenAI's shape, played to the real client over an in-memory transport."""
-    mapped = from_edge_error(error)
-    rendered = mapped.response()
+    rendered = error_response(error, openai=True)
 
     def answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(rendered.status_code, headers=dict(rendered.headers), content=bytes(rendered.body))
@@ -274,7 +280,9 @@ def test_edge_errors_reach_the_client_as_its_exception_classes(error: EdgeError,
     with pytest.raises(expected) as caught:
         offline.completions.create(model="llm", prompt="x")
     assert isinstance(caught.value, openai.APIStatusError) and caught.value.status_code == error.status
-    assert caught.value.code == mapped.code and caught.value.response.headers["x-request-id"] == "r1"
+    expected_code = {429: "rate_limit_exceeded"}.get(error.status, error.code)
+    assert caught.value.code == openai_body(error)["error"]["code"] == expected_code
+    assert caught.value.response.headers["x-request-id"] == "r1"
     if error.status == 429:
         assert caught.value.response.headers["retry-after"] == "1" and caught.value.type == "rate_limit_error"
 

@@ -31,7 +31,6 @@ from streams.replay_report import (
     cosine_distance,
     hops,
     output_comparison,
-    percentile,
     write_report,
 )
 
@@ -135,14 +134,6 @@ def test_events_from_lines_and_replay_events(tmp_path: Path) -> None:
     assert events[0].event["reply_to"] == "p.replies.replay-abc" and events[0].event["cache"] is False
     assert events[0].deadline_budget_ms == 500 and "deadline_ms" not in events[0].event
     assert "cache" not in replay_events(rec, "abc", "t", keep_cache=True)[1].event
-
-
-def test_percentiles_interpolate_like_numpy() -> None:
-    values = [1.0, 2.0, 3.0, 4.0, 10.0]
-    assert percentile(values, 50) == 3.0
-    assert percentile(values, 95) == pytest.approx(8.8)
-    assert percentile(values, 100) == 10.0
-    assert percentile([], 50) is None
 
 
 def _sample(i: int, sent: float, received: float | None, reply: dict[str, object] | None) -> Sample:

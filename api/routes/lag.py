@@ -15,8 +15,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import ORJSONResponse
 
-from api.errors import error_response
-from schemas import ErrorCode
+from api.errors import UnavailableError, error_response
 from schemas.http import ErrorBody
 from streams.lag import lag_document
 from streams.lag_probe import LagMonitor, LagUnavailable
@@ -37,5 +36,5 @@ async def lag(request: Request) -> ORJSONResponse:
     try:
         report = await monitor.read()
     except LagUnavailable as exc:
-        return error_response(503, ErrorCode.UNAVAILABLE, f"consumer lag unavailable: {exc}")
+        return error_response(UnavailableError(f"consumer lag unavailable: {exc}"))
     return ORJSONResponse(lag_document(report, monitor.settings.topic_prefix))

@@ -35,7 +35,5 @@ async def completion(body: LlmCompletionRequest, serve: RequestServing = Depends
     (``stream: true`` wins over ``Prefer: respond-async``: the preference is then not applied)."""
     if body.stream:
         stream = await serve.stream("llm", "completion", body.to_input(), cache=body.cache)
-        return SseResponse(stream, NativeFormat(stream))
+        return SseResponse(stream, NativeFormat(stream), keepalive_s=serve.edge.settings.sse_keepalive_s)
     return await serve("llm", "completion", body.to_input(), cache=body.cache)
-
-

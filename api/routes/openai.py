@@ -4,8 +4,9 @@ Requests, responses, errors and stream chunks are in ``api.openai`` (its docstri
 These routes go through the ``Edge`` like the native ones: same Kafka path, batching, deadlines, in-flight
 limit and cache policy (the llm's for completions: temperature 0 or seeded; embeddings are cached). A
 streamed request (``stream: true``) is served by ``Edge.stream``: a cache hit comes as one chunk with the
-whole text. Every error is in OpenAI's shape. The routes are left out of the OpenAPI document: their
-contract is OpenAI's API reference, not aisemble's ``ErrorBody`` one.
+whole text. Every error is in OpenAI's shape: the routes raise the edge's errors (``api.errors``) and its
+one handler renders them in OpenAI's shape for every path under ``/v1``. The routes are left out of the
+OpenAPI document: their contract is OpenAI's API reference, not aisemble's ``ErrorBody`` one.
 
 Asynchronous requests (``Prefer: respond-async`` or ``?wait=false``, ``api.async_requests``) work on the
 three POST routes except with ``stream: true`` (a stream is its own way of not waiting): 202 at once, and
@@ -26,19 +27,16 @@ from api.async_requests import register_renderer, submit
 from api.auth import request_caller
 from api.deps import get_edge, request_id
 from api.edge import Edge
-from api.errors import EdgeError
+from api.errors import ModelNotFoundError, error_response, reply_error
 from api.openai import (
     ChatChunks,
     ChatCompletionRequest,
     CompletionChunks,
     CompletionRequest,
     EmbeddingRequest,
-    OpenAIError,
     chat_response,
     completion_response,
     embedding_response,
-    from_edge_error,
-    from_reply,
     model_entry,
     model_list,
     parse_body,
@@ -59,7 +57,7 @@ CHAT, COMPLETION, EMBEDDINGS = "openai.chat", "openai.completion", "openai.embed
 def _rendered(reply: ReplyEvent, context: Mapping[str, object]) -> Response:
     """An OpenAI body (or OpenAI error) from a reply; ``context`` says which (``api.async_requests``)."""
     if not reply.ok:
-        return from_reply(reply).response()
+        return error_response(reply_error(reply), openai=True)
     model, kind = str(context.get("model", "")), context.get("kind")
     if kind == EMBEDDINGS:
         encoding: Literal["float", "base64"] = "base64" if context.get("encoding") == "base64" else "float"
@@ -82,27 +80,24 @@ async def _generate(
     respond_async: bool = False,
 ) -> Response:
     chat = model_cls is ChatCompletionRequest
-    try:
-        body = validate(model_cls, parse_body(await request.body()))
-        model = resolve_model(body.model, "llm", edge.models)
-        payload = to_input(body)
-        task = "chat" if chat else "completion"
-        if body.stream:
-            stream = await edge.stream("llm", task, payload, request_id=rid, admitted=admitted(request))
-            chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{stream.request_id}"
-            fmt = ChatChunks(chunk_id, model, body.include_usage) if chat else CompletionChunks(
-                chunk_id, model, body.include_usage
-            )
-            return SseResponse(stream, fmt)
-        context = {"model": model, "created": int(time.time()), "kind": CHAT if chat else COMPLETION}
-        if respond_async:
-            return await submit(edge, "llm", task, payload, request_id=rid, render=str(context["kind"]),
-                                context=context, owner=request_caller(request).owner)  # fmt: skip
-        return _rendered(await edge.call("llm", task, payload, request_id=rid, admitted=admitted(request)), context)
-    except EdgeError as exc:
-        return from_edge_error(exc).response()
-    except OpenAIError as exc:
-        return exc.response()
+    body = validate(model_cls, parse_body(await request.body()))
+    model = resolve_model(body.model, "llm", edge.models)
+    payload = to_input(body)
+    task = "chat" if chat else "completion"
+    if body.stream:
+        stream = await edge.stream("llm", task, payload, request_id=rid, admitted=admitted(request))
+        chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{stream.request_id}"
+        fmt = (
+            ChatChunks(chunk_id, model, body.include_usage)
+            if chat
+            else CompletionChunks(chunk_id, model, body.include_usage)
+        )
+        return SseResponse(stream, fmt, keepalive_s=edge.settings.sse_keepalive_s)
+    context = {"model": model, "created": int(time.time()), "kind": CHAT if chat else COMPLETION}
+    if respond_async:
+        return await submit(edge, "llm", task, payload, request_id=rid, render=str(context["kind"]),
+                            context=context, owner=request_caller(request).owner)  # fmt: skip
+    return _rendered(await edge.call("llm", task, payload, request_id=rid, admitted=admitted(request)), context)
 
 
 @router.post("/v1/chat/completions")
@@ -135,19 +130,14 @@ async def embeddings(
     respond_async: bool = Depends(wants_async),
 ) -> Response:
     """OpenAI's embeddings on the nlp task ``embed`` (L2-normalised)."""
-    try:
-        body = validate(EmbeddingRequest, parse_body(await request.body()))
-        model = resolve_model(body.model, "nlp", edge.models)
-        context = {"model": model, "kind": EMBEDDINGS, "encoding": body.encoding_format}
-        if respond_async:
-            return await submit(edge, "nlp", "embed", to_input(body), request_id=rid, render=EMBEDDINGS,
-                                context=context, owner=request_caller(request).owner)  # fmt: skip
-        reply = await edge.call("nlp", "embed", to_input(body), request_id=rid, admitted=admitted(request))
-        return _rendered(reply, context)
-    except EdgeError as exc:
-        return from_edge_error(exc).response()
-    except OpenAIError as exc:
-        return exc.response()
+    body = validate(EmbeddingRequest, parse_body(await request.body()))
+    model = resolve_model(body.model, "nlp", edge.models)
+    context = {"model": model, "kind": EMBEDDINGS, "encoding": body.encoding_format}
+    if respond_async:
+        return await submit(edge, "nlp", "embed", to_input(body), request_id=rid, render=EMBEDDINGS,
+                            context=context, owner=request_caller(request).owner)  # fmt: skip
+    reply = await edge.call("nlp", "embed", to_input(body), request_id=rid, admitted=admitted(request))
+    return _rendered(reply, context)
 
 
 @router.get("/v1/models")
@@ -162,5 +152,5 @@ async def model(model_id: str, edge: Edge = Depends(get_edge)) -> ORJSONResponse
     service = served_models(edge.models).get(model_id)
     if service is None:
         message = f"The model `{model_id}` does not exist or you do not have access to it."
-        return OpenAIError(404, message, param="model", code="model_not_found").response()
+        raise ModelNotFoundError(message, param="model")
     return ORJSONResponse(model_entry(model_id, service))

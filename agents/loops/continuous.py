@@ -1,63 +1,66 @@
 """The agent loop for a step-wise runner (the LLM with ``llm.batching=continuous``): continuous batching.
 
-``ContinuousLoop`` replaces ``agents.worker.BatchLoop`` for a runner that has an engine (``stepwise``).
-Events are read from a ``noack`` Faust stream into a bounded FIFO; whenever the engine has a free row
-slot, whatever waits is admitted at once (the model never idles while events wait):
-``BatchProcessor.admit`` decodes and checks them and answers from the cache exactly as the batch loop
-does (dead letters, reply-topic policy, deadlines, unknown tasks); the rest become engine rows. Between
-admissions the loop runs ``engine.step()`` on a dedicated worker thread, one decode step at a time.
+``ContinuousLoop`` replaces ``agents.loops.batch.BatchLoop`` for a runner that has an engine (``stepwise``).
+Events are read from a ``noack`` Faust stream into a bounded FIFO. Two tasks share the engine:
+
+* the **admitter**: whenever the engine has a free row slot, it takes whatever waits and admits it
+  (``BatchProcessor.admit``: decode, checks, reply-topic policy and existence, deadlines, unknown tasks, the
+  cache, exactly as the batch loop does); the rest become engine rows (``engine.add`` is thread-safe and
+  the row joins at the next step). Admission can wait (a metadata check of an unknown reply topic, up to
+  ``agents.sink.METADATA_CHECK_S``; Redis lookups), so it never runs on the decode path;
+* the **stepper**: runs ``engine.step()`` on a dedicated worker thread, one decode step after the other while
+  rows are active, and answers the rows that finish. Admission never pauses decoding.
 
 Guarantees (the batch loop's, for rows that finish out of order):
 
 * Acknowledgement: an event is acknowledged only after its own final reply or dead letter is settled
   (``BatchProcessor.deliver``: retries, dead letters, cache write, kept results) AND every earlier event
-  of its partition taken by this loop is too (``AckTracker``). Faust commits past a gap when offsets of
-  one partition are acknowledged out of order (``tests/test_llm_continuous.py`` shows it), so this loop
-  never acknowledges out of order.
+  of its partition taken by this loop is too: every ack goes through the loop's ``AckTracker``
+  (``agents.loops.acks``).
 * Streaming (``RequestEvent.stream`` with a ``reply_to``): after each decode step, the deltas of the
   streaming rows are grouped by reply topic (and task) into ONE ``PartialBatchEvent`` each, key = the
   worker id, produced without waiting for the broker's ack (at most ``MAX_PARTIALS_OUTSTANDING`` acks
   outstanding; a failed partial is only logged: the final reply is authoritative). ``attempt`` is a uuid
   per row admission and ``seq`` counts that attempt's deltas.
-* Cancel: at most every ``CANCEL_POLL_S`` one ``MGET`` of the active streaming rows' keys
-  (``streams.cancel.cancel_key``) through the Redis breaker; a row whose key is set is stopped and
-  answered ``cancelled``. Redis away: streaming goes on, cancels are not seen (logged once per outage).
+* Cancel: at most every ``CANCEL_POLL_S`` one ``MGET`` of the cancel keys (``streams.cancel.cancel_key``) of
+  every active row, streaming or not, through the Redis breaker; a row whose key is set is stopped and
+  answered ``cancelled`` (the edge sets the key when a client goes away or it answers 504). Redis away:
+  decoding goes on, cancels are not seen (logged once per outage).
 * Graceful stop (SIGTERM; Faust cancels the agent): nothing new is admitted, active rows finish within
   ``grace_s``, their replies are settled and acknowledged; past the grace period what is unfinished is
   left unacknowledged (delivered again).
-* Rebalance: waiting events of revoked partitions are dropped; an event is acknowledged only while its
-  partition is assigned here (rows of a revoked partition finish and reply; the new owner may answer too).
+* Rebalance: ``agents.loops.base`` (rows of a revoked partition get ``revoke_wait_s`` to finish and be
+  acknowledged before the partition goes; past it they finish and reply, unacknowledged).
 * A model failure fails the rows of that step (``model_error``); an engine that raises is replaced and
   its rows are answered ``model_error``. A delivery that runs out of retries, or a bug, stops the process
-  (``AgentStopped``) without acknowledging what it holds.
+  (``AgentLoopFailed``) without acknowledging what it holds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from agents.loop import BatchProcessor, Settlement, _Pending
+from agents.loops.base import AgentStopped, EventView, LoopBase
 from agents.runner import Failure, Item
 from schemas import ErrorCode, PartialBatchEvent, PartialDelta
-from streams.batching import BatchBuffer, BufferClosed, feed
+from streams.batching import BatchBuffer
 from streams.cancel import cancel_key
-from streams.codec import Record, encode
+from streams.codec import encode
 from streams.redis import guarded
 
-if TYPE_CHECKING:  # torch stays out of the agents that do not run the LLM (agents.worker imports this module)
+if TYPE_CHECKING:  # torch stays out of the agents that do not run the LLM (agents.wiring imports this module)
     from agents.llm_engine import DecodeEngine, Delta, RowRequest, StepReport
 
 log = logging.getLogger(__name__)
@@ -80,37 +83,6 @@ class StepRunner(Protocol):
 def stepwise(runner: object) -> TypeGuard[StepRunner]:
     """Whether ``runner`` asks for the continuous loop (has an engine and has it switched on)."""
     return getattr(runner, "continuous", False) is True and callable(getattr(runner, "make_engine", None))
-
-
-class AckTracker(Generic[E]):
-    """Per partition, the events taken in order; ``settle`` returns those that may be acknowledged now: the
-    settled prefix of each partition (pure; no Kafka)."""
-
-    def __init__(self) -> None:
-        self._lanes: dict[Hashable, deque[list[object]]] = {}
-
-    def track(self, lane: Hashable, event: E) -> None:
-        self._lanes.setdefault(lane, deque()).append([event, False])
-
-    def settle(self, lane: Hashable, event: E) -> list[E]:
-        queue = self._lanes.get(lane)
-        if queue is None:
-            return []
-        for entry in queue:
-            if entry[0] is event:
-                entry[1] = True
-                break
-        ready: list[E] = []
-        while queue and queue[0][1]:
-            ready.append(queue.popleft()[0])  # type: ignore[arg-type]
-        return ready
-
-    def forget(self, lanes: set[object]) -> None:
-        for lane in lanes:
-            self._lanes.pop(lane, None)  # type: ignore[call-overload]
-
-    def held(self) -> int:
-        return sum(len(q) for q in self._lanes.values())
 
 
 class PartialSink(Protocol):
@@ -147,66 +119,43 @@ class LoopFigures:
     idle_with_waiting: int = field(default=0)
 
 
-class ContinuousLoop(Generic[E]):
-    """Feeds a Faust stream into a step-wise engine, one decode step at a time; see the module docstring.
-
-    ``assignment`` (the consumer's assigned partitions) and ``record_of`` (an event's ``Record``) are
-    injected so the worker gives Faust's and tests may give their own.
-    """
+class ContinuousLoop(LoopBase[E]):
+    """Feeds a stream into a step-wise engine, one decode step at a time; see the module docstring."""
 
     def __init__(
         self,
         processor: BatchProcessor,
         runner: StepRunner,
         sink: PartialSink,
+        view: EventView[E],
         *,
-        assignment: Callable[[], AbstractSet[object]],
-        record_of: Callable[[E], Record],
-        lane_of: Callable[[E], Hashable],
         worker_id: str,
         redis: Redis | None,
         topic_prefix: str,
         max_batch: int,
         grace_s: float,
+        revoke_wait_s: float | None = None,
     ) -> None:
-        self.processor = processor
+        super().__init__(processor, view, grace_s=grace_s, revoke_wait_s=revoke_wait_s)
         self.runner = runner
         self._sink = sink
-        self._assignment = assignment
-        self._record_of = record_of
-        self._lane_of = lane_of
         self._worker_id = worker_id.encode()
         self._redis = redis
         self._prefix = topic_prefix
-        self.grace_s = grace_s
-        self.buffer: BatchBuffer[E] = BatchBuffer(max_batch, capacity=2 * max_batch)
+        self.buffer = BatchBuffer(max_batch, capacity=2 * max_batch, accept=self._accepts)
         self.engine = runner.make_engine()
         self.max_rows = self.engine.max_batch
-        self.failure: BaseException | None = None
         self.figures = LoopFigures()
-        self._tracker: AckTracker[E] = AckTracker()
         self._active: dict[str, _Active] = {}
-        self._deliveries: set[asyncio.Task[None]] = set()
+        self._deliveries: set[asyncio.Future[None]] = set()
         self._partials: deque[asyncio.Future[object]] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-engine")
         self._stopping = False
         self._redis_down_logged = False
-
-    # -- Faust side ---------------------------------------------------------------------------------------
-
-    def on_revoked(self, revoked: set[object]) -> None:
-        dropped = self.buffer.drop(lambda e: self._lane_of(e) in revoked)
-        self._tracker.forget(revoked)
-        if dropped:
-            log.info("rebalance: dropped %d waiting events of revoked partitions (their new owner serves them)",
-                     len(dropped))  # fmt: skip
-
-    async def _feed(self, stream: object) -> None:
-        """Put every event in the buffer; a failure of the stream is recorded (``run`` then stops)."""
-        failure = await feed(stream.events(), self.buffer)  # type: ignore[attr-defined]
-        if failure is not None:
-            self.failure = failure
-            log.critical("the agent's stream failed: %r", failure)
+        self._admitting = 0
+        self._admitter_done = False
+        self._wake = asyncio.Event()  # the stepper: rows were added, or the admitter ended
+        self._room = asyncio.Event()  # the admitter: rows finished, there may be room
 
     async def run(self, stream: object) -> None:
         """Serve until the stream ends, the task is cancelled (graceful stop) or something fails.
@@ -216,8 +165,9 @@ class ContinuousLoop(Generic[E]):
         Raises:
             AgentLoopFailed: a delivery ran out of retries, or a bug; nothing it holds is acknowledged.
         """
-        feeder = asyncio.create_task(self._feed(stream.noack()), name="agent-feed")  # type: ignore[attr-defined]
+        feeder = self._start_feed(stream)
         poller = asyncio.create_task(self._poll_cancels(), name="agent-cancel-poll")
+        admitter = asyncio.create_task(self._admit_forever(), name="agent-admit")
         work = asyncio.create_task(self._serve(), name="agent-continuous")
         try:
             await asyncio.shield(work)
@@ -227,10 +177,7 @@ class ContinuousLoop(Generic[E]):
             raise
         finally:
             self.buffer.close()
-            for task in (feeder, poller):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, BufferClosed):
-                    await task
+            await self._stop_tasks(feeder, poller, admitter)
             self._executor.shutdown(wait=False)
         if self.failure is not None:
             raise AgentLoopFailed(str(self.failure))
@@ -241,6 +188,7 @@ class ContinuousLoop(Generic[E]):
         self._stopping = True
         self.buffer.close()
         self.buffer.drop(lambda e: True)  # never admitted: delivered again
+        self._room.set()
         try:
             await asyncio.wait_for(work, self.grace_s)
             log.info("active rows answered and acknowledged")
@@ -251,37 +199,39 @@ class ContinuousLoop(Generic[E]):
         except Exception:
             log.exception("the loop failed while stopping")
 
-    # -- the loop -----------------------------------------------------------------------------------------
+    # -- the admitter -------------------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
+    async def _admit_forever(self) -> None:
+        """Take and admit events whenever the engine has room, off the decode path."""
         try:
-            while self.failure is None:
-                free = self.max_rows - self.engine.active
-                if not self._stopping and free > 0 and len(self.buffer) > 0:
-                    await self._admit(await self._take(free))
+            while self.failure is None and not self._stopping:
+                free = self.max_rows - self.engine.active - self._admitting
+                if free <= 0:
+                    self._room.clear()
+                    await self._room.wait()
                     continue
-                if self.engine.active == 0:
-                    if self._stopping or (self.buffer.closed and len(self.buffer) == 0):
-                        break
-                    events = await self._take(self.max_rows)
-                    if not events:
-                        break
+                self.buffer.max_batch = free
+                events = await self.buffer.take()
+                if not events:
+                    break  # closed and drained
+                events = self._track(events)
+                self._admitting = len(events)
+                try:
                     await self._admit(events)
-                    continue
-                await self._step()
-            await self._drain_deliveries()
+                finally:
+                    self._admitting = 0
+                self._wake.set()
         except Exception as exc:  # noqa: BLE001  (recorded; run() then stops the process unacknowledged)
             self._fail(exc)
-
-    async def _take(self, limit: int) -> list[E]:
-        self.buffer.max_batch = max(1, limit)
-        return await self.buffer.take()
+        finally:
+            self._admitter_done = True
+            self._wake.set()
 
     async def _admit(self, events: list[E]) -> None:
-        records = [self._record_of(e) for e in events]
+        if not events:
+            return
+        records = [self.view.record(e) for e in events]
         by_record = {id(r): e for r, e in zip(records, events, strict=True)}
-        for event in events:
-            self._tracker.track(self._lane_of(event), event)
         try:
             admission = await self.processor.admit(records)
         except Exception:  # policy: isolate the poison record, never stall the partition
@@ -305,6 +255,24 @@ class ContinuousLoop(Generic[E]):
             self._active[attempt] = active
             self.engine.add(request)
             self.figures.admitted += 1
+
+    # -- the stepper --------------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        try:
+            while self.failure is None:
+                if self.engine.active == 0:
+                    if self._admitter_done and self.engine.active == 0:
+                        break
+                    self._wake.clear()
+                    if self.engine.active == 0 and not self._admitter_done:
+                        await self._wake.wait()
+                    continue
+                await self._step()
+                self._room.set()
+            await self._drain_deliveries()
+        except Exception as exc:  # noqa: BLE001  (recorded; run() then stops the process unacknowledged)
+            self._fail(exc)
 
     async def _step(self) -> None:
         rows = self.engine.active
@@ -358,38 +326,25 @@ class ContinuousLoop(Generic[E]):
         self._deliveries.add(task)
         task.add_done_callback(self._delivery_done)
 
-    def _delivery_done(self, task: asyncio.Task[None]) -> None:
+    def _delivery_done(self, task: asyncio.Future[None]) -> None:
         self._deliveries.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._fail(exc)
+            self._wake.set()
 
     async def _deliver(self, settlement: Settlement, events: list[E]) -> None:
         await self.processor.deliver(settlement)
         self._settled(events)
+        self.figures.acked = self.tracker.acked
 
-    async def _isolate(self, events: list[E], records: list[Record]) -> None:
+    async def _isolate(self, events: list[E], records: list[Any]) -> None:
         await self.processor.isolate(records)
         self._settled(events)
-
-    def _settled(self, events: Sequence[E]) -> None:
-        assigned = self._assignment()
-        for event in events:
-            lane = self._lane_of(event)
-            for ready in self._tracker.settle(lane, event):
-                if lane in assigned:
-                    ready.ack()  # type: ignore[attr-defined]
-                    self.figures.acked += 1
+        self.figures.acked = self.tracker.acked
 
     async def _drain_deliveries(self) -> None:
         while self._deliveries:
             await asyncio.gather(*list(self._deliveries), return_exceptions=True)
-
-    def _fail(self, exc: BaseException) -> None:
-        if self.failure is None:
-            self.failure = exc
-            log.critical("agent loop failed, stopping the process (its events are delivered again): %r", exc)
-        self.buffer.drop(lambda e: True)
-        self.buffer.close()
 
     # -- streaming ----------------------------------------------------------------------------------------
 
@@ -433,30 +388,30 @@ class ContinuousLoop(Generic[E]):
             await self._partials.popleft()
 
     async def _poll_cancels(self) -> None:
-        """Every ``CANCEL_POLL_S``: one MGET of the active streaming rows' cancel keys (see the module doc)."""
+        """Every ``CANCEL_POLL_S``: one MGET of every active row's cancel key (see the module docstring)."""
         redis = self._redis
         if redis is None:
             return
         while True:
             await asyncio.sleep(CANCEL_POLL_S)
-            streaming = [(k, a) for k, a in self._active.items() if a.stream_to is not None]
-            if not streaming:
+            rows = list(self._active.items())
+            if not rows:
                 continue
-            keys = [cancel_key(self._prefix, a.pending.event.id) for _, a in streaming]
+            keys = [cancel_key(self._prefix, a.pending.event.id) for _, a in rows]
             try:
                 values = await guarded(redis, lambda keys=keys: redis.mget(keys))  # type: ignore[misc]
             except RedisError as exc:
                 if not self._redis_down_logged:
-                    log.warning("cancel keys unreadable (%s); streaming goes on, cancels are not seen", exc)
+                    log.warning("cancel keys unreadable (%s); decoding goes on, cancels are not seen", exc)
                     self._redis_down_logged = True
                 continue
             self._redis_down_logged = False
-            for (key, _), value in zip(streaming, values, strict=True):
+            for (key, _), value in zip(rows, values, strict=True):
                 if value is not None:
                     self.engine.cancel(key)
 
 
-class AgentLoopFailed(Exception):
+class AgentLoopFailed(AgentStopped):
     """The continuous loop ended in a way that must end the process."""
 
 

@@ -1,0 +1,189 @@
+"""Faust wiring of one service's agent: the app, the agent on the request topic, its loop and hooks.
+
+``create_agent_app`` builds the Faust app (``streams.app.create_app``), the ``BatchProcessor`` (sink, cache,
+reply-topic policy, the service's ``prepare``/``release`` hooks), the loop (``agents.loops``: the batch loop,
+or the continuous loop for a step-wise LLM runner), registers the agent (one per process, concurrency 1),
+the loop as the consumer's rebalance listener (``streams.app.listen_rebalance``) and the heartbeat timer.
+``FaustEvents`` is how the loops see Faust's events. A loop that fails (``AgentStopped``) crashes the app and
+ends the process with ``EXIT_AGENT_FAILED`` after a bounded wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Hashable
+from typing import Any
+
+import faust
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from agents.loop import BatchObserver, BatchProcessor
+from agents.loops import AgentStopped, BatchLoop, ContinuousLoop, stepwise
+from agents.runner import ModelRunner
+from agents.sink import FaustSink
+from schemas import Service
+from streams.app import create_app, listen_rebalance, request_topic
+from streams.cache import ResultCache
+from streams.codec import Record
+from streams.policy import ReplyTopicPolicy
+from streams.redis import connect
+from streams.registry import AgentInfo, beat
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXIT_AGENT_FAILED = 3
+EXIT_STOP_WAIT_S = 15.0
+
+
+def _exit_after(seconds: float, status: int) -> None:
+    """End the process with ``status`` in ``seconds`` unless it has exited by then (a daemon timer)."""
+
+    def hard_exit() -> None:
+        log.critical("the agent did not stop within %.0fs; exiting with status %d", seconds, status)
+        logging.shutdown()
+        os._exit(status)
+
+    timer = threading.Timer(seconds, hard_exit)
+    timer.daemon = True
+    timer.start()
+
+
+def build_hook(service: Service, name: str, settings: Settings, redis: Redis) -> Any:
+    """The service's optional hook ``agents.<service>.<name>(settings, redis)``: ``make_prepare`` (an async
+    pre-step, e.g. vision's claim-check resolution) or ``make_release`` (runs after a batch is delivered)."""
+    module = importlib.import_module(f"agents.{service}")
+    factory = getattr(module, name, None)
+    return factory(settings, redis) if factory is not None else None
+
+
+class FaustEvents:
+    """The loops' ``EventView`` of Faust events."""
+
+    @staticmethod
+    def record(event: faust.EventT) -> Record:
+        message = event.message
+        return Record(
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            key=message.key,
+            value=message.value,
+            timestamp_ms=int(message.timestamp * 1000),
+        )
+
+    @staticmethod
+    def lane(event: faust.EventT) -> Hashable:
+        return event.message.tp
+
+    @staticmethod
+    def ack(event: faust.EventT) -> None:
+        event.ack()
+
+    @staticmethod
+    def age(event: faust.EventT) -> float:
+        return float(event.message.timestamp)
+
+    @staticmethod
+    def size(event: faust.EventT) -> int:
+        return len(event.message.value or b"")
+
+    @staticmethod
+    def deadline(event: faust.EventT) -> float | None:
+        """The request's ``deadline_ms`` on the monotonic clock, read cheaply (only used when lingering)."""
+        try:
+            deadline_ms = orjson.loads(event.message.value or b"null").get("deadline_ms")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        if not isinstance(deadline_ms, int | float):
+            return None
+        return time.monotonic() + (deadline_ms / 1000.0 - time.time())
+
+
+def revoke_wait_s(settings: Settings) -> float:
+    """How long a revoke waits for the events taken of its partitions to settle: the shutdown grace, within
+    half the session timeout (the group's other members wait for this member's rejoin meanwhile)."""
+    return min(settings.shutdown_grace_s, settings.session_timeout_s / 2)
+
+
+def create_agent_app(
+    service: Service, settings: Settings, runner: ModelRunner, observer: BatchObserver | None = None
+) -> tuple[faust.App, BatchLoop[faust.EventT] | ContinuousLoop[faust.EventT]]:
+    """The Faust app of one service's agent, with its agent and heartbeat timer registered; ``observer``
+    (e.g. ``agents.metrics.AgentMetrics``) is told what each batch did."""
+    app = create_app(settings, service)
+    topic = request_topic(app, settings, service)
+    conf = settings.service(service)
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    redis = connect(settings)
+    processor = BatchProcessor(
+        service,
+        runner,
+        FaustSink(app),
+        topic_prefix=settings.topic_prefix,
+        cache=ResultCache(redis, settings.topic_prefix),
+        cache_ttl_s=conf.cache_ttl_s,
+        max_event_bytes=settings.max_event_bytes,
+        prepare=build_hook(service, "make_prepare", settings, redis),
+        release=build_hook(service, "make_release", settings, redis),
+        retry_s=settings.delivery_retry_s,
+        reply_policy=ReplyTopicPolicy.build(settings.topic_prefix, settings.reply_to_allow),
+        observer=observer,
+    )
+    view = FaustEvents()
+    loop: BatchLoop[faust.EventT] | ContinuousLoop[faust.EventT]
+    if stepwise(runner):  # the LLM with llm.batching=continuous: rows join and leave between decode steps
+        loop = ContinuousLoop[faust.EventT](
+            processor, runner, FaustSink(app), view, worker_id=worker_id, redis=redis,
+            topic_prefix=settings.topic_prefix, max_batch=conf.max_batch, grace_s=settings.shutdown_grace_s,
+            revoke_wait_s=revoke_wait_s(settings),
+        )  # fmt: skip
+    else:
+        loop = BatchLoop[faust.EventT](
+            processor, view, max_batch=conf.max_batch, linger_ms=conf.max_wait_ms, grace_s=settings.shutdown_grace_s,
+            max_batch_bytes=conf.max_batch_bytes, revoke_wait_s=revoke_wait_s(settings),
+        )  # fmt: skip
+    listen_rebalance(app, loop)
+    info = AgentInfo(
+        service=service,
+        worker_id=worker_id,
+        models=processor.models,
+        pid=os.getpid(),
+        started_ms=int(time.time() * 1000),
+    )
+
+    @app.agent(topic, name=f"{service}-agent", concurrency=1)
+    async def serve(stream: faust.StreamT) -> None:
+        try:
+            await loop.run(stream)
+        except AgentStopped:
+            # Faust's own stop can hang on a broker that is away (its consumer thread waits on it); nothing
+            # of the failed batch is acknowledged, so a hard exit after a bounded wait loses nothing.
+            _exit_after(EXIT_STOP_WAIT_S, EXIT_AGENT_FAILED)
+            await app.crash(loop.failure or RuntimeError("agent loop failed"))  # type: ignore[attr-defined]
+
+    @app.timer(interval=settings.heartbeat_interval_s)
+    async def heartbeat() -> None:
+        stats = processor.stats
+        current = dataclasses.replace(
+            info,
+            batches=stats.batches,
+            items=stats.items,
+            delivery=processor.delivery_state,
+            last_error=processor.last_error,
+        )
+        try:
+            await beat(redis, settings.topic_prefix, current, settings.heartbeat_ttl_s)
+        except RedisError as exc:
+            log.warning("heartbeat failed: %s", exc)
+
+    return app, loop
