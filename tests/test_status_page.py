@@ -38,8 +38,6 @@ from streams.settings import Settings
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 KEY = "page-key-0123456789abcdef"
 WAIT_S = 30.0  # every wait on the page is bounded by this
 TRAFFIC = 300
@@ -48,14 +46,20 @@ DASH = "—"
 BAD_WORDS = re.compile(r"\b(NaN|undefined|null|Infinity)\b")
 
 
+@pytest.fixture(scope="session")
+def chromium() -> infra.Browser:
+    """Chromium and chromedriver, installed when missing (root on Debian), as Redis is (``infra.find_browser``)."""
+    return infra.find_browser()
+
+
 @pytest.fixture
-def browser() -> Iterator[WebDriver]:
+def browser(chromium: infra.Browser) -> Iterator[WebDriver]:
     options = Options()
-    options.binary_location = CHROMIUM
+    options.binary_location = chromium.binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = webdriver.Chrome(service=Service(chromium.driver), options=options)
     driver.set_page_load_timeout(WAIT_S)
     try:
         yield driver
