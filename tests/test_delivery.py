@@ -4,6 +4,7 @@ dead-lettered / lost and requires lost == 0."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -13,10 +14,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from aisemble.pipeline import Pipeline
 from streams.settings import Settings
+from streams.topics import consumer_group
 from tests.kafka_client import RawClient
 
 pytestmark = pytest.mark.integration
@@ -29,42 +34,81 @@ def pipeline(infra_settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
     p.stop()
 
 
+async def _replies_so_far(settings: Settings, topic: str) -> list[dict[str, object]]:
+    """Every reply on ``topic`` (one partition) up to its end offset now: what had been answered."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        out: list[dict[str, object]] = []
+        async with asyncio.timeout(60):
+            while await consumer.position(tp) < end:
+                for records in (await consumer.getmany(tp, timeout_ms=500)).values():
+                    out.extend(orjson.loads(r.value) for r in records if r.value is not None)
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def _committed(settings: Settings, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset of each partition of ``topic`` (0 where none was committed)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: max(meta.offset, 0) for tp, meta in offsets.items() if tp.topic == topic}
+
+
 async def test_kill_9_mid_stream_loses_nothing(pipeline: Pipeline) -> None:
+    """SIGKILL while requests are in flight: at that moment no committed offset is past an unanswered request
+    (a commit ahead of its reply is a loss a restart cannot see); the next agent answers every request, and
+    duplicates are only of requests answered but not yet committed at the kill."""
     total = 1500
     records = [{"id": i, "value": float(i), "tag": "x" * 50} for i in range(400)]  # a few ms per item
+    topic = f"{pipeline.prefix}.data.requests"
     async with RawClient(pipeline.settings) as client:
         ids = [f"k{i}-{uuid.uuid4().hex[:6]}" for i in range(total)]
-        for rid in ids:
-            await client.send_request(
-                "data",
-                {
-                    "id": rid,
-                    "task": "analyze",
-                    "input": {"records": records},
-                    "reply_to": client.reply_topic,
-                    "cache": False,
-                },
-            )
+        events = [{"id": rid, "task": "analyze", "input": {"records": records}, "reply_to": client.reply_topic,
+                   "cache": False} for rid in ids]  # fmt: skip
+        acks = [await client.producer.send(topic, orjson.dumps(e), key=str(e["id"]).encode()) for e in events]
+        placed = {
+            rid: (meta.partition, meta.offset) for rid, meta in zip(ids, await asyncio.gather(*acks), strict=True)
+        }
         # Wait until the agent is part-way through, then kill it without any chance to commit.
-        seen = await client.read(client.reply_topic, total // 5, timeout_s=120)
-        assert len(seen) < total, "the agent finished before the kill: raise `total`"
+        seen = await client.read(client.reply_topic, total // 5, timeout_s=120, distinct="id")
         pipeline.kill("data", signal.SIGKILL)
+        # The dead agent writes and commits nothing more: this is the state the next agent starts from.
+        committed = await _committed(pipeline.settings, consumer_group(pipeline.prefix, "data"), topic)
+        answered_at_kill = {str(r["id"]) for r in await _replies_so_far(pipeline.settings, client.reply_topic)}
         pipeline.add_agent("data")
         replies = await client.read(client.reply_topic, total, timeout_s=240, distinct="id")
-    answered = {r["id"] for r in replies}
+    answered = {str(r["id"]) for r in replies}
+    committed_ids = {rid for rid, (partition, offset) in placed.items() if offset < committed.get(partition, 0)}
     counts = {
         "test": "kill_9_mid_stream",
         "sent": total,
         "answered_before_kill": len({r["id"] for r in seen}),
+        "answered_at_kill": len(answered_at_kill),
+        "in_flight_at_kill": total - len(answered_at_kill),
+        "committed_at_kill": len(committed_ids),
+        "committed_unanswered_at_kill": len(committed_ids - answered_at_kill),
+        "answered_uncommitted_at_kill": len(answered_at_kill - committed_ids),
         "answered": len(answered),
         "duplicates": len(replies) - len(answered),
         "lost": len(set(ids) - answered),
     }
     print("FAULT-COUNTS:", json.dumps(counts))
-    assert set(ids) <= answered, f"{len(set(ids) - answered)} requests lost"
+    assert counts["in_flight_at_kill"] > 0, "the agent finished before the kill: raise `total`"
+    assert counts["committed_unanswered_at_kill"] == 0, "an offset was committed before its request was answered"
+    assert set(ids) == answered, f"{len(set(ids) - answered)} requests lost"
     assert all(r["ok"] for r in replies)
-    # Redelivery after the kill may answer some twice (at-least-once); every reply is for a known id.
-    assert answered <= set(ids)
+    # Redelivery after the kill answers again only what was answered and not yet committed (at-least-once).
+    assert counts["duplicates"] <= counts["answered_uncommitted_at_kill"], counts
 
 
 async def _send_all(client: RawClient, ids: list[str], records: list[dict[str, object]], **extra: object) -> None:
