@@ -1,7 +1,5 @@
 """Local Kafka and Redis for development and tests: start, check and stop them on 127.0.0.1.
 
-``find_browser`` finds (installing when missing, as Redis is) the headless Chromium the status page test drives.
-
 ``start_local(settings)`` makes sure both answer at ``settings.kafka_bootstrap`` and
 ``settings.redis_url``, starting only what is missing, and returns a :class:`LocalInfra` whose
 ``stop()`` (or ``with`` block) stops exactly what it started. ``stop_local`` and ``local_status`` are
@@ -24,7 +22,6 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from infra.addresses import local_kafka_port, local_redis_port, parse_bootstrap, parse_redis_url
-from infra.browser import Browser, find_browser
 from infra.cluster import ClusterHandle, ClusterNode, cluster_status, start_cluster, stop_cluster
 from infra.errors import InfraError, NotLoopback, PortInUse, StartFailed, ToolMissing
 from infra.kafka import (
@@ -43,7 +40,6 @@ from infra.redis import default_data_dir as redis_data_dir
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Browser",
     "ClusterHandle",
     "ClusterNode",
     "InfraError",
@@ -59,7 +55,6 @@ __all__ = [
     "ensure_kafka",
     "ensure_redis",
     "fetch_jars",
-    "find_browser",
     "kafka_answers",
     "kafka_data_dir",
     "kafka_status",
