@@ -34,9 +34,14 @@ SIZES = [0, 1, 2, 7, 100, 1000, 4096, 65_536, 300_000, 1_000_000]
 
 IMAGE_B64 = base64.b64encode((Path(__file__).parent / "data" / "astronaut.jpg").read_bytes()).decode()
 HUGE = "x" * 900_000
-# What a huge input is answered, per service: a model that truncates its input serves it ("ok"); an image that
-# is not one is invalid_input; a record too large for the analysis is payload_too_large.
-HUGE_ANSWER = {"data": "ok", "nlp": "ok", "llm": "ok", "vision": ErrorCode.INVALID_INPUT.value}
+# What a huge (900 KB) input is answered, per service: text and prompts past the schema's MAX_TEXT_CHARS /
+# MAX_PROMPT_CHARS and an image that is not one are invalid_input; one record with a long string is analysed.
+HUGE_ANSWER = {
+    "data": "ok",
+    "nlp": ErrorCode.INVALID_INPUT.value,
+    "llm": ErrorCode.INVALID_INPUT.value,
+    "vision": ErrorCode.INVALID_INPUT.value,
+}
 VALID: dict[str, tuple[str, dict[str, object], dict[str, object]]] = {  # task, valid input, huge input
     "data": ("analyze", {"records": [{"v": 1}, {"v": 3}]}, {"records": [{"x": HUGE}]}),
     "nlp": ("sentiment", {"text": "I love it."}, {"text": HUGE}),
