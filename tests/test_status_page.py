@@ -44,7 +44,7 @@ pytestmark = pytest.mark.integration
 KEY = "page-key-0123456789abcdef"
 WAIT_S = 30.0  # every wait on the page is bounded by this
 TRAFFIC = 300
-REFUSED_BOUND_S = 1.0  # a 503 while the edge knows Kafka is down (measured well under 0.1 s; not a speed target)
+REFUSED_BOUND_S = 0.5  # a 503 while the edge knows Kafka is down: measured 0.03 s; waiting produce_timeout_s is 1 s
 CONCURRENCY = 16
 DASH = "—"
 BAD_WORDS = re.compile(r"\b(NaN|undefined|null|Infinity)\b")
@@ -266,7 +266,7 @@ def test_the_banner_says_kafka_is_down(infra_settings: Settings, tmp_path: Path,
         print("FAULT-COUNTS: " + json.dumps(counts))
         assert counts["lost"] == 0
         assert counts["refused_503"] == sent, statuses  # the page says Kafka is down: the edge knows it too
-        # "At once": the edge already knows Kafka is down, so no request waits even produce_timeout_s (1 s).
+        # "At once": the edge already knows Kafka is down, so no request waits produce_timeout_s (1 s).
         assert slowest[0] < REFUSED_BOUND_S, counts
     finally:
         pipeline.stop()
