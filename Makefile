@@ -88,9 +88,14 @@ lock-check: $(UV)
 run: install
 	$(PY) -m aisemble run
 
-## Unit, integration and end-to-end tests (starts Kafka and Redis on 127.0.0.1 when they are not up).
+## Unit, integration and end-to-end tests (starts Kafka and Redis on 127.0.0.1 when they are not up, installing
+## redis-server when missing). First installs the headless Chromium and chromedriver of tests/test_status_page.py
+## when missing (root on Debian: apt-get; infra/browser.py), outside any test's timeout; where it cannot, make
+## goes on and those tests fail saying what to install. TESTS picks tests: make test TESTS=tests/test_x.py
+TESTS ?=
 test: install
-	$(PY) -m pytest
+	-$(PY) -m infra.browser
+	$(PY) -m pytest $(TESTS)
 
 lint: install
 	$(PY) -m ruff check .

@@ -2,8 +2,8 @@
 
 ``ensure_redis(url)`` starts nothing when a Redis already answers PING at ``url``; otherwise it starts
 ``redis-server`` (installing Debian's ``redis-server`` package first when it is missing and we are root
-on Debian) bound to 127.0.0.1 on the URL's port, with persistence off. ``stop_redis(data_dir)`` stops it
-through its pid file from any process; ``redis_status`` reports.
+on Debian: :func:`infra.apt.apt_install`) bound to 127.0.0.1 on the URL's port, with persistence off.
+``stop_redis(data_dir)`` stops it through its pid file from any process; ``redis_status`` reports.
 
 A data dir (default ``<cache_dir>/run/redis-<port>``) holds ``redis.pid`` while it runs and
 ``redis.log`` (the server's own output); it is Redis's working dir, though nothing is saved there.
@@ -22,7 +22,6 @@ or does not answer in time (:class:`StartFailed`), a non-local or TLS URL (:clas
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import time
@@ -33,6 +32,7 @@ import redis as redis_client
 from redis.exceptions import RedisError
 
 from infra.addresses import local_redis_port, parse_redis_url
+from infra.apt import apt_install
 from infra.errors import InfraError, ToolMissing
 from infra.process import (
     cache_root,
@@ -97,10 +97,6 @@ def redis_server_command(server: str, port: int, data_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _is_debian() -> bool:
-    return Path("/etc/debian_version").is_file() and shutil.which("apt-get") is not None
-
-
 def find_redis_server(install: bool = True) -> str:
     """Path of ``redis-server``; installs Debian's package when missing, ``install`` and root on Debian.
 
@@ -110,18 +106,12 @@ def find_redis_server(install: bool = True) -> str:
     server = shutil.which("redis-server")
     if server is not None:
         return server
-    if not (install and hasattr(os, "geteuid") and os.geteuid() == 0 and _is_debian()):
+    if not install:
         raise ToolMissing("redis-server", INSTALL_HINT)
-    log.warning("redis-server not found; installing Debian's redis-server package")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", "redis-server"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    if done.returncode != 0:  # stale or missing package lists: refresh once and retry
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600, check=False)
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    apt_install("redis-server", ["redis-server"], INSTALL_HINT)
     server = shutil.which("redis-server")
-    if done.returncode != 0 or server is None:
-        raise ToolMissing("redis-server", f"apt-get install failed: {done.stderr.strip()[-500:]}; {INSTALL_HINT}")
+    if server is None:
+        raise ToolMissing("redis-server", f"installed, yet not on PATH; {INSTALL_HINT}")
     return server
 
 

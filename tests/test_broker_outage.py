@@ -1,10 +1,11 @@
 """Broker outage, end to end: a private Kafka is killed under a running edge + data agent, then restarted.
 
-What it shows (counts and timings are printed, never asserted as timings):
+What it shows (counts and timings are printed; the promises "at once" and "before the timeout" are asserted
+with generous bounds, FIRST_503_BOUND_S and AT_ONCE_BOUND_S):
 
-* while the broker is down the edge answers 503 with the error body (``ok: false``,
+* while the broker is down the edge answers every request 503 with the error body (``ok: false``,
   ``error.code == "unavailable"``, the request id), after about ``produce_timeout_s`` for the first
-  request and at once after that, never after the 30 s request timeout; no client ever hangs;
+  request and at once after that (the median), never after the request timeout; no client ever hangs;
 * ``/health`` answers 503 and reports Kafka down;
 * after the broker comes back on the same port and data dir, the edge takes requests again by itself
   (first non-503) and the agent answers again by itself (first 200); both recovery times are printed.
@@ -44,6 +45,9 @@ OUTAGE_MIN_S = 10.0  # keep the broker down at least this long (agents and liste
 OUTAGE_MAX_REQUESTS = 60
 OUTAGE_SPACING_S = 0.2
 RECOVERY_LIMIT_S = 120.0
+# Bounds on promises, several times what was measured (not speed targets: those are in bench/):
+FIRST_503_BOUND_S = 3.0  # produce_timeout_s is 1 s; the 503 must come long before the 5 s request timeout
+AT_ONCE_BOUND_S = 0.5  # measured median: see FAULT-COUNTS outage_503_s; without shedding it is produce_timeout_s
 
 
 def _payload() -> dict[str, object]:
@@ -108,6 +112,7 @@ def test_broker_outage_503_fast_then_edge_and_agent_recover(
             killed_at = time.monotonic()
 
             times_to_503: list[float] = []
+            statuses_during_outage: Counter[int] = Counter()
             bodies: list[dict[str, object]] = []
             for i in range(OUTAGE_MAX_REQUESTS):
                 if i == 1:
@@ -120,11 +125,16 @@ def test_broker_outage_503_fast_then_edge_and_agent_recover(
                 response = post(client)
                 assert response is not None
                 elapsed = time.monotonic() - started
+                statuses_during_outage[response.status_code] += 1
                 if response.status_code == 503:
                     times_to_503.append(elapsed)
                     bodies.append(response.json())
                     assert response.headers["x-request-id"] == response.json()["id"]
+            outage_statuses = {str(k): v for k, v in statuses_during_outage.items()}
+            figures["outage_statuses"] = outage_statuses
             assert times_to_503, "no 503 while the broker was down"
+            # Every request while the broker is down is refused 503: none waits for its deadline (504).
+            assert outage_statuses == {"503": len(times_to_503)}, outage_statuses
             for body in bodies:
                 assert body["ok"] is False and body["id"] and body["service"] == "data"
                 assert body["task"] == "analyze" and body["output"] is None
@@ -135,6 +145,11 @@ def test_broker_outage_503_fast_then_edge_and_agent_recover(
                 "median": round(statistics.median(times_to_503), 3),
                 "max": round(max(times_to_503), 3),
             }
+            # "503 fast": none later than FIRST_503_BOUND_S (the first ones wait produce_timeout_s, 1 s, until
+            # the probe marks Kafka down), and once the edge knows, at once: the median under AT_ONCE_BOUND_S.
+            assert max(times_to_503) < FIRST_503_BOUND_S, figures["outage_503_s"]
+            assert statistics.median(times_to_503) < AT_ONCE_BOUND_S, figures["outage_503_s"]
+            assert len(times_to_503) >= 10, "too few requests during the outage to judge its median"
 
             health = client.get("/health")
             health_body = health.json()

@@ -4,7 +4,9 @@ dead-lettered / lost and requires lost == 0."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -13,10 +15,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from aisemble.pipeline import Pipeline
 from streams.settings import Settings
+from streams.topics import consumer_group
 from tests.kafka_client import RawClient
 
 pytestmark = pytest.mark.integration
@@ -29,42 +35,112 @@ def pipeline(infra_settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
     p.stop()
 
 
+class _CommitWatch:
+    """Samples, every ``interval_s``, the group's committed offsets and then every reply written so far; a request
+    below a committed offset with no reply yet was committed before it was answered (a loss no restart sees)."""
+
+    def __init__(
+        self, settings: Settings, group: str, topic: str, reply_topic: str, placed: dict[str, tuple[int, int]]
+    ) -> None:
+        self.settings, self.group, self.topic, self.placed = settings, group, topic, placed
+        self.reply = TopicPartition(reply_topic, 0)
+        self.answered: set[str] = set()
+        self.committed: dict[int, int] = {}
+        self.committed_unanswered: set[str] = set()
+        self.samples = 0
+
+    async def __aenter__(self) -> _CommitWatch:
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False)
+        await self.admin.start()
+        await self.consumer.start()
+        self.consumer.assign([self.reply])
+        await self.consumer.seek_to_beginning(self.reply)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+        await self.admin.close()
+
+    async def sample(self) -> None:
+        """Committed offsets first, then the replies up to the end offset of now: a reply acknowledged before its
+        offset was committed is always seen."""
+        offsets = await self.admin.list_consumer_group_offsets(self.group)
+        self.committed = {tp.partition: max(m.offset, 0) for tp, m in offsets.items() if tp.topic == self.topic}
+        end = (await self.consumer.end_offsets([self.reply]))[self.reply]
+        async with asyncio.timeout(60):
+            while await self.consumer.position(self.reply) < end:
+                for records in (await self.consumer.getmany(self.reply, timeout_ms=500)).values():
+                    self.answered.update(str(orjson.loads(r.value)["id"]) for r in records if r.value is not None)
+        self.committed_unanswered |= self.committed_ids() - self.answered
+        self.samples += 1
+
+    def committed_ids(self) -> set[str]:
+        return {rid for rid, (partition, offset) in self.placed.items() if offset < self.committed.get(partition, 0)}
+
+    async def run(self, stop: asyncio.Event, interval_s: float = 0.05) -> None:
+        while not stop.is_set():
+            await self.sample()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+
+
 async def test_kill_9_mid_stream_loses_nothing(pipeline: Pipeline) -> None:
+    """SIGKILL while requests are in flight. Never, from the first answer to the kill, is a committed offset past
+    an unanswered request (a commit ahead of its reply is a loss no restart sees): sampled every 50 ms, and once
+    more after the kill. The next agent answers every request; duplicates are only of requests answered but not
+    yet committed at the kill."""
     total = 1500
     records = [{"id": i, "value": float(i), "tag": "x" * 50} for i in range(400)]  # a few ms per item
+    topic = f"{pipeline.prefix}.data.requests"
     async with RawClient(pipeline.settings) as client:
         ids = [f"k{i}-{uuid.uuid4().hex[:6]}" for i in range(total)]
-        for rid in ids:
-            await client.send_request(
-                "data",
-                {
-                    "id": rid,
-                    "task": "analyze",
-                    "input": {"records": records},
-                    "reply_to": client.reply_topic,
-                    "cache": False,
-                },
-            )
-        # Wait until the agent is part-way through, then kill it without any chance to commit.
-        seen = await client.read(client.reply_topic, total // 5, timeout_s=120)
-        assert len(seen) < total, "the agent finished before the kill: raise `total`"
-        pipeline.kill("data", signal.SIGKILL)
+        events = [{"id": rid, "task": "analyze", "input": {"records": records}, "reply_to": client.reply_topic,
+                   "cache": False} for rid in ids]  # fmt: skip
+        placed: dict[str, tuple[int, int]] = {}  # request id -> (partition, offset), filled as the broker acks
+        group = consumer_group(pipeline.prefix, "data")
+        async with _CommitWatch(pipeline.settings, group, topic, client.reply_topic, placed) as watch:
+            stop = asyncio.Event()
+            watching = asyncio.create_task(watch.run(stop))  # from before the first request to after the kill
+
+            async def place(rid: str, event: dict[str, object]) -> None:
+                meta = await (await client.producer.send(topic, orjson.dumps(event), key=rid.encode()))
+                placed[rid] = (meta.partition, meta.offset)
+
+            sending = asyncio.gather(*(place(rid, event) for rid, event in zip(ids, events, strict=True)))
+            # Wait until the agent is part-way through, then kill it without any chance to commit.
+            seen = await client.read(client.reply_topic, total // 5, timeout_s=120, distinct="id")
+            pipeline.kill("data", signal.SIGKILL)
+            await sending
+            stop.set()
+            await watching
+            await watch.sample()  # the dead agent writes and commits nothing more: the next agent starts here
+        answered_at_kill, committed_at_kill = set(watch.answered), watch.committed_ids()
         pipeline.add_agent("data")
         replies = await client.read(client.reply_topic, total, timeout_s=240, distinct="id")
-    answered = {r["id"] for r in replies}
+    answered = {str(r["id"]) for r in replies}
     counts = {
         "test": "kill_9_mid_stream",
         "sent": total,
         "answered_before_kill": len({r["id"] for r in seen}),
+        "answered_at_kill": len(answered_at_kill),
+        "in_flight_at_kill": total - len(answered_at_kill),
+        "committed_at_kill": len(committed_at_kill),
+        "commit_samples": watch.samples,
+        "committed_unanswered": len(watch.committed_unanswered),
+        "answered_uncommitted_at_kill": len(answered_at_kill - committed_at_kill),
         "answered": len(answered),
         "duplicates": len(replies) - len(answered),
         "lost": len(set(ids) - answered),
     }
     print("FAULT-COUNTS:", json.dumps(counts))
-    assert set(ids) <= answered, f"{len(set(ids) - answered)} requests lost"
+    assert counts["in_flight_at_kill"] > 0, "the agent finished before the kill: raise `total`"
+    assert counts["commit_samples"] >= 10 and counts["committed_at_kill"] > 0, counts
+    assert counts["committed_unanswered"] == 0, "an offset was committed before its request was answered"
+    assert set(ids) == answered, f"{len(set(ids) - answered)} requests lost"
     assert all(r["ok"] for r in replies)
-    # Redelivery after the kill may answer some twice (at-least-once); every reply is for a known id.
-    assert answered <= set(ids)
+    # Redelivery after the kill answers again only what was answered and not yet committed (at-least-once).
+    assert counts["duplicates"] <= counts["answered_uncommitted_at_kill"], counts
 
 
 async def _send_all(client: RawClient, ids: list[str], records: list[dict[str, object]], **extra: object) -> None:
