@@ -76,6 +76,7 @@ Prepare = Callable[[Sequence[Item]], Awaitable[list[Item | Failure]]]
 Release = Callable[[Sequence[dict[str, object]]], Awaitable[None]]
 
 SEND_ENQUEUE_TIMEOUT_S = 10.0
+ENQUEUE_MIN_S = 0.05  # past the retry deadline, what one last enqueue still gets
 TOPIC_CHECK_S = 1.0  # while acks are outstanding, how often the topics of the slow ones are checked
 REMEMBERED_REPLY_TOPICS = 4096  # reply topics remembered as having taken a reply (deleted vs never existed)
 
@@ -531,11 +532,14 @@ class BatchProcessor:
         )
         return _Delivery(self._topics.dlq, (record.key or b"")[:256], encode(letter), record)
 
-    async def _enqueue(self, delivery: _Delivery) -> None:
-        """Hand one record to the producer; a failure to enqueue becomes a failed ack, judged later."""
+    async def _enqueue(self, delivery: _Delivery, deadline: float) -> None:
+        """Hand one record to the producer within ``SEND_ENQUEUE_TIMEOUT_S`` (less near ``deadline``: the retry
+        bound holds even when the producer hangs, e.g. closed, waiting on metadata it can no longer fetch); a
+        failure to enqueue becomes a failed ack, judged later."""
+        timeout_s = max(min(SEND_ENQUEUE_TIMEOUT_S, deadline - time.monotonic()), ENQUEUE_MIN_S)
         try:
             delivery.ack = await asyncio.wait_for(
-                self._sink.send(delivery.topic, delivery.key, delivery.value), SEND_ENQUEUE_TIMEOUT_S
+                self._sink.send(delivery.topic, delivery.key, delivery.value), timeout_s
             )
         except Exception as exc:  # noqa: BLE001  (size, metadata timeout, closed producer: classified later)
             failed: asyncio.Future[object] = asyncio.get_running_loop().create_future()
@@ -562,7 +566,7 @@ class BatchProcessor:
             gone = await self._sink.missing_topics({d.topic for d in todo})
             sending = [d for d in todo if d.topic not in gone]
             for d in sending:
-                await self._enqueue(d)
+                await self._enqueue(d, deadline)
             outcomes = await self._acks(sending, deadline)
             failed: list[tuple[_Delivery, BaseException]] = [(d, _gone(d.topic)) for d in todo if d.topic in gone]
             for d, outcome in zip(sending, outcomes, strict=True):
@@ -623,9 +627,8 @@ class BatchProcessor:
         waiting = dict(enumerate(futures))
         while waiting:
             left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            await asyncio.wait(waiting.values(), timeout=min(TOPIC_CHECK_S, left))
+            if left > 0:
+                await asyncio.wait(waiting.values(), timeout=min(TOPIC_CHECK_S, left))
             for n in [n for n, f in waiting.items() if f.done()]:
                 future = waiting.pop(n)
                 out[n] = asyncio.CancelledError() if future.cancelled() else (future.exception() or future.result())
