@@ -180,9 +180,11 @@ async def test_a_closed_producer_stops_after_the_bound_and_writes_nothing(broker
     await broker.sink.producer.stop()
     proc = broker.processor(broker.sink, retry_s=1.0)
     started = time.monotonic()
-    with pytest.raises(DeliveryError, match="ProducerClosed" if in_view else "TimeoutError"):
+    with pytest.raises(DeliveryError, match="ProducerClosed" if in_view else "TimeoutError") as caught:
         await proc.process_isolating([record(b"\xff not json", 0), record(_request("a"), 1)])
     took = time.monotonic() - started
+    assert not isinstance(caught.value, DeadLetterRefusedError), "retried, not taken for a refused dead letter"
+    assert proc.stats.retries > 0
     assert took < 5, f"the retry bound (1 s) holds even when every enqueue hangs (took {took:.1f}s)"
     assert proc.stats.isolated == 0, "a closed producer is no poison record"
     assert await broker.written(broker.results) == [] and await broker.written(broker.dlq) == []
