@@ -11,7 +11,7 @@ expired ids are 404. Ids are request ids: the caller's ``X-Request-Id`` when it 
 Guarantees, in the order a submission runs:
 
 1. the pending marker ``{prefix}:pending:{id}`` (service, task, deadline, renderer) is written before
-   anything is produced, with a bounded TTL (``request_timeout_s + async_result_ttl_s``); Redis down or
+   anything is produced, with a bounded TTL (``async_deadline_s + async_result_ttl_s``); Redis down or
    hanging is 503 ``unavailable`` (a result could not be kept), never a 202. An id that is pending (marker,
    no result, deadline not passed) is 409, as a synchronous duplicate is; a done or timed-out id may be used
    again (its old result is deleted).
@@ -23,9 +23,9 @@ Guarantees, in the order a submission runs:
    comes (nobody reads its reply topic then); and this edge, when its listener hands it the reply, which
    covers a Redis blip on the agent side. A cache hit at the edge is kept at once (503 if it cannot be).
 
-An asynchronous request has the deadline of a synchronous one (``request_timeout_s``) and holds one of the
-edge's ``max_in_flight`` slots until its reply or its deadline, so the edge's memory stays bounded and
-past the limit the answer is 429, as for a synchronous call.
+An asynchronous request has its own, longer deadline (``async_deadline_s``, minutes: nobody holds a
+connection open for it) and holds one of the edge's ``max_in_flight`` slots until its reply or its
+deadline, so the edge's memory stays bounded and past the limit the answer is 429, as for a synchronous call.
 
 What can go wrong: when both paths fail to keep the reply, or no agent answers, ``GET`` answers 202 until
 the deadline (plus ``DEADLINE_GRACE_S`` for a reply in flight) and then the synchronous call's 504
@@ -237,11 +237,11 @@ async def submit(
     marker = Pending(
         service=service,
         task=task,
-        deadline_ms=int((time.time() + settings.request_timeout_s) * 1000),
+        deadline_ms=int((time.time() + settings.async_deadline_s) * 1000),
         render=render,
         context=dict(context or {}),
     )
-    await _mark_pending(edge, rid, marker, ttl_s + int(settings.request_timeout_s) + 1)
+    await _mark_pending(edge, rid, marker, ttl_s + int(settings.async_deadline_s) + 1)
     admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def produced() -> None:
@@ -277,8 +277,9 @@ async def _run(
     failure goes to ``admitted`` (the route answers it); after, failures are logged (GET answers them)."""
     try:
         reply = await edge.call(
-            service, task, payload, cache=cache, request_id=rid, store_result_s=ttl_s, on_produced=produced
-        )
+            service, task, payload, cache=cache, request_id=rid, timeout_s=edge.settings.async_deadline_s,
+            store_result_s=ttl_s, on_produced=produced,
+        )  # fmt: skip
     except asyncio.CancelledError:
         if not admitted.done():
             admitted.cancel()
@@ -348,7 +349,7 @@ async def lookup(edge: Edge, rid: str) -> Response:
         response = accepted(rid)
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
         return response
-    timeout_s = edge.settings.request_timeout_s
+    timeout_s = edge.settings.async_deadline_s
     return render(
         ReplyEvent(
             id=rid,
