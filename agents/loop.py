@@ -358,7 +358,7 @@ class BatchProcessor:
         if self._redis is None or not pending:
             return pending
         try:
-            cancelled = await cancelled_ids(self._redis, self._prefix, [p.event.id for p in pending])
+            cancelled = await cancelled_ids(self._redis, self._prefix, [p.event for p in pending])
         except RedisError as exc:
             if not self._cancels_unreadable:
                 log.warning("cancel keys unreadable (%s); cancels are not seen until Redis answers", exc)

@@ -28,7 +28,7 @@ from api.async_requests import submit
 from api.edge import Edge, agent_deadline_ms
 from api.errors import ReplyTimeoutError
 from schemas import ErrorCode, ReplyEvent
-from streams.cancel import cancel_key
+from streams.cancel import cancel_key, cancels
 from streams.redis import connect
 from streams.replies import ReplyListener, ReplyRouter
 from streams.settings import Settings
@@ -53,6 +53,24 @@ def test_the_agent_deadline_is_the_wait_less_the_margin_capped_at_a_tenth(
     wait_s: float, margin_ms: int, expected_ms: int
 ) -> None:
     assert agent_deadline_ms(1000.0, wait_s, margin_ms) == 1_000_000 + expected_ms
+
+
+@pytest.mark.parametrize(
+    ("value", "correlation_id", "cancelled"),
+    [
+        (None, "c1", False),  # no key
+        (b"c1", "c1", True),  # the given-up attempt
+        (b"c1", "c2", False),  # a retry with the same request id
+        (b"1", "c2", True),  # every attempt (what older edges wrote)
+        ("c1", "c1", True),
+        (b"c1", None, False),  # an event without a correlation id is cancelled only for every attempt
+        (b"1", None, True),
+    ],
+)
+def test_a_cancel_stops_the_given_up_attempt_never_a_retry(
+    value: bytes | str | None, correlation_id: str | None, cancelled: bool
+) -> None:
+    assert cancels(value, correlation_id) is cancelled
 
 
 @pytest.fixture
@@ -115,6 +133,9 @@ async def test_the_event_deadline_leaves_the_margin_and_a_504_cancels_the_work(e
     assert deadline_ms >= started_ms + WAIT_S * 1000 - MARGIN_MS - 1, "and not earlier than the margin asks"
     ttl_ms = await _cancel_ttl_ms(edge, rid)
     assert 0 < ttl_ms <= WAIT_S * 1000, f"the 504 set the request's cancel key (ttl {ttl_ms} ms)"
+    value = await edge.redis.get(cancel_key(edge.settings.topic_prefix, rid))
+    assert cancels(value, str(event["correlation_id"])), "it cancels the attempt that was given up"
+    assert not cancels(value, "a-retry-with-the-same-id")
 
 
 @pytest.mark.integration
@@ -138,19 +159,25 @@ async def test_a_batch_item_whose_cancel_key_is_set_is_answered_cancelled_withou
     redis = connect(infra_settings)
     far = int(time.time() * 1000) + 60_000
     try:
-        await redis.set(cancel_key(prefix, "gone"), "1", px=10_000)  # what the edge sets on a 504 or a disconnect
+        # What the edge sets on a 504 or a disconnect: the given-up attempt's correlation id.
+        await redis.set(cancel_key(prefix, "gone"), "attempt-1", px=10_000)
+        await redis.set(cancel_key(prefix, "retried"), "attempt-1", px=10_000)
         runner, sink = EchoRunner(), ListSink()
         proc = _processor(prefix, runner, sink, redis)
+        base = {"task": "echo", "reply_to": "me", "deadline_ms": far}
         await proc.process(
             [
-                record({"id": "gone", "task": "echo", "input": {"x": 1}, "reply_to": "me", "deadline_ms": far}, 0),
-                record({"id": "here", "task": "echo", "input": {"x": 2}, "reply_to": "me", "deadline_ms": far}, 1),
+                record({"id": "gone", "correlation_id": "attempt-1", "input": {"x": 1}, **base}, 0),
+                record({"id": "here", "correlation_id": "attempt-9", "input": {"x": 2}, **base}, 1),
+                # The caller retried the 504'd id: the new attempt is not cancelled by the old one's key.
+                record({"id": "retried", "correlation_id": "attempt-2", "input": {"x": 3}, **base}, 2),
             ]
         )
         replies = {r["id"]: ReplyEvent.model_validate(r) for r in sink.on("me")}
         assert replies["gone"].error is not None and replies["gone"].error.code == ErrorCode.CANCELLED
         assert replies["here"].ok and replies["here"].output == {"y": 4}
-        assert runner.calls == [1], "the cancelled item never reached the model"
+        assert replies["retried"].ok and replies["retried"].output == {"y": 6}
+        assert runner.calls == [2], "the cancelled item never reached the model"
         assert proc.stats.cancelled == 1
     finally:
         await redis.aclose()
