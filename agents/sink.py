@@ -11,13 +11,19 @@ a missing topic). Guarantees:
 * one check asks for just the topics it needs (never the whole cluster, never creating a topic), all
   topics of a call in one request, bounded by ``METADATA_CHECK_S``;
 * the check goes over its own connection (aiokafka's coordination connection group of the producer's
-  client, with the producer's address and security settings), never the connection the producer's
-  records and acks use, and it never changes the set of topics the producer's client tracks. (An extra
-  request on the producer's connection once stalled its acks for 60 s under ``test_kafka_fuzz``; and
-  aiokafka's own refresh replaces its whole topic view by the topics it tracks, so it cannot tell.)
+  client, with the producer's address and security settings), so it never queues behind the producer's
+  records, and it never touches the producer's metadata view (whose refresh is not fresh enough to tell:
+  up to ``metadata_max_age`` old).
+
+``send`` keeps the producer's own metadata view whole: a topic not in it is brought in by a refresh of the
+whole view first (``ensure_in_view``), never by aiokafka's ``add_topic``, which narrows the view to that one
+topic and strands records already waiting for the others (the agent then stalls for ``delivery_retry_s``
+and exits 3: what ``test_kafka_fuzz`` hit, and once blamed on an extra metadata request).
 
 What can go wrong: the broker does not answer the check in time (logged): topics not known missing are
-then reported as not missing, and their sends are judged by ``agents.loop`` (bounded retry).
+then reported as not missing, and their sends are judged by ``agents.loop`` (bounded retry). A record sent
+just before its topic is deleted stays in the producer until its request timeout (``delivery_retry_s``),
+and aiokafka refreshes its metadata meanwhile; ``agents.loop`` stops waiting for it within seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from collections.abc import Awaitable, Iterable
 
 import faust
 from aiokafka.client import AIOKafkaClient, ConnectionGroup
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, UnknownTopicOrPartitionError
 from aiokafka.protocol.metadata import MetadataRequest
 
 log = logging.getLogger(__name__)
@@ -65,6 +71,31 @@ async def existing_topics(client: AIOKafkaClient, topics: Iterable[str]) -> set[
     raise failure
 
 
+async def ensure_in_view(client: AIOKafkaClient, topic: str) -> None:
+    """Make sure ``topic`` is in the producer's metadata view before a record is sent to it, refreshing the
+    whole view (all topics, as the producer tracks none) when it is not.
+
+    Why: aiokafka's ``send`` to a topic missing from its view calls ``add_topic``, and from then on the client
+    tracks just that topic: its next refresh replaces the view by that one topic, so records already waiting
+    for other topics (a batch's dead letters) lose their partition leader and sit until their request timeout
+    (``delivery_retry_s``: the agent then exits 3). ``test_sink.py`` shows it with a plain producer.
+
+    Raises:
+        UnknownTopicOrPartitionError: still not in the view after the refresh (retriable: the caller checks,
+            on its next round, whether the topic exists at all).
+        KafkaTimeoutError: the refresh took longer than ``METADATA_CHECK_S`` (retriable).
+    """
+    if client.cluster.partitions_for_topic(topic) is not None:
+        return
+    try:
+        async with asyncio.timeout(METADATA_CHECK_S):
+            await client.force_metadata_update()
+    except TimeoutError as exc:
+        raise KafkaTimeoutError(f"no metadata for {topic} within {METADATA_CHECK_S}s") from exc
+    if client.cluster.partitions_for_topic(topic) is None:
+        raise UnknownTopicOrPartitionError(f"{topic} is not in the producer's metadata")
+
+
 class FaustSink:
     """Produces through the Faust app's producer; ``send`` returns the broker-ack future."""
 
@@ -74,11 +105,18 @@ class FaustSink:
         self._missing: dict[str, float] = {}  # topic -> when it was found missing
 
     async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]:
+        client = self._client()
+        if client is not None:
+            await ensure_in_view(client, topic)  # never let aiokafka narrow its view to one topic
         return await self._app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
+
+    def _client(self) -> AIOKafkaClient | None:
+        client: AIOKafkaClient | None = getattr(getattr(self._app.producer, "_producer", None), "client", None)
+        return client
 
     async def missing_topics(self, topics: set[str]) -> set[str]:
         """Those of ``topics`` the cluster does not have (see the module docstring for how fresh)."""
-        client: AIOKafkaClient | None = getattr(getattr(self._app.producer, "_producer", None), "client", None)
+        client = self._client()
         if client is None:
             return set()
         now = time.monotonic()
