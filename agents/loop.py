@@ -3,8 +3,13 @@
 For each batch (``BatchProcessor.process``):
 
 1. decode every record; one that is not a request event goes to the dead-letter topic with its reason;
+   one whose ``reply_to`` is outside the policy or names a topic that does not exist is dead-lettered
+   ``reply_to_refused`` (``reply_undeliverable`` when that topic took replies from this process before:
+   it was deleted), without running;
 2. a request past its ``deadline_ms`` is answered ``deadline_exceeded`` without running, and one for a
-   task the service does not have is answered ``unknown_task``;
+   task the service does not have is answered ``unknown_task``; a request whose cancel key is set
+   (``streams.cancel``: the edge answered 504, or a streaming client went away) is answered ``cancelled``
+   without running (one ``MGET`` per batch through the Redis breaker; Redis away = no cancels seen);
 3. requests that may use the cache are looked up in Redis in one round trip; hits are answered at once;
 4. the rest run through the service's runner in ONE ``run_batch`` call, on a dedicated worker thread
    so the event loop (Kafka heartbeats, other agents) keeps running;
@@ -13,16 +18,26 @@ For each batch (``BatchProcessor.process``):
    asynchronous requests (``store_result_s``) are kept in Redis (``streams.results``), and the
    optional ``release`` hook runs (vision deletes its consumed claim checks).
 
-Delivery policy (the failure classes are in ``streams.failures``):
+Delivery policy: an event is acknowledged only once something was written for it (its reply or its dead
+letter). The failure classes are in ``streams.failures``:
 
 * a send the broker acknowledged is settled;
-* a send that failed **permanently** (too large, unknown or unauthorised topic, invalid record) is
-  dead-lettered with the reason (a reply becomes a ``reply_undeliverable`` dead letter); a dead letter
-  that itself fails permanently is logged and counted (``stats.lost_letters``), and the agent moves on:
-  a poison event never blocks its partition;
-* a send that failed **retriably** (broker away, leader moving, timeouts) is sent again with backoff, for
-  at most ``retry_s``; meanwhile ``delivery_state`` says ``retrying`` (the heartbeat reports it). Past
-  that, ``process`` raises ``DeliveryError``: the batch is not acknowledged and is delivered again.
+* a send that failed **permanently** (too large, unauthorised topic, invalid record, or a topic that a
+  fresh check found missing) is dead-lettered with the reason: a reply becomes a ``reply_undeliverable``
+  dead letter, so a poison reply never blocks its partition;
+* a **dead letter** refused permanently (the dead-letter topic is missing, not writable by this agent, or
+  refuses the record) is a deployment fault: ``process`` raises ``DeadLetterRefusedError`` (a
+  ``DeliveryError``) at once; nothing of the batch is acknowledged and the agent stops (exit 3);
+* a send that failed **retriably** (broker away, leader moving, timeouts) or for an **unknown** reason (a
+  cancelled ack future, a closed producer, anything not classified) is sent again with backoff, for at most
+  ``retry_s``; meanwhile ``delivery_state`` says ``retrying`` (the heartbeat reports it). Past that,
+  ``process`` raises ``DeliveryError``: the batch is not acknowledged and is delivered again. An unknown
+  failure is never dead-lettered: nothing says the record is at fault.
+* a reply topic deleted while its replies wait: before each send round, and every ``TOPIC_CHECK_S`` while
+  acks are outstanding, the topics of the deliveries concerned are checked (``Sink.missing_topics``, at
+  most a few seconds stale); a reply to a topic found missing is not (or no longer) waited for and is
+  dead-lettered ``reply_undeliverable``. The batch's other replies are enqueued at the same time and never
+  wait for it.
 
 The runtime acknowledges the batch's offsets only after ``process`` returns, so a crash anywhere in
 between redelivers the batch (at-least-once). ``process_isolating`` adds the last line of defence: an
@@ -40,10 +55,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agents.errors import DeliveryError
+from aiokafka.errors import UnknownTopicOrPartitionError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from agents.errors import DeadLetterRefusedError, DeliveryError
 from agents.runner import Failure, Item, ModelRunner, Outcome, unknown_task
 from schemas import ErrorCode, ErrorInfo, ReplyEvent, RequestEvent, Service
 from streams.cache import ResultCache, cache_key, wants_cache
+from streams.cancel import cancelled_ids
 from streams.codec import BadEvent, Record, dead_letter, decode_request, encode
 from streams.failures import Verdict, classify
 from streams.policy import ReplyTopicPolicy
@@ -56,6 +76,23 @@ Prepare = Callable[[Sequence[Item]], Awaitable[list[Item | Failure]]]
 Release = Callable[[Sequence[dict[str, object]]], Awaitable[None]]
 
 SEND_ENQUEUE_TIMEOUT_S = 10.0
+ENQUEUE_MIN_S = 0.05  # past the retry deadline, what one last enqueue still gets
+TOPIC_CHECK_S = 1.0  # while acks are outstanding, how often the topics of the slow ones are checked
+REMEMBERED_REPLY_TOPICS = 4096  # reply topics remembered as having taken a reply (deleted vs never existed)
+
+
+class _TopicGone(UnknownTopicOrPartitionError):
+    """A send's topic was checked and does not exist (permanent: ``classify(..., topic_known=False)``)."""
+
+
+def _gone(topic: str) -> _TopicGone:
+    return _TopicGone(f"topic {topic!r} does not exist (deleted?)")
+
+
+def _ignore_outcome(future: asyncio.Future[object]) -> None:
+    """Collect the outcome of an ack no longer waited for, so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 class BatchObserver(Protocol):
@@ -97,8 +134,9 @@ class Sink(Protocol):
         """Enqueue one record; returns the future of the broker's acknowledgement."""
 
     async def missing_topics(self, topics: set[str]) -> set[str]:
-        """Those of ``topics`` known not to exist (from the producer's metadata); a topic whose existence
-        cannot be told now is not included."""
+        """Those of ``topics`` known not to exist, from an answer at most a few seconds old (a topic deleted
+        meanwhile must show up missing within seconds); a topic whose existence cannot be told now is not
+        included."""
 
 
 @dataclass(slots=True)
@@ -111,10 +149,10 @@ class BatchStats:
     cache_hits: int = 0
     errors: int = 0
     retries: int = 0
-    lost_letters: int = 0
     isolated: int = 0
     deduplicated: int = 0
     results_not_kept: int = 0  # replies of asynchronous requests that Redis did not take (streams.results)
+    cancelled: int = 0  # requests answered ``cancelled`` without running (their cancel key was set)
 
 
 @dataclass(slots=True)
@@ -187,6 +225,7 @@ class BatchProcessor:
         retry_s: float = 60.0,
         reply_policy: ReplyTopicPolicy | None = None,
         observer: BatchObserver | None = None,
+        redis: Redis | None = None,
     ) -> None:
         self.service = service
         self.runner = runner
@@ -203,6 +242,11 @@ class BatchProcessor:
         self._max_event_bytes = max_event_bytes
         self._observer: BatchObserver = observer or _NoObserver()
         self._topics = service_topics(topic_prefix, service)
+        self._prefix = topic_prefix
+        # Where cancel keys are read: ``redis``, else the result cache's client.
+        self._redis = redis if redis is not None else cache.redis if isinstance(cache, ResultCache) else None
+        self._cancels_unreadable = False
+        self._reply_topics: dict[str, None] = {}  # reply topics that took a reply, oldest first (bounded)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{service}-model")
         # Read once: a model's name cannot change while the process runs (the runner is loaded by now).
         self.models: dict[str, str] = {task: runner.model_for(task) for task in runner.tasks}
@@ -262,7 +306,7 @@ class BatchProcessor:
                 continue
             refusal = refusals.get(event.reply_to) if event.reply_to is not None else None
             if refusal is not None:
-                out.append(self._letter(record, ErrorInfo(code=ErrorCode.REPLY_TO_REFUSED, message=refusal)))
+                out.append(self._letter(record, refusal))
                 continue
             if event.deadline_ms is not None and event.deadline_ms < picked_ms:
                 reply = self._error_reply(event, ErrorCode.DEADLINE_EXCEEDED, "deadline passed before the run")
@@ -277,6 +321,7 @@ class BatchProcessor:
                 key = self._cache.key(self.service, event.task, self.models[event.task], event.input)
             pending.append(_Pending(record, event, key))
 
+        pending = await self._skip_cancelled(pending, out)
         to_run = await self._answer_from_cache(pending, picked_ms, out)
         self.stats.batches += 1
         self.stats.items += len(records)
@@ -287,7 +332,8 @@ class BatchProcessor:
         then cache the successful replies and run the ``release`` hook.
 
         Raises:
-            DeliveryError: retriable failures lasted longer than ``retry_s``.
+            DeliveryError: retriable or unknown failures lasted longer than ``retry_s``, or a dead letter was
+                refused permanently (``DeadLetterRefusedError``).
         """
         ran = settlement.ran
         delivered = await self._settle(settlement.out)
@@ -304,6 +350,29 @@ class BatchProcessor:
                 self.stats.results_not_kept += await store_replies(self._cache.redis, self._cache.prefix, kept)
         if self._release is not None and ran:
             await self._release([dict(p.event.input) for p, _ in ran])
+
+    async def _skip_cancelled(self, pending: list[_Pending], out: list[_Delivery]) -> list[_Pending]:
+        """Requests whose cancel key is set (``streams.cancel``: the edge answered 504, or a streaming client
+        went away) are answered ``cancelled`` without running; one ``MGET`` per batch through the Redis
+        breaker. Redis away: no cancels are seen (logged once per outage) and everything runs."""
+        if self._redis is None or not pending:
+            return pending
+        try:
+            cancelled = await cancelled_ids(self._redis, self._prefix, [p.event for p in pending])
+        except RedisError as exc:
+            if not self._cancels_unreadable:
+                log.warning("cancel keys unreadable (%s); cancels are not seen until Redis answers", exc)
+                self._cancels_unreadable = True
+            return pending
+        self._cancels_unreadable = False
+        if not cancelled:
+            return pending
+        self.stats.cancelled += len([p for p in pending if p.event.id in cancelled])
+        for p in pending:
+            if p.event.id in cancelled:
+                message = "the request was cancelled (its caller went away or was answered 504) before it ran"
+                out.append(self._reply(p.record, p.event, self._error_reply(p.event, ErrorCode.CANCELLED, message)))
+        return [p for p in pending if p.event.id not in cancelled]
 
     async def _answer_from_cache(
         self, pending: list[_Pending], picked_ms: float, out: list[_Delivery]
@@ -463,11 +532,14 @@ class BatchProcessor:
         )
         return _Delivery(self._topics.dlq, (record.key or b"")[:256], encode(letter), record)
 
-    async def _enqueue(self, delivery: _Delivery) -> None:
-        """Hand one record to the producer; a failure to enqueue becomes a failed ack, judged later."""
+    async def _enqueue(self, delivery: _Delivery, deadline: float) -> None:
+        """Hand one record to the producer within ``SEND_ENQUEUE_TIMEOUT_S`` (less near ``deadline``: the retry
+        bound holds even when the producer hangs, e.g. closed, waiting on metadata it can no longer fetch); a
+        failure to enqueue becomes a failed ack, judged later."""
+        timeout_s = max(min(SEND_ENQUEUE_TIMEOUT_S, deadline - time.monotonic()), ENQUEUE_MIN_S)
         try:
             delivery.ack = await asyncio.wait_for(
-                self._sink.send(delivery.topic, delivery.key, delivery.value), SEND_ENQUEUE_TIMEOUT_S
+                self._sink.send(delivery.topic, delivery.key, delivery.value), timeout_s
             )
         except Exception as exc:  # noqa: BLE001  (size, metadata timeout, closed producer: classified later)
             failed: asyncio.Future[object] = asyncio.get_running_loop().create_future()
@@ -481,39 +553,55 @@ class BatchProcessor:
             ``id()`` of the deliveries the broker acknowledged as they were (not replaced by a dead letter).
 
         Raises:
-            DeliveryError: retriable failures lasted longer than ``retry_s``.
+            DeliveryError: retriable or unknown failures lasted longer than ``retry_s``.
+            DeadLetterRefusedError: a dead letter was refused permanently (a deployment fault).
         """
         delivered: set[int] = set()
         todo = list(deliveries)
         deadline = time.monotonic() + self._retry_s
         delay = 0.2
         while todo:
-            for d in todo:
-                await self._enqueue(d)
-            results = await self._acks(todo, deadline)
+            # A topic found missing now (a reply topic deleted since admission) is never sent to: aiokafka would
+            # hold such a record, and the batch, for its whole request timeout.
+            gone = await self._sink.missing_topics({d.topic for d in todo})
+            sending = [d for d in todo if d.topic not in gone]
+            for d in sending:
+                await self._enqueue(d, deadline)
+            outcomes = await self._acks(sending, deadline)
+            failed: list[tuple[_Delivery, BaseException]] = [(d, _gone(d.topic)) for d in todo if d.topic in gone]
+            for d, outcome in zip(sending, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    failed.append((d, outcome))
+                    continue
+                delivered.add(id(d))
+                if d.reply is not None:
+                    self._delivered_to(d.topic)
+                    self._observer.replied(d.reply.ok, d.reply.error.code if d.reply.error else None)
             retry: list[_Delivery] = []
             follow_up: list[_Delivery] = []
-            for d, result in zip(todo, results, strict=True):
-                if not isinstance(result, BaseException):
-                    delivered.add(id(d))
-                    if d.reply is not None:
-                        self._observer.replied(d.reply.ok, d.reply.error.code if d.reply.error else None)
-                    continue
-                if classify(result) is Verdict.RETRIABLE:
+            for d, exc in failed:
+                verdict = classify(exc, topic_known=not isinstance(exc, _TopicGone))
+                if verdict is not Verdict.PERMANENT:  # retriable or unknown: never a dead letter
+                    if verdict is Verdict.UNKNOWN:
+                        log.error("send to %s failed for an unknown reason, handled as retriable: %r", d.topic, exc)
                     retry.append(d)
+                    self.last_error = repr(exc)
                 elif d.reply is not None:
                     reason = ErrorInfo(
-                        code=ErrorCode.REPLY_UNDELIVERABLE, message=f"reply to {d.topic} refused: {result!r}"
+                        code=ErrorCode.REPLY_UNDELIVERABLE, message=f"reply to {d.topic} refused: {exc!r}"
                     )
                     follow_up.append(self._letter(d.source, reason))
                 else:
-                    self.stats.lost_letters += 1
-                    log.error("dead letter for %s[%d]@%d refused permanently, moving on: %r",
-                              d.source.topic, d.source.partition, d.source.offset, result)  # fmt: skip
+                    self.delivery_state, self.last_error = "failed", repr(exc)
+                    raise DeadLetterRefusedError(
+                        f"the dead letter of {d.source.topic}[{d.source.partition}]@{d.source.offset} was refused by "
+                        f"{d.topic} for good ({exc!r}): the dead-letter topic must exist and be writable by this "
+                        "agent; stopping without acknowledging"
+                    )
             if retry:
                 self.stats.retries += len(retry)
                 self._observer.retries(len(retry))
-                self.delivery_state, self.last_error = "retrying", repr(results[todo.index(retry[0])])
+                self.delivery_state = "retrying"
                 if time.monotonic() + delay > deadline:
                     raise DeliveryError(
                         f"{len(retry)} sends still failing after {self._retry_s:.0f}s: {self.last_error}"
@@ -525,39 +613,63 @@ class BatchProcessor:
         self.delivery_state = "ok"
         return delivered
 
-    @staticmethod
-    async def _acks(deliveries: list[_Delivery], deadline: float) -> list[object]:
+    async def _acks(self, deliveries: list[_Delivery], deadline: float) -> list[object]:
         """Each delivery's ack outcome (a result or the exception), waiting at most until ``deadline``.
 
         The producer retries a send to an unreachable broker by itself for up to its own request timeout;
         a send still unacknowledged at ``deadline`` counts as a (retriable) timeout, so the bound holds.
+        While acks are outstanding, every ``TOPIC_CHECK_S`` the topics of the outstanding ones are checked:
+        a send to a topic that no longer exists is given up at once (``_TopicGone``, permanent) instead of
+        holding the batch, and its future is left to the producer (it fails or expires there).
         """
         futures = [asyncio.ensure_future(d.ack) for d in deliveries if d.ack is not None]
-        if futures:
-            await asyncio.wait(futures, timeout=max(0.05, deadline - time.monotonic()))
-        out: list[object] = []
-        for future in futures:
-            if not future.done():
-                out.append(TimeoutError("no broker acknowledgement before the retry deadline"))
-            elif future.cancelled():
-                out.append(asyncio.CancelledError())
-            else:
-                out.append(future.exception() or future.result())
+        out: list[object | None] = [None] * len(futures)
+        waiting = dict(enumerate(futures))
+        while waiting:
+            left = deadline - time.monotonic()
+            if left > 0:
+                await asyncio.wait(waiting.values(), timeout=min(TOPIC_CHECK_S, left))
+            for n in [n for n, f in waiting.items() if f.done()]:
+                future = waiting.pop(n)
+                out[n] = asyncio.CancelledError() if future.cancelled() else (future.exception() or future.result())
+            if not waiting or time.monotonic() >= deadline:
+                break
+            gone = await self._sink.missing_topics({deliveries[n].topic for n in waiting})
+            for n in [n for n in waiting if deliveries[n].topic in gone]:
+                waiting.pop(n).add_done_callback(_ignore_outcome)
+                out[n] = _gone(deliveries[n].topic)
+        for n, future in waiting.items():
+            future.add_done_callback(_ignore_outcome)
+            out[n] = TimeoutError("no broker acknowledgement before the retry deadline")
         return out
 
-    async def _reply_to_refusals(self, events: list[RequestEvent]) -> dict[str, str]:
-        """Why each refused ``reply_to`` of a batch is refused (the policy, then existence). Existence is
-        asked once per batch for all its topics, and never by waiting on the producer's metadata for a
-        topic that does not exist (that would hold the whole batch)."""
-        refused: dict[str, str] = {}
+    def _delivered_to(self, topic: str) -> None:
+        """Remember a reply topic that took a reply (bounded): if it is missing later, it was deleted."""
+        self._reply_topics.pop(topic, None)
+        self._reply_topics[topic] = None
+        if len(self._reply_topics) > REMEMBERED_REPLY_TOPICS:
+            del self._reply_topics[next(iter(self._reply_topics))]
+
+    async def _reply_to_refusals(self, events: list[RequestEvent]) -> dict[str, ErrorInfo]:
+        """Why each refused ``reply_to`` of a batch is refused (the policy, then existence): outside the policy
+        or never seen is ``reply_to_refused``; a topic that took replies from this process and is missing now
+        was deleted, ``reply_undeliverable``. Existence is asked once per batch for all its topics, and never
+        by waiting on the producer's metadata for a topic that does not exist (that would hold the batch)."""
+        refused: dict[str, ErrorInfo] = {}
         candidates: set[str] = set()
         for topic in {e.reply_to for e in events if e.reply_to is not None}:
             refusal = self._reply_policy.refusal(topic) if self._reply_policy is not None else None
             if refusal is not None:
-                refused[topic] = refusal
+                refused[topic] = ErrorInfo(code=ErrorCode.REPLY_TO_REFUSED, message=refusal)
             else:
                 candidates.add(topic)
         if candidates:
             for topic in await self._sink.missing_topics(candidates):
-                refused[topic] = f"reply_to topic {topic!r} does not exist (aisemble creates no topics on demand)"
+                if topic in self._reply_topics:  # it took replies before: deleted since
+                    refused[topic] = ErrorInfo(
+                        code=ErrorCode.REPLY_UNDELIVERABLE, message=f"reply_to topic {topic!r} was deleted"
+                    )
+                else:
+                    message = f"reply_to topic {topic!r} does not exist (aisemble creates no topics on demand)"
+                    refused[topic] = ErrorInfo(code=ErrorCode.REPLY_TO_REFUSED, message=message)
         return refused

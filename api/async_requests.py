@@ -17,7 +17,7 @@ Guarantees, in the order a submission runs:
    request ends (its reply, or its deadline), never an in-flight slot: once Kafka has the request, the
    HTTP exchange is over and ``max_in_flight`` counts it no more.
 2. the pending marker ``{prefix}:pending:{id}`` (service, task, deadline, renderer, owner) is written
-   before anything is produced, with a bounded TTL (``request_timeout_s + async_result_ttl_s``); Redis down
+   before anything is produced, with a bounded TTL (``async_deadline_s + async_result_ttl_s``); Redis down
    or hanging is 503 ``unavailable`` (a result could not be kept), never a 202. **An id in use is 409 and
    changes nothing**: while its marker or its result is kept, submitting the id again, with any key or the
    same one, is refused before anything is produced; the pending request and its result stay intact. A
@@ -39,6 +39,9 @@ A result whose marker is gone (expired, or kept by an edge without keys) is then
 Without keys every caller is anonymous and any caller may read any id, as the ids are the only secret.
 The 409 of a used id does tell another key that the id exists; ids the caller chooses (``X-Request-Id``)
 should be unguessable when that matters (the edge's own are random UUIDs).
+
+An asynchronous request has its own, longer deadline (``async_deadline_s``, minutes: nobody holds a
+connection open for it), both at the agent and for ``GET``'s 504.
 
 What can go wrong: when both paths fail to keep the reply, or no agent answers, ``GET`` answers 202 until
 the deadline (plus ``DEADLINE_GRACE_S`` for a reply in flight) and then the synchronous call's 504
@@ -190,12 +193,12 @@ async def submit(
         marker = Pending(
             service=service,
             task=task,
-            deadline_ms=int((time.time() + settings.request_timeout_s) * 1000),
+            deadline_ms=int((time.time() + settings.async_deadline_s) * 1000),
             render=render,
             context=dict(context or {}),
             owner=owner,
         )
-        await _mark_pending(edge, rid, marker, ttl_s + int(settings.request_timeout_s) + 1)
+        await _mark_pending(edge, rid, marker, ttl_s + int(settings.async_deadline_s) + 1)
     except BaseException:
         edge.pending_async.release(owner)
         raise
@@ -249,7 +252,8 @@ async def _run(
     failure goes to ``admitted`` (the route answers it); after, failures are logged (GET answers them)."""
     try:
         reply = await edge.call(
-            service, task, payload, cache=cache, request_id=rid, store_result_s=ttl_s, on_produced=produced,
+            service, task, payload, cache=cache, request_id=rid, timeout_s=edge.settings.async_deadline_s,
+            store_result_s=ttl_s, on_produced=produced,
             admitted=True,  # no in-flight slot: the HTTP exchange held it until the 202; pending_async bounds this
         )  # fmt: skip
     except asyncio.CancelledError:
@@ -328,7 +332,7 @@ async def lookup(edge: Edge, rid: str, owner: str | None = None) -> Response:
         response = accepted(rid)
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
         return response
-    timeout_s = edge.settings.request_timeout_s
+    timeout_s = edge.settings.async_deadline_s
     return render(
         ReplyEvent(
             id=rid,

@@ -6,6 +6,13 @@
 * otherwise the reply future is registered *before* the request is produced, the request carries this
   edge's reply topic and a deadline, and the caller waits at most ``request_timeout_s`` (504 with the
   request id after that; a late reply is then dropped);
+* the deadline the agent gets is the edge's wait less a margin (``agent_deadline_ms``:
+  ``deadline_margin_ms``, at most 10% of the wait), so an answer the agent finishes by its deadline
+  reaches the edge before the 504, and work that cannot is not started;
+* a 504 cancels the work: the edge sets the request's cancel key in Redis (``streams.cancel``, TTL the
+  wait, naming this attempt's correlation id so a retry with the same request id is not cancelled), as for
+  a stream whose client went away, so agents skip or stop it (best effort: Redis away, the work runs and
+  its reply is dropped);
 * each request id is answered once, whatever duplicates at-least-once delivery produces;
 * at most ``max_in_flight`` requests are held at once (cache hits included: each holds its body and a
   task while it waits, on Redis or on Kafka); past that ``call`` raises ``OverloadedError`` (429,
@@ -60,7 +67,7 @@ from api.guards import BrokerState, InFlightLimit, PendingPerOwner
 from api.metrics import EdgeMetrics, note_call
 from schemas import ReplyEvent, RequestEvent, Service
 from streams.cache import ResultCache, wants_cache
-from streams.cancel import cancel_key
+from streams.cancel import cancel_key, cancel_value
 from streams.codec import encode
 from streams.redis import guarded
 from streams.registry import models_by_service
@@ -72,6 +79,13 @@ log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 1.0  # how often the broker view is refreshed by a metadata request
 RETRY_AFTER_S = 1  # the Retry-After of a 429
+
+
+def agent_deadline_ms(now_s: float, wait_s: float, margin_ms: int) -> int:
+    """The ``deadline_ms`` (epoch ms) of a request the edge waits ``wait_s`` for from ``now_s`` (epoch s): the
+    end of the wait less ``margin_ms``, the margin capped at 10% of the wait (a short wait keeps most of it)."""
+    margin_s = min(margin_ms / 1000.0, 0.1 * wait_s)
+    return int((now_s + wait_s - margin_s) * 1000)
 
 
 def _broker_failure(exc: BaseException) -> bool:
@@ -256,6 +270,7 @@ class Edge:
             try:
                 reply = await asyncio.wait_for(asyncio.shield(future), max(remaining, 0.001))
             except TimeoutError as exc:
+                self._cancel_later(request_id, correlation_id, timeout_s)  # nobody waits for this attempt now
                 raise ReplyTimeoutError(
                     f"no reply within {timeout_s:.1f}s (request id {request_id})",
                     request_id=request_id,
@@ -296,8 +311,8 @@ class Edge:
         timeout_s: float,
         **options: object,
     ) -> RequestEvent:
-        """The event for one call: replies to this edge's topic, deadline ``timeout_s`` from now; ``options``
-        are the event's optional fields (cache, stream, store_result_s)."""
+        """The event for one call: replies to this edge's topic, deadline ``timeout_s`` from now less the margin
+        (``agent_deadline_ms``); ``options`` are the event's optional fields (cache, stream, store_result_s)."""
         return RequestEvent.model_validate(
             {
                 "id": request_id,
@@ -305,7 +320,7 @@ class Edge:
                 "task": task,
                 "input": payload,
                 "reply_to": self.reply_topic,
-                "deadline_ms": int((time.time() + timeout_s) * 1000),
+                "deadline_ms": agent_deadline_ms(time.time(), timeout_s, self.settings.deadline_margin_ms),
                 **options,
             }
         )
@@ -391,17 +406,19 @@ class Edge:
             raise
         return EdgeStream(self, service, task, request_id, correlation_id, queue, started, timeout_s, not admitted)
 
-    def _cancel_later(self, request_id: str) -> None:
-        """Set ``request_id``'s cancel key (TTL ``request_timeout_s``) in a background task."""
-        task = asyncio.create_task(self._cancel(request_id), name=f"cancel-{request_id}")
+    def _cancel_later(self, request_id: str, correlation_id: str, ttl_s: float | None = None) -> None:
+        """Cancel the attempt ``correlation_id`` of ``request_id`` (its cancel key, TTL ``ttl_s``, default
+        ``request_timeout_s``) in a background task; a retry with the same id is not cancelled."""
+        task = asyncio.create_task(self._cancel(request_id, correlation_id, ttl_s), name=f"cancel-{request_id}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _cancel(self, request_id: str) -> None:
+    async def _cancel(self, request_id: str, correlation_id: str, ttl_s: float | None = None) -> None:
         key = cancel_key(self.settings.topic_prefix, request_id)
-        ttl_ms = max(int(self.settings.request_timeout_s * 1000), 1)
+        ttl_ms = max(int((ttl_s or self.settings.request_timeout_s) * 1000), 1)
+        value = cancel_value(correlation_id)
         try:
-            await guarded(self.redis, lambda: self.redis.set(key, "1", px=ttl_ms))
+            await guarded(self.redis, lambda: self.redis.set(key, value, px=ttl_ms))
         except (RedisError, OSError) as exc:
             log.warning("could not set the cancel key of %s: %r", request_id, exc)
 
@@ -489,4 +506,4 @@ class EdgeStream:
         if self._correlation_id is not None:
             self._edge.router.forget(self._correlation_id)
             if not self.finished:
-                self._edge._cancel_later(self.request_id)
+                self._edge._cancel_later(self.request_id, self._correlation_id)

@@ -1,17 +1,25 @@
-"""The send-failure policy, in one place: which Kafka errors are retried and which are permanent.
+"""The send-failure policy, in one place: which send failures are retried, and which are permanent.
 
-Retriable: the broker or a partition leader is away for a while (connection refused or reset, leader
-moving, not enough in-sync replicas, request or metadata timeouts). The record is sent again with
-backoff, for a bounded time (``Settings.delivery_retry_s``), and the agent says so in its heartbeat.
+Three verdicts, and what the agent does with each (``agents.loop``):
 
-Permanent: sending the same record again can never work (a record larger than the producer or broker
-accepts, a topic that does not exist while auto-creation is off, a topic or cluster we are not authorised
-for, an invalid topic name or record). What can be dead-lettered is dead-lettered with the reason, and
-the agent moves on: a poison event never blocks its partition.
+* **Permanent**: sending the same record again can never work, because of the record or its topic: a
+  record larger than the producer or broker accepts, a topic that does not exist (checked, see below), a
+  topic or cluster we are not authorised for, an invalid topic name or record, a value aiokafka refuses to
+  serialise or route (``ValueError``/``TypeError``/``AssertionError``). A reply is dead-lettered with the
+  reason; a dead letter refused permanently is a deployment fault and stops the agent.
+* **Retriable**: the broker or a partition leader is away for a while (connection refused or reset,
+  leader moving, not enough in-sync replicas, request or metadata timeouts), or aiokafka flags the error
+  ``retriable``. The record is sent again with backoff, for a bounded time (``Settings.delivery_retry_s``),
+  and the agent says so in its heartbeat; past the bound the agent stops without acknowledging.
+* **Unknown**: anything else (a cancelled ack future, a closed producer, an error of Faust or of ours, a
+  Kafka error we have not classified). Nothing says the record is at fault, so dead-lettering it would
+  write a wrong answer (and usually fails the same way): it is handled like a retriable failure (bounded
+  retry, then stop without acknowledging), and logged as unknown. Only an explicit ``PERMANENT`` verdict
+  ever leads to a dead letter: callers must test ``is Verdict.PERMANENT``, never ``is Verdict.RETRIABLE``.
 
-``UnknownTopicOrPartitionError`` carries aiokafka's ``retriable`` flag (metadata may still be
-propagating right after a topic is created); we treat it as permanent for a topic we checked exists
-nowhere, which is the caller's job (``classify(exc, topic_known=False)``).
+``UnknownTopicOrPartitionError`` carries aiokafka's ``retriable`` flag (metadata may still be propagating
+right after a topic is created, or a leader is moving); it is permanent only for a topic that a fresh
+metadata check found missing, which is the caller's job (``classify(exc, topic_known=False)``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from aiokafka import errors as kerr
 class Verdict(enum.StrEnum):
     RETRIABLE = "retriable"
     PERMANENT = "permanent"
+    UNKNOWN = "unknown"  # handled as retriable (bounded retry, then stop): never dead-lettered
 
 
 _PERMANENT: tuple[type[BaseException], ...] = (
@@ -64,10 +73,10 @@ _RETRIABLE: tuple[type[BaseException], ...] = (
 
 
 def classify(exc: BaseException, *, topic_known: bool = True) -> Verdict:
-    """Whether sending the same record again may succeed.
+    """Whether sending the same record again may succeed (see the module docstring).
 
     Args:
-        exc: what the send (enqueue or broker ack) raised.
+        exc: what the send (enqueue or broker ack) raised; a cancelled ack is ``asyncio.CancelledError``.
         topic_known: False when the topic was looked up and does not exist; an unknown-topic error is then
             permanent instead of retriable.
     """
@@ -78,9 +87,8 @@ def classify(exc: BaseException, *, topic_known: bool = True) -> Verdict:
         return Verdict.RETRIABLE if topic_known else Verdict.PERMANENT
     if isinstance(exc, _PERMANENT):
         return Verdict.PERMANENT
-    if isinstance(exc, _RETRIABLE):
+    if isinstance(exc, _RETRIABLE) or (isinstance(exc, kerr.KafkaError) and exc.retriable):
         return Verdict.RETRIABLE
-    if isinstance(exc, kerr.KafkaError):
-        return Verdict.RETRIABLE if exc.retriable else Verdict.PERMANENT
-    # Anything else (a bug, a closed producer) is not fixed by sending again.
-    return Verdict.PERMANENT
+    # A closed producer (ProducerClosed), a cancelled ack, a bug, an unclassified Kafka error: not the
+    # record's fault as far as we know, so never a dead letter.
+    return Verdict.UNKNOWN

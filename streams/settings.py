@@ -146,6 +146,19 @@ class Settings(BaseSettings):
         description="Request body bytes the edge holds at once (uploads above all); past it 429. At least the "
         "largest body limit (max_body_bytes, vision.max_upload_bytes).",
     )
+    async_deadline_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="How long an asynchronous request may take: its deadline at the agent (GET answers 504 after).",
+    )
+    deadline_margin_ms: int = Field(
+        default=500,
+        ge=0,
+        description=(
+            "The agent's deadline is the edge's wait less this margin (at most 10% of the wait), so work "
+            "that finishes in time reaches the edge before its 504."
+        ),
+    )
 
     # Security (issue 7): where agents may write, who the edge answers, a secured Kafka.
     reply_to_allow: list[str] = Field(

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from aiokafka.errors import MessageSizeTooLargeError, NotLeaderForPartitionError
 
-from agents.errors import DeliveryError
+from agents.errors import DeadLetterRefusedError, DeliveryError
 from agents.loop import BatchProcessor
 from agents.runner import Failure, Item, Outcome
 from schemas import DeadLetterEvent, ErrorCode, ReplyEvent
@@ -20,19 +20,25 @@ from streams.policy import ReplyTopicPolicy
 
 class ListSink:
     """Collects sends. Topics in ``refuse`` fail permanently (like a record too large), those in ``flaky``
-    fail retriably that many times first (like a broker that is away), those in ``missing`` do not exist."""
+    fail retriably that many times first (like a broker that is away), those in ``cancel`` get a cancelled
+    ack future that many times first (an unknown failure), those in ``missing`` do not exist, and those in
+    ``hang`` never get an ack (like a topic deleted after the producer looked it up)."""
 
     def __init__(
         self,
         refuse: tuple[str, ...] = (),
         flaky: dict[str, int] | None = None,
         missing: tuple[str, ...] = (),
+        cancel: dict[str, int] | None = None,
+        hang: tuple[str, ...] = (),
     ) -> None:
         self.sent: list[tuple[str, bytes, bytes]] = []
         self.attempts: list[str] = []
         self.refuse = refuse
         self.flaky = dict(flaky or {})
-        self.missing = missing
+        self.cancel = dict(cancel or {})
+        self.missing = set(missing)
+        self.hang = hang
 
     async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]:
         self.attempts.append(topic)
@@ -42,13 +48,18 @@ class ListSink:
         elif self.flaky.get(topic, 0) > 0:
             self.flaky[topic] -= 1
             future.set_exception(NotLeaderForPartitionError(f"leader of {topic} moving"))
+        elif self.cancel.get(topic, 0) > 0:
+            self.cancel[topic] -= 1
+            future.cancel()
+        elif topic in self.hang:
+            pass
         else:
             self.sent.append((topic, key, value))
             future.set_result(None)
         return future
 
     async def missing_topics(self, topics: set[str]) -> set[str]:
-        return topics & set(self.missing)
+        return topics & self.missing
 
     def on(self, topic: str) -> list[dict[str, object]]:
         return [orjson.loads(v) for t, _, v in self.sent if t == topic]
@@ -90,9 +101,7 @@ def processor(runner: EchoRunner, sink: ListSink, **kwargs: object) -> BatchProc
 
 async def test_one_model_call_per_batch_and_one_reply_per_request() -> None:
     runner, sink = EchoRunner(), ListSink()
-    records = [
-        record({"id": f"r{i}", "task": "echo", "input": {"x": i}, "reply_to": "me"}, i) for i in range(5)
-    ]
+    records = [record({"id": f"r{i}", "task": "echo", "input": {"x": i}, "reply_to": "me"}, i) for i in range(5)]
     await processor(runner, sink).process(records)
     assert runner.calls == [5]
     replies = [ReplyEvent.model_validate(r) for r in sink.on("me")]
@@ -164,19 +173,87 @@ async def test_permanent_failure_on_own_topic_is_dead_lettered_and_the_batch_mov
     assert letter.error.code == ErrorCode.REPLY_UNDELIVERABLE and "MessageSizeTooLarge" in letter.error.message
 
 
-async def test_a_dead_letter_refused_permanently_is_counted_and_never_blocks() -> None:
+async def test_a_dead_letter_refused_permanently_stops_the_batch_at_once_unacknowledged() -> None:
     runner, sink = EchoRunner(), ListSink(refuse=("p.data.dlq",))
     proc = processor(runner, sink, retry_s=30)
-    await proc.process([record(b"\xff not json", 0), record({"id": "a", "task": "echo", "input": {"x": 1}}, 1)])
-    assert proc.stats.lost_letters == 1
+    started = time.monotonic()
+    with pytest.raises(DeadLetterRefusedError, match=r"p\.data\.dlq") as caught:
+        await proc.process_isolating(
+            [record(b"\xff not json", 0), record({"id": "a", "task": "echo", "input": {"x": 1}}, 1)]
+        )
+    assert isinstance(caught.value, DeliveryError)  # what stops the agent (exit 3) without acknowledging
+    assert time.monotonic() - started < 5, "a deployment fault is not retried for retry_s"
+    assert proc.stats.isolated == 0, "not taken for a poison record"
+    assert sink.attempts.count("p.data.dlq") == 1
+
+
+async def test_a_reply_whose_dead_letter_is_refused_permanently_stops_the_batch() -> None:
+    runner, sink = EchoRunner(), ListSink(refuse=("forbidden", "p.data.dlq"))
+    proc = processor(runner, sink, retry_s=30)
+    with pytest.raises(DeadLetterRefusedError):
+        await proc.process([record({"id": "a", "task": "echo", "input": {"x": 1}, "reply_to": "forbidden"})])
+    assert sink.sent == []
+
+
+async def test_an_unknown_send_failure_is_retried_and_never_dead_lettered() -> None:
+    runner, sink = EchoRunner(), ListSink(cancel={"p.data.results": 2})
+    proc = processor(runner, sink, retry_s=30)
+    await proc.process([record({"id": "a", "task": "echo", "input": {"x": 1}})])
     assert [r["id"] for r in sink.on("p.data.results")] == ["a"]
+    assert sink.on("p.data.dlq") == [] and "p.data.dlq" not in sink.attempts
+    assert proc.stats.retries == 2 and proc.delivery_state == "ok"
+
+
+async def test_an_unknown_send_failure_past_the_bound_raises_and_writes_no_dead_letter() -> None:
+    runner, sink = EchoRunner(), ListSink(cancel={"p.data.results": 1000, "p.data.dlq": 1000})
+    proc = processor(runner, sink, retry_s=0.5)
+    with pytest.raises(DeliveryError, match="CancelledError"):
+        await proc.process_isolating([record({"id": "a", "task": "echo", "input": {"x": 1}})])
+    assert "p.data.dlq" not in sink.attempts
+    assert proc.delivery_state == "retrying" and proc.stats.isolated == 0
+
+
+async def test_a_reply_topic_deleted_after_a_reply_is_dead_lettered_undeliverable_at_admission() -> None:
+    runner, sink = EchoRunner(), ListSink()
+    proc = processor(runner, sink)
+    await proc.process([record({"id": "a", "task": "echo", "input": {"x": 1}, "reply_to": "replay"})])
+    sink.missing |= {"replay", "never"}  # "replay" is deleted; "never" never existed
+    await proc.process(
+        [
+            record({"id": "b", "task": "echo", "input": {"x": 2}, "reply_to": "replay"}, 1),
+            record({"id": "c", "task": "echo", "input": {"x": 3}, "reply_to": "never"}, 2),
+            record({"id": "d", "task": "echo", "input": {"x": 4}, "reply_to": "live"}, 3),
+        ]
+    )
+    letters = {letter.source.offset: letter for letter in map(DeadLetterEvent.model_validate, sink.on("p.data.dlq"))}
+    assert letters[1].error.code == ErrorCode.REPLY_UNDELIVERABLE and "deleted" in letters[1].error.message
+    assert letters[2].error.code == ErrorCode.REPLY_TO_REFUSED and sorted(letters) == [1, 2]
+    assert [r["id"] for r in sink.on("live")] == ["d"] and runner.calls == [1, 1]
+
+
+async def test_a_reply_whose_topic_vanishes_while_its_ack_waits_is_dead_lettered_and_others_are_not_held() -> None:
+    runner, sink = EchoRunner(), ListSink(hang=("replay",))
+    proc = processor(runner, sink, retry_s=60)
+    records = [
+        record({"id": "a", "task": "echo", "input": {"x": 1}, "reply_to": "replay"}, 0),
+        record({"id": "b", "task": "echo", "input": {"x": 2}, "reply_to": "live"}, 1),
+    ]
+    settlement = await proc.compute(records)
+    delivering = asyncio.create_task(proc.deliver(settlement))
+    await asyncio.sleep(0.3)
+    assert [r["id"] for r in sink.on("live")] == ["b"], "the live topic's reply does not wait for the other"
+    sink.missing.add("replay")  # deleted while its ack waits (aiokafka would hold it for its request timeout)
+    started = time.monotonic()
+    await asyncio.wait_for(delivering, 10)
+    assert time.monotonic() - started < 5
+    (letter,) = [DeadLetterEvent.model_validate(d) for d in sink.on("p.data.dlq")]
+    assert letter.error.code == ErrorCode.REPLY_UNDELIVERABLE and "does not exist" in letter.error.message
+    assert sink.attempts.count("replay") == 1, "never sent again to a topic found missing"
 
 
 async def test_reply_to_a_missing_topic_is_refused_before_running_and_never_sent_there() -> None:
     runner, sink = EchoRunner(), ListSink(missing=("gone",))
-    await processor(runner, sink).process(
-        [record({"id": "a", "task": "echo", "input": {"x": 1}, "reply_to": "gone"})]
-    )
+    await processor(runner, sink).process([record({"id": "a", "task": "echo", "input": {"x": 1}, "reply_to": "gone"})])
     assert "gone" not in sink.attempts and runner.calls == []
     (letter,) = [DeadLetterEvent.model_validate(d) for d in sink.on("p.data.dlq")]
     assert letter.error.code == ErrorCode.REPLY_TO_REFUSED and "does not exist" in letter.error.message
@@ -258,9 +335,7 @@ async def test_oversized_reply_becomes_payload_too_large_error() -> None:
             return [{"blob": "x" * 5000} for _ in items]
 
     sink = ListSink()
-    proc = BatchProcessor(
-        "data", Big(), sink, topic_prefix="p", cache=None, cache_ttl_s=1, max_event_bytes=2048
-    )  # type: ignore[arg-type]
+    proc = BatchProcessor("data", Big(), sink, topic_prefix="p", cache=None, cache_ttl_s=1, max_event_bytes=2048)  # type: ignore[arg-type]
     await proc.process([record({"id": "a", "task": "echo", "input": {"x": 1}})])
     (reply,) = sink.on("p.data.results")
     assert reply["ok"] is False and reply["error"]["code"] == ErrorCode.PAYLOAD_TOO_LARGE
@@ -286,7 +361,13 @@ async def test_an_oversized_reply_is_never_cached() -> None:
 
     cache, sink = DictCache(), ListSink()
     proc = BatchProcessor(
-        "data", Big(), sink, topic_prefix="p", cache=cache, cache_ttl_s=1, max_event_bytes=2048  # type: ignore[arg-type]
+        "data",
+        Big(),
+        sink,
+        topic_prefix="p",
+        cache=cache,
+        cache_ttl_s=1,
+        max_event_bytes=2048,  # type: ignore[arg-type]
     )
     await proc.process(
         [

@@ -130,6 +130,7 @@ def pipeline(infra_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
         ["data", "vision"],
         logs,
         AISEMBLE_REQUEST_TIMEOUT_S=str(TIMEOUT_S),
+        AISEMBLE_ASYNC_DEADLINE_S=str(TIMEOUT_S),  # asynchronous requests get their own deadline: the same here
         AISEMBLE_ASYNC_RESULT_TTL_S=str(RESULT_TTL_S),
         AISEMBLE_VISION__THREADS="1",
     ).start()
