@@ -15,8 +15,11 @@ For each batch (``BatchProcessor.process``):
    so the event loop (Kafka heartbeats, other agents) keeps running;
 5. every reply is produced to its ``reply_to`` (or the results topic) and the call returns only when
    every reply and dead letter is settled (see below); then successful replies are cached, the replies of
-   asynchronous requests (``store_result_s``) are kept in Redis (``streams.results``), and the
-   optional ``release`` hook runs (vision deletes its consumed claim checks).
+   asynchronous requests (``store_result_s``) are kept in Redis (``streams.results``). What the optional
+   ``release`` hook frees (vision deletes its consumed claim checks) is returned by ``deliver`` and
+   ``isolate``, not freed there: the agent loop releases it once the batch's offsets are committed
+   (``agents.loops.releases``), so a batch delivered again after a crash still finds its claim checks.
+   ``process`` (a batch handled standalone, without commits) releases at once.
 
 Delivery policy: an event is acknowledged only once something was written for it (its reply or its dead
 letter). The failure classes are in ``streams.failures``:
@@ -253,7 +256,7 @@ class BatchProcessor:
 
     async def process_isolating(self, records: Sequence[Record]) -> None:
         """``process``, and if the batch path raises, one record at a time; a record that still raises
-        is dead-lettered (``internal``). Raises only ``DeliveryError``."""
+        is dead-lettered (``internal``). Raises only ``DeliveryError``. Releases at once (standalone use)."""
         try:
             await self.process(records)
             return
@@ -261,14 +264,19 @@ class BatchProcessor:
             raise
         except Exception:  # policy: isolate the poison record, never stall the partition
             log.exception("%s batch of %d failed; retrying its records one at a time", self.service, len(records))
-        await self.isolate(records)
+        await self.release(await self.isolate(records))
 
-    async def isolate(self, records: Sequence[Record]) -> None:
+    async def isolate(self, records: Sequence[Record]) -> list[dict[str, object]]:
         """Process each record alone; one that raises is dead-lettered (``internal``). Raises only
-        ``DeliveryError``."""
+        ``DeliveryError``.
+
+        Returns:
+            The inputs to ``release`` once the records' offsets are committed (see ``deliver``).
+        """
+        to_release: list[dict[str, object]] = []
         for record in records:
             try:
-                await self.process([record])
+                to_release += await self.deliver(await self.compute([record]))
             except DeliveryError:
                 raise
             except Exception as exc:
@@ -277,10 +285,12 @@ class BatchProcessor:
                               record.offset)  # fmt: skip
                 reason = ErrorInfo(code=ErrorCode.INTERNAL, message=f"processing failed: {type(exc).__name__}: {exc}")
                 await self._settle([self._letter(record, reason)])
+        return to_release
 
     async def process(self, records: Sequence[Record]) -> None:
-        """Handle one micro-batch; returns once every reply and dead letter is settled."""
-        await self.deliver(await self.compute(records))
+        """Handle one micro-batch standalone; returns once every reply and dead letter is settled, and what
+        the batch consumed is released (no commit to wait for: the agent loops use ``compute``/``deliver``)."""
+        await self.release(await self.deliver(await self.compute(records)))
 
     async def compute(self, records: Sequence[Record]) -> Settlement:
         """The first half of ``process``: decode, check, answer from the cache, run the model. Sends nothing,
@@ -327,9 +337,13 @@ class BatchProcessor:
         self.stats.items += len(records)
         return Admission(out, to_run, picked_ms)
 
-    async def deliver(self, settlement: Settlement) -> None:
+    async def deliver(self, settlement: Settlement) -> list[dict[str, object]]:
         """The second half of ``process``: settle every reply and dead letter (see the module docstring),
-        then cache the successful replies and run the ``release`` hook.
+        then cache the successful replies and keep the asynchronous ones.
+
+        Returns:
+            The inputs the ``release`` hook is to free once the batch's offsets are committed (``[]`` without
+            a hook): the loop holds them until then (``agents.loops.releases``) and calls ``release``.
 
         Raises:
             DeliveryError: retriable or unknown failures lasted longer than ``retry_s``, or a dead letter was
@@ -349,7 +363,13 @@ class BatchProcessor:
             if kept:
                 self.stats.results_not_kept += await store_replies(self._cache.redis, self._cache.prefix, kept)
         if self._release is not None and ran:
-            await self._release([dict(p.event.input) for p, _ in ran])
+            return [dict(p.event.input) for p, _ in ran]
+        return []
+
+    async def release(self, inputs: Sequence[dict[str, object]]) -> None:
+        """Run the ``release`` hook on ``inputs`` (from ``deliver``/``isolate``); nothing without a hook."""
+        if self._release is not None and inputs:
+            await self._release(inputs)
 
     async def _skip_cancelled(self, pending: list[_Pending], out: list[_Delivery]) -> list[_Pending]:
         """Requests whose cancel key is set (``streams.cancel``: the edge answered 504, or a streaming client

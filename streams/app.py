@@ -53,6 +53,12 @@ class RebalanceListener(Protocol):
     async def revoking(self, revoked: Iterable[Hashable]) -> None:
         """Partitions about to be revoked: return once what may be committed of them is acknowledged."""
 
+    def committed(self, offsets: Mapping[Hashable, int]) -> None:
+        """Offsets the broker took as committed (per partition, the next offset to read)."""
+
+    def forget(self, revoked: Iterable[Hashable]) -> None:
+        """Partitions revoked, after their acknowledged offsets were committed (or the commit failed)."""
+
 
 class CommittingConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer that commits acknowledged offsets of revoked partitions before Faust forgets
@@ -68,12 +74,26 @@ class CommittingConsumer(faust_aiokafka.Consumer):
                 except Exception:
                     log.exception("the agent loop failed to settle revoked partitions")
             await self.commit_acked(revoked)
+            if self.listener is not None:
+                self.listener.forget(set(revoked))
         await super().on_partitions_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Set[TP], generation_id: int = 0) -> None:
         if self.listener is not None:
             self.listener.on_assigned(set(assigned))
         await super().on_partitions_assigned(set(assigned), generation_id)
+
+    async def _commit_offsets(self, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+        """Faust's commit (periodic, on revoke, on stop); the listener hears what the broker took."""
+        assignment = self.assignment()
+        committable: dict[Hashable, int] = {tp: offset for tp, offset in offsets.items() if tp in assignment}
+        did_commit = bool(await super()._commit_offsets(offsets, start_new_transaction))
+        if did_commit and committable and self.listener is not None:
+            try:
+                self.listener.committed(committable)
+            except Exception:
+                log.exception("the agent loop failed to take committed offsets")
+        return did_commit
 
     async def commit_acked(self, tps: Set[TP]) -> bool:
         """Commit the acknowledged offsets of ``tps`` now (after any commit already running). Never raises."""

@@ -292,3 +292,48 @@ async def test_the_buffer_put_waits_while_the_waiting_items_cost_reaches_max_wai
     assert await buffer.take() == [6]  # a batch stays under max_cost
     await asyncio.wait_for(blocked, 1)
     assert len(buffer) == 2
+
+
+async def test_what_a_batch_consumed_is_released_only_once_its_offsets_are_committed() -> None:
+    """Vision's claim checks: acknowledged is not committed. A batch delivered again after a crash between
+    the two must still find its claims, so ``release`` waits for the commit, and a revoke drops it."""
+    sink, runner = GatedSink(), RecordingRunner()
+    released: list[list[object]] = []
+
+    async def release(inputs: Sequence[dict[str, object]]) -> None:
+        released.append([i["x"] for i in inputs])
+
+    processor = BatchProcessor("data", runner, sink, topic_prefix="p", cache=None, cache_ttl_s=60, release=release)
+    loop = BatchLoop(processor, FakeView(), max_batch=4, linger_ms=0, grace_s=5.0)
+    loop.on_assigned({("t", 0)})
+    queue: asyncio.Queue[FakeEvent] = asyncio.Queue()
+    first = [event(n) for n in range(3)]
+    for e in first:
+        queue.put_nowait(e)
+    task = asyncio.create_task(loop.run(FakeStream(queue)))  # type: ignore[arg-type]
+    try:
+        await until(lambda: len(sink.pending) == 3)
+        sink.release_all()
+        await until(lambda: all(e.acked for e in first))
+        await asyncio.sleep(0.05)
+        assert released == []  # replies written and acknowledged, offsets not committed: the claims stay
+        loop.committed({("t", 0): 2})  # offsets 0 and 1 committed, 2 not yet
+        await asyncio.sleep(0.05)
+        assert released == []
+        loop.committed({("t", 0): 3})
+        await until(lambda: released == [[0, 1, 2]])
+
+        second = [event(n) for n in range(3, 5)]
+        for e in second:
+            queue.put_nowait(e)
+        await until(lambda: len(sink.pending) == 2)
+        sink.release_all()
+        await until(lambda: all(e.acked for e in second))
+        loop.forget({("t", 0)})  # revoked before its commit: the next owner answers it and needs the claims
+        loop.committed({("t", 0): 100})
+        await asyncio.sleep(0.05)
+        assert released == [[0, 1, 2]]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

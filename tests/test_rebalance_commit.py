@@ -5,7 +5,7 @@ the library's order of operations is what the agents rely on, so it is pinned he
 from __future__ import annotations
 
 import uuid
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 
 import faust
 import pytest
@@ -50,6 +50,7 @@ class _Listener:
     def __init__(self, consumer: FaustConsumer, order: list[str]) -> None:
         self.consumer, self.order = consumer, order
         self.assigned: list[set[Hashable]] = []
+        self.committed_offsets: list[dict[Hashable, int]] = []
 
     def on_assigned(self, assigned: Iterable[Hashable]) -> None:
         self.assigned.append(set(assigned))
@@ -57,6 +58,12 @@ class _Listener:
     async def revoking(self, revoked: Iterable[Hashable]) -> None:
         self.order.append("loop settles")
         _ack_offsets(self.consumer, TP("t", 1), [0, 1])  # the loop's batch in hand settled meanwhile
+
+    def committed(self, offsets: Mapping[Hashable, int]) -> None:
+        self.committed_offsets.append(dict(offsets))
+
+    def forget(self, revoked: Iterable[Hashable]) -> None:
+        self.order.append("loop forgets")
 
 
 async def test_the_agents_consumer_lets_the_loop_settle_then_commits_acked_offsets_before_faust_forgets_them() -> None:
@@ -81,7 +88,7 @@ async def test_the_agents_consumer_lets_the_loop_settle_then_commits_acked_offse
     consumer.commit = commit  # type: ignore[method-assign]
     consumer._on_partitions_revoked = app_side  # type: ignore[assignment]
     await consumer.on_partitions_revoked(set(TPS))
-    assert order == ["loop settles", "commit", "faust forgets"]
+    assert order == ["loop settles", "commit", "loop forgets", "faust forgets"]
     assert committed == {TP("t", 0): 4, TP("t", 1): 2}  # what was acknowledged, including what settled last
     assert TP("t", 0) not in consumer._acked  # Faust's own cleanup still ran
 
@@ -98,3 +105,27 @@ def test_listen_rebalance_refuses_an_app_without_the_committing_consumer() -> No
     app = faust.App(f"probe-{uuid.uuid4().hex[:6]}", broker="kafka://127.0.0.1:9092")
     with pytest.raises(TypeError, match="CommittingConsumer"):
         listen_rebalance(app, _Listener(app.consumer, []))
+
+
+async def test_the_loop_hears_only_commits_the_broker_took_and_only_of_assigned_partitions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Releases after the commit (``agents.loops.releases``) rely on this: a failed commit, or a partition
+    no longer assigned (Faust discards its commit), must never be reported as committed."""
+    app = create_app(Settings(topic_prefix=f"rc{uuid.uuid4().hex[:6]}"), "vision")
+    consumer = app.consumer
+    assert isinstance(consumer, CommittingConsumer)
+    listener = _Listener(consumer, [])
+    listen_rebalance(app, listener)
+    outcome = {"did_commit": True}
+
+    async def faust_commit(self: object, offsets: Mapping[TP, int], start_new_transaction: bool = True) -> bool:
+        return outcome["did_commit"]
+
+    monkeypatch.setattr(FaustConsumer, "_commit_offsets", faust_commit)
+    monkeypatch.setattr(consumer, "assignment", lambda: {TP("t", 0)})
+    assert await consumer._commit_offsets({TP("t", 0): 5, TP("t", 1): 9}) is True
+    assert listener.committed_offsets == [{TP("t", 0): 5}]
+    outcome["did_commit"] = False
+    assert await consumer._commit_offsets({TP("t", 0): 7}) is False
+    assert listener.committed_offsets == [{TP("t", 0): 5}]

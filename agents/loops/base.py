@@ -13,7 +13,14 @@ Rebalance (``streams.app.RebalanceListener``; the agent's consumer calls these b
   refused; the events already taken of them are given up to ``revoke_wait_s`` to settle (and so be
   acknowledged) before the tracker forgets them; the consumer then commits what was acknowledged. So a
   graceful rebalance (an agent joining, or one leaving by SIGTERM) answers nothing twice. What does not
-  settle in time is forgotten unacknowledged: it is answered again by the partition's next owner.
+  settle in time is forgotten unacknowledged: it is answered again by the partition's next owner;
+* ``committed``: offsets the broker took; releases held for them run now (below);
+* ``forget``: after the revoke's commit; releases still held for those partitions are dropped.
+
+Releases after the commit (``agents.loops.releases``): what a batch consumed and a redelivery would still
+need (vision's claim checks) is released only once the batch's offsets are committed, never when its replies
+are merely acknowledged: an agent that dies in between has the batch delivered again, and it must find its
+claims. ``_release_after_commit`` holds a settled batch's release; ``committed`` runs those now due.
 
 A failure (a delivery retry that ran out, a bug) stops the loop: nothing waiting is run or acknowledged, and
 the agent ends the process (``AgentStopped``) so the events are delivered again after the restart.
@@ -25,11 +32,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, Hashable, Iterable, Sequence
+from collections.abc import AsyncIterable, Hashable, Iterable, Mapping, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from agents.loop import BatchProcessor
 from agents.loops.acks import AckTracker
+from agents.loops.releases import DeferredReleases
 from streams.batching import BatchBuffer, BufferClosed, feed
 from streams.codec import Record
 
@@ -84,6 +92,8 @@ class LoopBase(Generic[E]):
         self.tracker: AckTracker[E] = AckTracker(view.lane, view.ack)
         self.failure: BaseException | None = None
         self._revoking: set[Hashable] = set()
+        self.releases: DeferredReleases[list[dict[str, object]]] = DeferredReleases()
+        self._releasing: set[asyncio.Task[None]] = set()
 
     def _accepts(self, event: E) -> bool:
         """The buffer's gate: only events of partitions assigned here, and not being revoked."""
@@ -118,6 +128,41 @@ class LoopBase(Generic[E]):
                             self.revoke_wait_s)  # fmt: skip
         finally:
             self._revoking -= lanes
+
+    def committed(self, offsets: Mapping[Hashable, int]) -> None:
+        for inputs in self.releases.committed(offsets):
+            self._release_now(inputs)
+
+    def forget(self, revoked: Iterable[Hashable]) -> None:
+        dropped = self.releases.revoke(revoked)
+        if dropped:
+            log.info("rebalance: %d batches' releases dropped with their partitions (their claims expire by TTL)",
+                     dropped)  # fmt: skip
+
+    # -- releases after the commit ------------------------------------------------------------------------
+
+    def _release_after_commit(self, events: Iterable[E], inputs: list[dict[str, object]]) -> None:
+        """Hold the release of a settled batch's ``inputs`` until its events' offsets are committed."""
+        if not inputs:
+            return
+        last: dict[Hashable, int] = {}
+        for event in events:
+            lane, offset = self.view.lane(event), self.view.record(event).offset
+            last[lane] = max(offset, last.get(lane, offset))
+        for due in self.releases.add(last, inputs):
+            self._release_now(due)
+
+    def _release_now(self, inputs: list[dict[str, object]]) -> None:
+        task = asyncio.ensure_future(self._release(inputs))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, inputs: list[dict[str, object]]) -> None:
+        try:
+            await self.processor.release(inputs)
+        except Exception:  # a release is a clean-up: what it misses expires by its TTL
+            log.exception("%s release of %d inputs failed (their claims expire by TTL)", self.processor.service,
+                          len(inputs))  # fmt: skip
 
     # -- taking, settling, failing ------------------------------------------------------------------------
 

@@ -128,8 +128,9 @@ class BatchLoop(LoopBase[E]):
             settlement = None
         await self._wait_delivery()  # replies leave in batch order; at most one delivery outstanding
         if settlement is None:
-            await self.processor.isolate(records)
+            inputs = await self.processor.isolate(records)
             self._settled(events)
+            self._release_after_commit(events, inputs)
             return
         task = asyncio.create_task(self._deliver(events, records, settlement), name="agent-deliver")
         task.add_done_callback(self._delivery_done)
@@ -137,14 +138,15 @@ class BatchLoop(LoopBase[E]):
 
     async def _deliver(self, events: list[E], records: list[Record], settlement: Settlement) -> None:
         try:
-            await self.processor.deliver(settlement)
+            inputs = await self.processor.deliver(settlement)
         except DeliveryError:
             raise
-        except Exception:  # a bug past the model (cache write, release hook): redo the records one at a time
+        except Exception:  # a bug past the model (cache write): redo the records one at a time
             log.exception("%s delivery of a batch of %d failed; redoing its records one at a time",
                           self.processor.service, len(records))  # fmt: skip
-            await self.processor.isolate(records)
+            inputs = await self.processor.isolate(records)
         self._settled(events)
+        self._release_after_commit(events, inputs)
 
     def _delivery_done(self, task: asyncio.Task[None]) -> None:
         """A delivery that failed while the loop waited for events stops the loop at once."""

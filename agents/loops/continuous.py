@@ -333,13 +333,15 @@ class ContinuousLoop(LoopBase[E]):
             self._wake.set()
 
     async def _deliver(self, settlement: Settlement, events: list[E]) -> None:
-        await self.processor.deliver(settlement)
+        inputs = await self.processor.deliver(settlement)
         self._settled(events)
+        self._release_after_commit(events, inputs)
         self.figures.acked = self.tracker.acked
 
     async def _isolate(self, events: list[E], records: list[Any]) -> None:
-        await self.processor.isolate(records)
+        inputs = await self.processor.isolate(records)
         self._settled(events)
+        self._release_after_commit(events, inputs)
         self.figures.acked = self.tracker.acked
 
     async def _drain_deliveries(self) -> None:
