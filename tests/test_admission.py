@@ -53,6 +53,7 @@ def pipeline(infra_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
         ["data"],
         logs,
         AISEMBLE_REQUEST_TIMEOUT_S=str(REQUEST_TIMEOUT_S),
+        AISEMBLE_ASYNC_DEADLINE_S=str(REQUEST_TIMEOUT_S),  # pending asynchronous requests end this soon too
         AISEMBLE_MAX_IN_FLIGHT=str(MAX_IN_FLIGHT),
         AISEMBLE_MAX_PENDING_ASYNC_PER_KEY=str(MAX_PENDING),
         AISEMBLE_VISION__MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),

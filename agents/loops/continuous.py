@@ -56,7 +56,7 @@ from agents.loops.base import AgentStopped, EventView, LoopBase
 from agents.runner import Failure, Item
 from schemas import ErrorCode, PartialBatchEvent, PartialDelta
 from streams.batching import BatchBuffer
-from streams.cancel import cancel_key
+from streams.cancel import cancel_key, cancels
 from streams.codec import encode
 from streams.redis import guarded
 
@@ -408,8 +408,8 @@ class ContinuousLoop(LoopBase[E]):
                     self._redis_down_logged = True
                 continue
             self._redis_down_logged = False
-            for (key, _), value in zip(rows, values, strict=True):
-                if value is not None:
+            for (key, active), value in zip(rows, values, strict=True):
+                if cancels(value, active.pending.event.correlation_id):  # not a retry's key for an old attempt
                     self.engine.cancel(key)
 
 
