@@ -13,14 +13,12 @@ producer that fails the test if it is ever called (a refused body must never rea
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
-import uvicorn
 from aiokafka.errors import KafkaConnectionError
 from fastapi import FastAPI, params
 from fastapi.routing import APIRoute, iter_route_contexts
@@ -30,6 +28,7 @@ from api.edge import Edge
 from schemas import ErrorCode
 from streams.replies import ReplyRouter
 from streams.settings import Settings, VisionSettings
+from tests.served import served
 
 LIMIT = 4096
 VISION_LIMIT = 8192
@@ -136,20 +135,8 @@ async def _client(app: FastAPI, transport: str) -> AsyncIterator[httpx.AsyncClie
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client:
             yield client
         return
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            await asyncio.sleep(0.02)
-        assert server.started, "uvicorn did not start"
-        port = server.servers[0].sockets[0].getsockname()[1]
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 10)
+    async with served(app) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,11 @@ comes, then the exact events. A pure unit checks that a ping never loses or reor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
 
 import httpx
 import orjson
-import uvicorn
 from fastapi import FastAPI
 from fastapi.sse import KEEPALIVE_COMMENT
 
@@ -29,6 +26,7 @@ from schemas import ReplyEvent, RequestEvent
 from schemas.events import PartialBatchEvent, PartialDelta
 from streams.replies import ReplyRouter, StreamItem, StreamText
 from streams.settings import Settings
+from tests.served import served
 
 KEEPALIVE_S = 0.2
 FIRST_TOKEN_AFTER_S = 1.2  # about 6 keep-alive intervals
@@ -56,24 +54,6 @@ def _app(keepalive_s: float) -> tuple[FastAPI, Edge, _Producer]:
     edge = Edge(settings, producer, None, ReplyRouter(), None, "t.edge.x.replies")  # type: ignore[arg-type]
     app.state.edge = edge
     return app, edge, producer
-
-
-@contextlib.asynccontextmanager
-async def _served(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            await asyncio.sleep(0.02)
-        assert server.started, "uvicorn did not start"
-        port = server.servers[0].sockets[0].getsockname()[1]
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 10)
 
 
 async def _play_the_agent(edge: Edge, producer: _Producer, first_token_after_s: float) -> None:
@@ -105,7 +85,7 @@ async def _stream_lines(client: httpx.AsyncClient) -> list[tuple[float, str]]:
 
 async def test_a_slow_first_token_gets_keepalive_comments_at_the_configured_interval() -> None:
     app, edge, producer = _app(KEEPALIVE_S)
-    async with _served(app) as client:
+    async with served(app, timeout_s=30) as client:
         agent = asyncio.create_task(_play_the_agent(edge, producer, FIRST_TOKEN_AFTER_S))
         lines = await _stream_lines(client)
         await agent
@@ -126,7 +106,7 @@ async def test_a_slow_first_token_gets_keepalive_comments_at_the_configured_inte
 
 async def test_a_stream_with_tokens_coming_fast_gets_no_comment() -> None:
     app, edge, producer = _app(keepalive_s=5.0)
-    async with _served(app) as client:
+    async with served(app, timeout_s=30) as client:
         agent = asyncio.create_task(_play_the_agent(edge, producer, first_token_after_s=0.05))
         lines = await _stream_lines(client)
         await agent
