@@ -465,6 +465,7 @@ def pipeline(infra_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
         logs,
         AISEMBLE_API_KEYS=json.dumps(["k1", "k2"]),
         AISEMBLE_REQUEST_TIMEOUT_S=str(KEYED_TIMEOUT_S),  # an nlp request (no agent here) stays pending that long
+        AISEMBLE_ASYNC_DEADLINE_S=str(KEYED_TIMEOUT_S),  # and an asynchronous one too
         AISEMBLE_MAX_PENDING_ASYNC_PER_KEY=str(KEYED_MAX_PENDING),
     ).start()
     yield p
