@@ -390,7 +390,8 @@ class ContinuousLoop(LoopBase[E]):
             await self._partials.popleft()
 
     async def _poll_cancels(self) -> None:
-        """Every ``CANCEL_POLL_S``: one MGET of every active row's cancel key (see the module docstring)."""
+        """Every ``CANCEL_POLL_S``: one MGET of every active row's cancel key (see the module docstring). Runs
+        until the loop cancels it at its end; a failed read (Redis away, or anything else) skips one round."""
         redis = self._redis
         if redis is None:
             return
@@ -406,6 +407,9 @@ class ContinuousLoop(LoopBase[E]):
                 if not self._redis_down_logged:
                     log.warning("cancel keys unreadable (%s); decoding goes on, cancels are not seen", exc)
                     self._redis_down_logged = True
+                continue
+            except Exception:  # a bug must not end the poll for good: cancels would stop silently
+                log.exception("reading cancel keys failed; trying again in %.1fs", CANCEL_POLL_S)
                 continue
             self._redis_down_logged = False
             for (key, active), value in zip(rows, values, strict=True):
