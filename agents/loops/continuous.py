@@ -149,6 +149,7 @@ class ContinuousLoop(LoopBase[E]):
         self._active: dict[str, _Active] = {}
         self._deliveries: set[asyncio.Future[None]] = set()
         self._partials: deque[asyncio.Future[object]] = deque()
+        self._last_enqueued: asyncio.Event | None = None  # the latest partial handed to the producer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-engine")
         self._stopping = False
         self._redis_down_logged = False
@@ -372,11 +373,22 @@ class ContinuousLoop(LoopBase[E]):
         for (topic, task), group in groups.items():
             value = encode(PartialBatchEvent(service=self.processor.service, task=task, deltas=group))
             self.figures.partial_records += 1
-            self._partials.append(asyncio.ensure_future(self._send_partial(topic, value)))
+            enqueued = asyncio.Event()
+            previous, self._last_enqueued = self._last_enqueued, enqueued
+            self._partials.append(asyncio.ensure_future(self._send_partial(topic, value, previous, enqueued)))
 
-    async def _send_partial(self, topic: str, value: bytes) -> object:
+    async def _send_partial(
+        self, topic: str, value: bytes, previous: asyncio.Event | None, enqueued: asyncio.Event
+    ) -> object:
+        """Hand one partial to the producer after the one before it (a send may wait on metadata, and partials
+        handed over out of order would reach the topic out of order), without holding the decode step."""
         try:
-            ack = await self._sink.send(topic, self._worker_id, value)
+            try:
+                if previous is not None:
+                    await previous.wait()
+                ack = await self._sink.send(topic, self._worker_id, value)
+            finally:
+                enqueued.set()  # whatever happened, the next partial may go
             return await ack
         except Exception as exc:  # noqa: BLE001  (a partial is an early view; the final reply is authoritative)
             self.figures.partial_failures += 1
