@@ -49,9 +49,12 @@ def run_agent(service: Service, settings: Settings, runner_factory: str | None =
     ``runner_factory`` (``module:function``) serves a custom ``ModelRunner`` on the service's topics instead
     of the built-in one.
     """
+    log.info("startup %s: imports done", service)
     asyncio.run(ensure_service_topics(settings, [service]))
+    log.info("startup %s: topics ready", service)
     served = serve_agent_metrics(service, settings)  # None unless AISEMBLE_AGENT_METRICS_PORT is set
     runner = load_factory(runner_factory)(settings) if runner_factory else build_runner(service, settings)
+    log.info("startup %s: runner built (its imports done)", service)
     started = time.perf_counter()
     runner.load()
     log.info("%s model(s) loaded and warm in %.1fs", service, time.perf_counter() - started)

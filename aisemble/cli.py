@@ -11,6 +11,7 @@ aisemble monitor              the brief's performance monitor: latency and succe
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -18,6 +19,8 @@ import typer
 from aisemble import lag_cmd, monitor
 from schemas import SERVICES
 from streams.settings import get_settings
+
+log = logging.getLogger("aisemble.cli")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kafka-native AI inference pipeline.")
 infra_app = typer.Typer(no_args_is_help=True, help="Local Kafka (KRaft) and Redis on 127.0.0.1.")
@@ -192,12 +195,20 @@ def run(
     services: Annotated[
         str | None, typer.Option(help="Comma-separated services to run (default AISEMBLE_SERVICES, all four).")
     ] = None,
+    log_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="AISEMBLE_RUN_LOG_DIR",
+            help="Write each agent's and the edge's output to <dir>/<prefix>-<name>.log instead of this terminal.",
+        ),
+    ] = None,
 ) -> None:
     """Kafka, Redis, the agents and the edge in the foreground, supervised; Ctrl-C (or SIGTERM) stops them all.
 
     An agent or edge that exits is restarted with backoff (logged); the rest keeps serving meanwhile.
     """
     import signal
+    import time
 
     import infra
     from aisemble.pipeline import Pipeline
@@ -209,10 +220,15 @@ def run(
     chosen: list[str] = [_check_service(s.strip()) for s in services.split(",")] if services else [*settings.services]
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    started = time.monotonic()
     local = infra.start_local(settings)
-    pipeline = Pipeline(settings, chosen)
+    log.info("startup: Kafka and Redis answer after %.2fs", time.monotonic() - started)
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    pipeline = Pipeline(settings, chosen, log_dir)
     try:
         pipeline.start()
+        log.info("startup: healthy after %.2fs", time.monotonic() - started)
         typer.echo(f"aisemble: ready on {pipeline.url} with agents {', '.join(chosen)}; Ctrl-C stops")
         host = settings.agent_metrics_host
         ports = ", ".join(f"{n} http://{host}:{p}/metrics" for n, p in pipeline.metrics_ports.items())
