@@ -292,6 +292,10 @@ def main() -> int:
     parser.add_argument("--label", default="", help="a name for this set of runs, kept in the JSON")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    # Started in the background by a shell, this process may ignore SIGINT, and so would make and every child
+    # (an ignored signal stays ignored across exec): give it its default action, so the Ctrl-C that stops each
+    # run reaches every process.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     services = tuple(s.strip() for s in args.services.split(",") if s.strip())
     env_extra: dict[str, str] = {}
     if args.own_infra:
