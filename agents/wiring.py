@@ -10,6 +10,8 @@ ends the process with ``EXIT_AGENT_FAILED`` after a bounded wait.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -171,8 +173,13 @@ def create_agent_app(
             _exit_after(EXIT_STOP_WAIT_S, EXIT_AGENT_FAILED)
             await app.crash(loop.failure or RuntimeError("agent loop failed"))  # type: ignore[attr-defined]
 
-    @app.timer(interval=settings.heartbeat_interval_s)
-    async def heartbeat() -> None:
+    assigned = asyncio.Event()
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def first_assignment(sender: faust.App, assigned_tps: object = None, **_: Any) -> None:
+        assigned.set()
+
+    async def send_beat() -> None:
         stats = processor.stats
         current = dataclasses.replace(
             info,
@@ -185,5 +192,17 @@ def create_agent_app(
             await beat(redis, settings.topic_prefix, current, settings.heartbeat_ttl_s)
         except RedisError as exc:
             log.warning("heartbeat failed: %s", exc)
+
+    @app.task
+    async def heartbeat() -> None:
+        # The first beat as soon as the group has assigned this agent its partitions (it consumes from then on),
+        # and at the latest one interval after the app started; then one every interval.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settings.heartbeat_interval_s):
+                await assigned.wait()
+        await send_beat()
+        log.info("startup %s: first heartbeat", service)
+        async for _ in app.itertimer(settings.heartbeat_interval_s, name="heartbeat"):
+            await send_beat()
 
     return app, loop

@@ -221,13 +221,19 @@ def run(
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     started = time.monotonic()
-    local = infra.start_local(settings)
-    log.info("startup: Kafka and Redis answer after %.2fs", time.monotonic() - started)
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline(settings, chosen, log_dir)
+    local: infra.LocalInfra | None = None
     try:
-        pipeline.start()
+        # The agents import their code and load their models while Kafka and Redis are checked (or started):
+        # each waits for the broker before it makes its topics. The edge starts once both answer.
+        pipeline.spawn_agents()
+        log.info("startup: agents spawned")
+        local = infra.start_local(settings)
+        log.info("startup: Kafka and Redis answer after %.2fs", time.monotonic() - started)
+        pipeline.spawn_edge()
+        pipeline.wait_healthy()
         log.info("startup: healthy after %.2fs", time.monotonic() - started)
         typer.echo(f"aisemble: ready on {pipeline.url} with agents {', '.join(chosen)}; Ctrl-C stops")
         host = settings.agent_metrics_host
@@ -239,7 +245,8 @@ def run(
         typer.echo("aisemble: stopping")
     finally:
         pipeline.stop()
-        local.stop()  # only what this command started
+        if local is not None:
+            local.stop()  # only what this command started
 
 
 from aisemble import streams_cmd  # noqa: E402  (produce, record, replay)

@@ -29,14 +29,16 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import httpx
 import typer
 
 from schemas.http import API_KEY_HEADER
 from streams.settings import Settings, get_settings
 from streams.stats import percentile
+
+if TYPE_CHECKING:  # imported where used: every ``aisemble`` process (each agent) imports this module
+    import httpx
 
 ENDPOINT_NAMES = ("health", "llm", "nlp", "data", "vision")
 DEFAULT_IMAGE = Path(__file__).resolve().parent.parent / "tests" / "data" / "astronaut.jpg"
@@ -181,6 +183,8 @@ def brief_probes(image: Path | None, cache: bool = True) -> list[Probe]:
 
 def measure(client: httpx.Client, probe: Probe, iterations: int) -> list[Sample]:
     """Send ``probe`` ``iterations`` times, one after the other; never raises for a failed request."""
+    import httpx
+
     samples = []
     for _ in range(iterations):
         started = time.perf_counter()
@@ -217,6 +221,8 @@ def run_monitor(
     progress: Callable[[str], None] | None = None,
 ) -> Report:
     """Measure every probe against the edge at ``url`` (``iterations`` None: each probe's own count)."""
+    import httpx
+
     headers = {API_KEY_HEADER: api_key} if api_key else {}
     started, clock = time.time(), time.perf_counter()
     endpoints = []

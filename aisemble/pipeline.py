@@ -4,6 +4,8 @@ Used by ``aisemble run``, the tests and the benchmarks, so all three run exactly
 ``Pipeline.isolated`` gives a unique topic prefix, consumer groups, edge id and port, so concurrent test
 modules and benchmarks never see each other's events. ``start`` returns once ``/health`` says 200 (every
 agent has loaded its model and sent a heartbeat); processes are stopped by PID (SIGTERM, then SIGKILL).
+``spawn_agents``, ``spawn_edge`` and ``wait_healthy`` are its three steps, for ``aisemble run``, which starts the
+agents while it checks (or starts) Kafka and Redis and the edge once they answer.
 
 Agent metrics: when ``AISEMBLE_AGENT_METRICS_PORT`` is set (in the environment or the ``env`` given), each
 agent process gets its own port, kept across restarts and listed in ``metrics_ports``: the setting's port
@@ -25,6 +27,8 @@ from pathlib import Path
 import httpx
 
 from streams.settings import Settings
+
+HEALTH_POLL_S = 0.1  # how often ``wait_healthy`` asks /health (one small local request each time)
 
 
 def free_port() -> int:
@@ -124,25 +128,41 @@ class Pipeline:
         """Processes that have exited, with their exit codes."""
         return {name: code for name, proc in self.procs.items() if (code := proc.poll()) is not None}
 
-    def start(self, timeout_s: float = 300.0) -> Pipeline:
+    def spawn_agents(self) -> None:
+        """Start one agent process per service (each waits for the broker: ``agents.worker.BROKER_WAIT_S``)."""
         for service in self.services:
             self._spawn(service, ["agent", service], self._agent_env(service))
+
+    def spawn_edge(self) -> None:
+        """Start the edge process (Kafka must answer: its start-up creates topics)."""
         self._spawn("edge", ["edge"])
+
+    def start(self, timeout_s: float = 300.0) -> Pipeline:
+        """Spawn the agents and the edge; return once ``/health`` says 200 (see ``wait_healthy``)."""
+        self.spawn_agents()
+        self.spawn_edge()
+        return self.wait_healthy(timeout_s)
+
+    def wait_healthy(self, timeout_s: float = 300.0, poll_s: float = HEALTH_POLL_S) -> Pipeline:
+        """Return once ``/health`` answers 200, asking every ``poll_s``; a process that exits first, or no 200
+        within ``timeout_s``, stops every process and raises (``RuntimeError`` with its log tail, ``TimeoutError``).
+        """
         deadline = time.monotonic() + timeout_s
         last = ""
-        while time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
-            try:
-                response = httpx.get(f"{self.url}/health", timeout=5)
-                last = response.text
-                if response.status_code == 200:
-                    return self
-            except httpx.HTTPError as exc:
-                last = repr(exc)
-            time.sleep(0.5)
+        with httpx.Client(timeout=5) as client:
+            while time.monotonic() < deadline:
+                for name, proc in self.procs.items():
+                    if proc.poll() is not None:
+                        self.stop()
+                        raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+                try:
+                    response = client.get(f"{self.url}/health")
+                    last = response.text
+                    if response.status_code == 200:
+                        return self
+                except httpx.HTTPError as exc:
+                    last = repr(exc)
+                time.sleep(poll_s)
         self.stop()
         raise TimeoutError(f"pipeline not healthy after {timeout_s}s: {last}")
 

@@ -22,6 +22,7 @@ from collections.abc import Hashable, Iterable, Mapping, Set
 from typing import Any, Protocol
 
 import faust
+from faust.tables import TableManager
 from faust.transport import drivers as faust_drivers
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
@@ -108,6 +109,23 @@ class CommittingConsumer(faust_aiokafka.Consumer):
         return bool(committed)
 
 
+class TablelessManager(TableManager):
+    """Faust's table manager without its fixed one-second sleep at start.
+
+    faust-streaming 0.15.3's ``TableManager.on_start`` sleeps 1 s before it finalises the tables' channels and
+    starts recovery; the consumer subscribes only after that, so every agent start waited a second for nothing.
+    Our apps declare no tables (values stay raw bytes; nothing is kept in Faust), so the wait guards nothing.
+    """
+
+    async def on_start(self) -> None:
+        if self.values():
+            await super().on_start()  # someone declared a table after all: Faust's own start, sleep included
+            return
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
+
+
 class IdempotentTransport(faust_aiokafka.Transport):
     """Faust's aiokafka transport, producing through :class:`IdempotentProducer` and consuming through
     :class:`CommittingConsumer`."""
@@ -190,6 +208,7 @@ def create_app(settings: Settings, service: Service) -> faust.App:
         web_enabled=False,
         autodiscover=False,
         store="memory://",
+        TableManager=TablelessManager,
         datadir=str(datadir),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
