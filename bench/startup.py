@@ -39,12 +39,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.first_run import SERVICES, alive, descendants, free_port, health
+from bench.first_run import SERVICES, alive, descendants, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "startup.json"
@@ -122,6 +124,20 @@ def cpu_seconds(pids: set[int]) -> dict[str, float]:
             name = "other"
         out[name] = round(out.get(name, 0.0) + seconds, 2)
     return out
+
+
+def health(port: int) -> tuple[int | None, dict[str, Any] | None]:
+    """/health's status and body (a 503's body too: it says which services are live already)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read())
+        except ValueError:
+            return exc.code, None
+    except (OSError, ValueError):
+        return None, None
 
 
 def all_live(body: dict[str, Any] | None, services: tuple[str, ...]) -> bool:
