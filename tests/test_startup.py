@@ -4,6 +4,7 @@
   makes its topics once it answers, instead of exiting (``agents.worker.ensure_topics_when_up``).
 * Faust's table manager no longer sleeps a second before the consumer subscribes (``TablelessManager``).
 * An agent's first heartbeat goes out once the group has assigned it its partitions, not one interval after.
+* The broker maps a class-data-sharing archive written by its first clean stop (``infra.kafka``).
 * The whole pipeline (Kafka, Redis, every agent, the edge) reaches healthy within a generous bound.
 """
 
@@ -29,6 +30,7 @@ from aiokafka.errors import KafkaConnectionError
 
 from agents.worker import ensure_topics_when_up
 from aisemble.pipeline import Pipeline, free_port
+from infra.kafka import KafkaHandle, cds_archive, cds_options
 from streams.app import TablelessManager, create_app
 from streams.settings import Settings
 from streams.topics import partitions_of, service_topics
@@ -196,3 +198,33 @@ def test_a_warm_aisemble_run_is_healthy_within_the_bound_and_ctrl_c_stops_every_
     assert status == 0
     for pid in pids:  # every agent stopped with it
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_the_broker_writes_a_class_archive_first_and_maps_it_after(tmp_path: Path) -> None:
+    archive = cds_archive(tmp_path, sys.executable, "4.1.1")
+    assert archive.parent == tmp_path / "cds"
+    assert cds_options(archive) == [f"-XX:ArchiveClassesAtExit={archive}.new"]
+    archive.write_bytes(b"archive")
+    assert cds_options(archive) == [f"-XX:SharedArchiveFile={archive}"]
+    assert cds_archive(tmp_path, sys.executable, "4.2.0") != archive, "another Kafka version, another archive"
+
+
+def _handle(tmp_path: Path, code: str, archive: Path) -> KafkaHandle:
+    popen = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(0.5)  # its signal handling is in place
+    return KafkaHandle("127.0.0.1:1", popen.pid, tmp_path, tmp_path / "server.log", popen, cds=archive)
+
+
+def test_the_class_archive_is_kept_after_a_clean_stop_and_dropped_after_a_kill(tmp_path: Path) -> None:
+    archive = tmp_path / "cds" / "broker-x.jsa"
+    archive.parent.mkdir()
+    written = archive.with_name(archive.name + ".new")
+    written.write_bytes(b"complete")
+    _handle(tmp_path, "import time; time.sleep(60)", archive).stop(timeout=20)  # SIGTERM ends it
+    assert archive.read_bytes() == b"complete" and not written.exists()
+
+    archive.unlink()
+    written.write_bytes(b"perhaps cut short")
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    _handle(tmp_path, stubborn, archive).stop(timeout=1)  # SIGKILLed
+    assert not archive.exists() and not written.exists()
