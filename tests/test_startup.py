@@ -35,9 +35,10 @@ from streams.app import TablelessManager, create_app
 from streams.settings import Settings
 from streams.topics import partitions_of, service_topics
 
-# A warm start of the whole pipeline measures about 15 s on an idle 2-core machine (bench/startup.py); the
-# bound is several times that, for shared CI machines. AISEMBLE_STARTUP_BOUND_S overrides it.
-STARTUP_BOUND_S = float(os.environ.get("AISEMBLE_STARTUP_BOUND_S", "120"))
+# A warm start of the whole pipeline: about 65 s (bench/startup.py, median of 3) and 91 s (this test) on a shared
+# 2-core machine at a load average of 13 to 15, where 28 CPU-s of start-up work compete with other jobs; the
+# bound is a few times that, for shared CI machines. AISEMBLE_STARTUP_BOUND_S overrides it.
+STARTUP_BOUND_S = float(os.environ.get("AISEMBLE_STARTUP_BOUND_S", "240"))
 
 
 async def _forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
