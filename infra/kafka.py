@@ -219,11 +219,7 @@ class KafkaHandle:
         if killed:
             log.warning("Kafka pid %d was killed after %.0f s", self.pid, timeout)
         if self.cds is not None:
-            written = self.cds.with_name(self.cds.name + ".new")
-            if not killed and written.is_file():
-                written.replace(self.cds)  # complete: the JVM wrote it on its way out and exited by itself
-            else:
-                written.unlink(missing_ok=True)  # perhaps cut short
+            settle_cds(self.cds.parent, clean=not killed)
             self.cds = None
 
 
@@ -276,11 +272,21 @@ def cds_archive(data_dir: Path, java: str, version: str | None) -> Path:
 
 def cds_options(archive: Path) -> list[str]:
     """JVM options that use ``archive`` when it exists, else write ``<archive>.new`` when the JVM exits (kept by
-    ``KafkaHandle.stop`` after a clean stop)."""
+    ``KafkaHandle.stop`` or ``stop_kafka`` after a clean stop: ``settle_cds``)."""
     if archive.is_file():
         return [f"-XX:SharedArchiveFile={archive}"]
     archive.parent.mkdir(parents=True, exist_ok=True)
     return [f"-XX:ArchiveClassesAtExit={archive.with_name(archive.name + '.new')}"]
+
+
+def settle_cds(cds_dir: Path, *, clean: bool) -> None:
+    """After a broker stopped: keep the archives it wrote at exit (``*.jsa.new`` -> ``*.jsa``) when it exited by
+    itself (``clean``), drop them when it was killed (perhaps cut short)."""
+    for written in cds_dir.glob("*.jsa.new"):
+        if clean:
+            written.replace(written.with_name(written.name.removesuffix(".new")))
+        else:
+            written.unlink(missing_ok=True)
 
 
 def java_command(
@@ -469,7 +475,11 @@ def ensure_kafka(
 
 def stop_kafka(data_dir: str | Path, timeout: float = STOP_TIMEOUT_S) -> bool:
     """Stop the broker whose pid file is in ``data_dir`` (from any process). True when one was running."""
-    return stop_by_pid_file(Path(data_dir) / PID_FILE, MAIN_CLASS, timeout=timeout)
+    started = time.monotonic()
+    stopped = stop_by_pid_file(Path(data_dir) / PID_FILE, MAIN_CLASS, timeout=timeout)
+    if stopped:  # a SIGKILL comes only once ``timeout`` has passed: sooner, it exited by itself
+        settle_cds(Path(data_dir) / "cds", clean=time.monotonic() - started < timeout)
+    return stopped
 
 
 def kafka_status(

@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaConnectionError
 
 from agents.worker import ensure_topics_when_up
 from aisemble.pipeline import Pipeline, free_port
-from infra.kafka import KafkaHandle, cds_archive, cds_options
+from infra.kafka import KafkaHandle, cds_archive, cds_options, stop_kafka
 from streams.app import TablelessManager, create_app
 from streams.settings import Settings
 from streams.topics import partitions_of, service_topics
@@ -229,3 +229,19 @@ def test_the_class_archive_is_kept_after_a_clean_stop_and_dropped_after_a_kill(t
     stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
     _handle(tmp_path, stubborn, archive).stop(timeout=1)  # SIGKILLed
     assert not archive.exists() and not written.exists()
+
+
+def test_a_broker_stopped_through_its_pid_file_keeps_its_class_archive(tmp_path: Path) -> None:
+    # ``aisemble infra down`` stops the broker ``infra up`` started, from another process.
+    written = tmp_path / "cds" / "broker-x.jsa.new"
+    written.parent.mkdir()
+    written.write_bytes(b"complete")
+    broker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "kafka.Kafka"])
+    try:
+        (tmp_path / "kafka.pid").write_text(f"{broker.pid}\n")
+        time.sleep(0.5)
+        assert stop_kafka(tmp_path, timeout=20)
+    finally:
+        broker.kill()
+        broker.wait()
+    assert (tmp_path / "cds" / "broker-x.jsa").read_bytes() == b"complete" and not written.exists()
