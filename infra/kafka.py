@@ -40,6 +40,7 @@ import base64
 import hashlib
 import json
 import logging
+import signal
 import subprocess
 import time
 import uuid
@@ -219,7 +220,8 @@ class KafkaHandle:
         if killed:
             log.warning("Kafka pid %d was killed after %.0f s", self.pid, timeout)
         if self.cds is not None:
-            settle_cds(self.cds.parent, clean=not killed)
+            sigkilled = self._popen is not None and self._popen.returncode == -signal.SIGKILL  # by anyone
+            settle_cds(self.cds.parent, clean=not killed and not sigkilled)
             self.cds = None
 
 

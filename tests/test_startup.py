@@ -230,6 +230,12 @@ def test_the_class_archive_is_kept_after_a_clean_stop_and_dropped_after_a_kill(t
     _handle(tmp_path, stubborn, archive).stop(timeout=1)  # SIGKILLed
     assert not archive.exists() and not written.exists()
 
+    written.write_bytes(b"perhaps cut short")
+    handle = _handle(tmp_path, "import time; time.sleep(60)", archive)
+    os.kill(handle.pid, signal.SIGKILL)  # killed by someone else (test_broker_outage does this) before the stop
+    handle.stop(timeout=20)
+    assert not archive.exists() and not written.exists()
+
 
 def test_a_broker_stopped_through_its_pid_file_keeps_its_class_archive(tmp_path: Path) -> None:
     # ``aisemble infra down`` stops the broker ``infra up`` started, from another process.
