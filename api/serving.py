@@ -8,12 +8,14 @@ task, payload, cache=...)``. ``RequestServing`` decides, per request, between
   (RFC 7240): ``api.async_requests.submit``, which answers ``202 Accepted`` once Kafka has the request and
   keeps the reply for ``GET /requests/{id}``.
 
-The decision is read once, by the dependency, from the query and the ``Prefer`` header; nothing else of the
-request changes it. The dependency also carries who the caller is (``api.auth.Caller``: its owner id goes
-with an asynchronous request, so only that key reads the result) and whether ``api.admission`` admitted the
-request (it then holds the request's in-flight slot, and ``Edge.call``/``Edge.stream`` take none). A caller
-already at its ``max_pending_async_per_key`` who asks for an asynchronous answer is refused (429) by the
-dependency itself, before the route does any work (a vision upload writes no claim check).
+The dependencies are ``async def`` (FastAPI runs a plain ``def`` one in its thread pool: a thread hand-off per
+dependency per request); none blocks. The decision is read once, by the dependency, from the query and the
+``Prefer`` header; nothing else of the request changes it. The dependency also carries who the caller is
+(``api.auth.Caller``: its owner id goes with an asynchronous request, so only that key reads the result) and
+whether ``api.admission`` admitted the request (it then holds the request's in-flight slot, and
+``Edge.call``/``Edge.stream`` take none). A caller already at its ``max_pending_async_per_key`` who asks for
+an asynchronous answer is refused (429) by the dependency itself, before the route does any work (a vision
+upload writes no claim check).
 
 What can go wrong is what ``Edge.call`` and ``submit`` raise (429, 503, 409, 504), each an
 ``api.errors.EdgeError`` that the edge maps to HTTP in one place.
@@ -47,7 +49,7 @@ def prefers_async(values: list[str]) -> bool:
     return False
 
 
-def wants_async(
+async def wants_async(
     wait: bool = Query(
         default=True, description="false: answer 202 at once and keep the result for GET /requests/{id}."
     ),
@@ -94,7 +96,7 @@ class RequestServing:
         )
 
 
-def serving(
+async def serving(
     request: Request,
     edge: Edge = Depends(get_edge),
     rid: str | None = Depends(request_id),
