@@ -57,18 +57,19 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine
 
+import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.errors import DuplicateIdError, OverloadedError, ReplyTimeoutError, UnavailableError
 from api.guards import BrokerState, InFlightLimit, PendingPerOwner
 from api.metrics import EdgeMetrics, note_call
-from schemas import ReplyEvent, RequestEvent, Service
+from schemas import ReplyEvent, Service
 from streams.cache import ResultCache, wants_cache
 from streams.cancel import cancel_key, cancel_value
-from streams.codec import encode
 from streams.redis import guarded
 from streams.registry import models_by_service
 from streams.replies import DuplicateRequestIdError, ReplyListener, ReplyRouter, StreamItem, StreamText
@@ -86,6 +87,50 @@ def agent_deadline_ms(now_s: float, wait_s: float, margin_ms: int) -> int:
     end of the wait less ``margin_ms``, the margin capped at 10% of the wait (a short wait keeps most of it)."""
     margin_s = min(margin_ms / 1000.0, 0.1 * wait_s)
     return int((now_s + wait_s - margin_s) * 1000)
+
+
+def _json_default(value: object) -> object:
+    """What orjson cannot write natively in a task input: a pydantic model as its JSON-mode dump."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def request_record(
+    request_id: str,
+    correlation_id: str,
+    task: str,
+    payload: dict[str, object],
+    reply_to: str,
+    deadline_ms: int,
+    *,
+    cache: bool | None = None,
+    stream: bool = False,
+    store_result_s: int | None = None,
+) -> bytes:
+    """A ``RequestEvent`` as the request record's value, serialised once (orjson, the fields in the model's
+    order) without building the model: every field is the edge's own (a checked request id, its correlation
+    id, a route's task, its reply topic) and the input is what the route's schema validated, so validating it
+    all again (``RequestEvent.model_validate``) and dumping it (``model_dump``) would only pass over the payload
+    twice more. The bytes decode to the same event (``streams.codec.decode_request``; a unit test holds it).
+
+    Raises:
+        TypeError: the payload holds a value JSON cannot carry (a bug in a route: a 500, never produced).
+    """
+    return orjson.dumps(
+        {
+            "id": request_id,
+            "task": task,
+            "input": payload,
+            "reply_to": reply_to,
+            "correlation_id": correlation_id,
+            "deadline_ms": deadline_ms,
+            "cache": cache,
+            "stream": stream,
+            "store_result_s": store_result_s,
+        },
+        default=_json_default,
+    )
 
 
 def _broker_failure(exc: BaseException) -> bool:
@@ -189,9 +234,7 @@ class Edge:
         if models:
             self.models = models
 
-    def cache_key(
-        self, service: Service, task: str, payload: dict[str, object], flag: bool | None
-    ) -> str | None:
+    def cache_key(self, service: Service, task: str, payload: dict[str, object], flag: bool | None) -> str | None:
         model = self.models.get(service, {}).get(task)
         if model is None or not wants_cache(service, task, payload, flag):
             return None
@@ -259,16 +302,17 @@ class Edge:
             correlation_id, future = self.router.expect(request_id, service, task)
         except DuplicateRequestIdError as exc:
             raise DuplicateIdError(str(exc), request_id=request_id, service=service, task=task) from exc
-        event = self._request_event(
+        record = self._request_event(
             request_id, correlation_id, task, payload, timeout_s, cache=cache, store_result_s=store_result_s
         )
         try:
-            await self._produce(service, event, timeout_s)
+            await self._produce(service, task, request_id, record, timeout_s)
             if on_produced is not None:
                 on_produced()
             remaining = timeout_s - (time.perf_counter() - started)
             try:
-                reply = await asyncio.wait_for(asyncio.shield(future), max(remaining, 0.001))
+                async with asyncio.timeout(max(remaining, 0.001)):  # no Task per wait (as wait_for makes)
+                    reply = await future
             except TimeoutError as exc:
                 self._cancel_later(request_id, correlation_id, timeout_s)  # nobody waits for this attempt now
                 raise ReplyTimeoutError(
@@ -309,21 +353,18 @@ class Edge:
         task: str,
         payload: dict[str, object],
         timeout_s: float,
-        **options: object,
-    ) -> RequestEvent:
-        """The event for one call: replies to this edge's topic, deadline ``timeout_s`` from now less the margin
-        (``agent_deadline_ms``); ``options`` are the event's optional fields (cache, stream, store_result_s)."""
-        return RequestEvent.model_validate(
-            {
-                "id": request_id,
-                "correlation_id": correlation_id,
-                "task": task,
-                "input": payload,
-                "reply_to": self.reply_topic,
-                "deadline_ms": agent_deadline_ms(time.time(), timeout_s, self.settings.deadline_margin_ms),
-                **options,
-            }
-        )
+        *,
+        cache: bool | None = None,
+        stream: bool = False,
+        store_result_s: int | None = None,
+    ) -> bytes:
+        """The event for one call, as the record's value: replies to this edge's topic, deadline ``timeout_s``
+        from now less the margin (``agent_deadline_ms``); see ``request_record``."""
+        deadline_ms = agent_deadline_ms(time.time(), timeout_s, self.settings.deadline_margin_ms)
+        return request_record(
+            request_id, correlation_id, task, payload, self.reply_topic, deadline_ms,
+            cache=cache, stream=stream, store_result_s=store_result_s,
+        )  # fmt: skip
 
     def _check_broker(self, service: Service, task: str, request_id: str) -> None:
         if self.broker.down:
@@ -334,23 +375,22 @@ class Edge:
                 task=task,
             )
 
-    async def _produce(self, service: Service, event: RequestEvent, timeout_s: float) -> None:
-        """Hand ``event`` to Kafka within ``produce_timeout_s``; ``UnavailableError`` (503) otherwise."""
+    async def _produce(self, service: Service, task: str, request_id: str, record: bytes, timeout_s: float) -> None:
+        """Hand the request's ``record`` (key: its id) to Kafka within ``produce_timeout_s``; ``UnavailableError``
+        (503) otherwise."""
         topic = service_topics(self.settings.topic_prefix, service).requests
         try:
-            await asyncio.wait_for(
-                self.producer.send_and_wait(topic, encode(event), key=event.id.encode()),
-                min(self.settings.produce_timeout_s, timeout_s),
-            )
+            async with asyncio.timeout(min(self.settings.produce_timeout_s, timeout_s)):
+                await self.producer.send_and_wait(topic, record, key=request_id.encode())
         except (KafkaError, TimeoutError) as exc:
             if _broker_failure(exc):  # the probe, run now, judges: a slow ack under load is no outage
                 self.broker.suspect(f"produce: {exc!r}")
                 self._probe_now.set()
             raise UnavailableError(
                 f"could not produce the request to Kafka: {exc!r}",
-                request_id=event.id,
+                request_id=request_id,
                 service=service,
-                task=event.task,
+                task=task,
             ) from exc
         self.broker.mark_ok()
 
@@ -394,9 +434,9 @@ class Edge:
                 correlation_id, _, queue = self.router.expect_stream(request_id, service, task)
             except DuplicateRequestIdError as exc:
                 raise DuplicateIdError(str(exc), request_id=request_id, service=service, task=task) from exc
-            event = self._request_event(request_id, correlation_id, task, payload, timeout_s, cache=cache, stream=True)
+            record = self._request_event(request_id, correlation_id, task, payload, timeout_s, cache=cache, stream=True)
             try:
-                await self._produce(service, event, timeout_s)
+                await self._produce(service, task, request_id, record, timeout_s)
             except BaseException:
                 self.router.forget(correlation_id)
                 raise
@@ -479,7 +519,8 @@ class EdgeStream:
             raise RuntimeError("the stream has ended")
         remaining = self.timeout_s - (time.perf_counter() - self._started)
         try:
-            item = await asyncio.wait_for(self._queue.get(), max(remaining, 0.001))
+            async with asyncio.timeout(max(remaining, 0.001)):
+                item = await self._queue.get()
         except TimeoutError as exc:
             raise ReplyTimeoutError(
                 f"the stream did not end within {self.timeout_s:.1f}s (request id {self.request_id})",
