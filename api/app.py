@@ -61,13 +61,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             client_id=f"aisemble-edge-{settings.edge_id}",
             acks="all",
             enable_idempotence=True,
-            linger_ms=1,
+            linger_ms=settings.edge_linger_ms,  # 0: at once when idle; batches form while one is in flight
             max_request_size=settings.max_event_bytes,
             **client_options(settings),
         )
         redis = connect(settings)
         router = ReplyRouter()
-        listener = ReplyListener(settings.kafka_bootstrap, reply_topic, router, options=client_options(settings))
+        listener = ReplyListener(
+            settings.kafka_bootstrap,
+            reply_topic,
+            router,
+            options={"fetch_max_wait_ms": settings.edge_fetch_max_wait_ms, **client_options(settings)},
+        )
         edge = Edge(settings, producer, redis, router, listener, reply_topic, metrics=edge_metrics)
         refresher: asyncio.Task[None] | None = None
         app.state.lag = lag_monitor = LagMonitor(settings)  # GET /lag and /metrics; connects on first read
