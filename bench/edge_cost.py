@@ -199,8 +199,15 @@ def compare(points: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
     return out
 
 
-def run(duration_s: float = 10.0, rounds: int = 1, profile_s: float = 8.0, bare_n: int = 300) -> dict[str, Any]:
-    """Every point, alternating aisemble and the per-request design, then the profiles; see the module."""
+def run(
+    duration_s: float = 10.0,
+    rounds: int = 1,
+    profile_s: float = 8.0,
+    bare_n: int = 300,
+    profile_dir: Path = RESULTS / "profile",
+) -> dict[str, Any]:
+    """Every point, alternating aisemble and the per-request design, then the profiles (py-spy files under
+    ``profile_dir``); see the module."""
     log_dir = Path(tempfile.mkdtemp(prefix="aisemble-edge-cost-"))
     result: dict[str, Any] = {"duration_s": duration_s, "rounds": rounds, "driver": f"aiohttp {aiohttp.__version__}"}
     points: dict[str, dict[str, list[dict[str, Any]]]] = {p: {"aisemble": [], "per_request": []} for p in POINTS}
@@ -224,12 +231,11 @@ def run(duration_s: float = 10.0, rounds: int = 1, profile_s: float = 8.0, bare_
                     )
         result["points"] = points
         result["compare"] = compare(points)
-        profile_dir = RESULTS / "profile"
         profiles: dict[str, Any] = {}
         for label, pid in (("edge-light", ours["edge"]), ("data-agent-light", ours["data_agent"])):
             with recording(pid, label, profile_s, profile_dir) as rec:
                 rec["load"] = asyncio.run(closed_loop(pipeline.url, DATA_PATH, light_body, 64, profile_s, ours))
-            profiles[label] = {k: v for k, v in rec.items() if k not in ("top_total",)}
+            profiles[label] = rec
         result["profile"] = profiles
     result["bare_kafka"] = asyncio.run(bare_kafka(base_settings(), bare_n))
     return result
