@@ -18,8 +18,9 @@ before) / requests answered, for the edge, each agent and the per-request server
 CPU time / wall time. The aisemble points also split each round trip into hops from the reply's
 ``timings_ms`` (as ``bench.floor``: ``http`` = round trip - edge_ms, ``to_agent`` = queue_ms, ``agent`` =
 total_ms, ``back`` = the rest of edge_ms), beside a bare aiokafka produce-consume round trip (``bench.floor
-.bare_kafka``). Then py-spy (``bench.profiling``, when installed) records the edge and the data agent under the
-64-client light load, and the top self-time functions are kept.
+.bare_kafka``) with the producer's linger at 1 ms (the edge's before) and 0 (its default now), alternated.
+Then py-spy (``bench.profiling``, when installed) records the edge and the data agent under the 64-client
+light load, and the top self-time functions are kept.
 
 What can go wrong: /proc unreadable (not Linux) leaves CPU figures None; py-spy missing or not allowed to
 attach leaves ``profile`` with the reason. Non-200 answers are counted in ``statuses``, never hidden. Every
@@ -157,6 +158,66 @@ async def closed_loop(
     return out
 
 
+class _StubEdge:
+    """What the routes read of ``api.edge.Edge``, answering every call at once (``http_layer``)."""
+
+    def __init__(self) -> None:
+        from api.guards import InFlightLimit, PendingPerOwner
+        from streams.settings import Settings
+
+        self.settings = Settings()
+        self.in_flight = InFlightLimit(self.settings.max_in_flight)
+        self.pending_async = PendingPerOwner(self.settings.max_pending_async_per_key)
+        self.models: dict[str, dict[str, str]] = {}
+
+    async def call(self, service: str, task: str, payload: dict[str, object], **options: Any) -> Any:
+        from schemas import ReplyEvent
+
+        return ReplyEvent(id=options.get("request_id") or "r", service=service, task=task, ok=True,  # type: ignore[arg-type]
+                          output={"count": len(payload)}, timings_ms={"queue_ms": 1.0, "edge_ms": 2.0})  # fmt: skip
+
+
+async def _http_layer(n: int) -> float:
+    from api.app import create_app
+
+    app = create_app()
+    app.state.edge = _StubEdge()
+    body = light_body(0)
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()), (b"user-agent", b"bench")]  # fmt: skip
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": DATA_PATH, "raw_path": DATA_PATH.encode(), "query_string": b"", "root_path": "",
+             "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "app": app}  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    statuses: Counter[int] = Counter()
+
+    async def send(message: Mapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses[message["status"]] += 1
+
+    for i in range(n + 200):  # the first 200 warm up
+        if i == 200:
+            t0 = time.process_time()
+        await app(dict(scope, state={}), receive, send)
+    if set(statuses) != {200}:
+        raise RuntimeError(f"the stub edge answered {dict(statuses)}")
+    return (time.process_time() - t0) / n * 1e6
+
+
+def http_layer(n: int = 3000) -> dict[str, Any]:
+    """CPU us per ``POST /data/process`` through the edge's whole ASGI app (middleware, routing, validation,
+    dependencies, the response) with an edge that answers at once: the HTTP layer's cost alone, without a
+    server, a socket, Kafka or a driver (the same process, so no neighbour's load but the machine's)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {"requests": n, "cpu_us_per_request": round(asyncio.run(_http_layer(n)), 1)}
+
+
 POINTS: dict[str, tuple[str, Body, int]] = {
     "light_1": (DATA_PATH, light_body, 1),
     "light_64": (DATA_PATH, light_body, 64),
@@ -211,6 +272,7 @@ def run(
     log_dir = Path(tempfile.mkdtemp(prefix="aisemble-edge-cost-"))
     result: dict[str, Any] = {"duration_s": duration_s, "rounds": rounds, "driver": f"aiohttp {aiohttp.__version__}"}
     points: dict[str, dict[str, list[dict[str, Any]]]] = {p: {"aisemble": [], "per_request": []} for p in POINTS}
+    result["http_layer"] = [http_layer() for _ in range(3)]  # best of three: the least a neighbour added
     with running_pipeline(["data", "nlp"]) as pipeline, per_request_servers(log_dir) as alt:
         ours = {"edge": pipeline.procs["edge"].pid, **{f"{s}_agent": pipeline.procs[s].pid for s in ("data", "nlp")}}
         theirs = {f"per_request_{s}": pid for s, (_, pid) in alt.items()}
@@ -237,7 +299,12 @@ def run(
                 rec["load"] = asyncio.run(closed_loop(pipeline.url, DATA_PATH, light_body, 64, profile_s, ours))
             profiles[label] = rec
         result["profile"] = profiles
-    result["bare_kafka"] = asyncio.run(bare_kafka(base_settings(), bare_n))
+    # The edge's producer linger, before (1 ms) and now (AISEMBLE_EDGE_LINGER_MS, default 0), alternated.
+    bare: dict[str, list[dict[str, object]]] = {"linger_1": [], "linger_0": []}
+    for _ in range(2):
+        for linger in (1, 0):
+            bare[f"linger_{linger}"].append(asyncio.run(bare_kafka(base_settings(), bare_n // 2, linger)))
+    result["bare_kafka"] = bare
     return result
 
 
@@ -248,7 +315,11 @@ def main() -> None:
     parser.add_argument("--profile-s", type=float, default=8.0)
     parser.add_argument("--bare", type=int, default=300, help="bare aiokafka round trips")
     parser.add_argument("--out", default="edge_cost", help="bench/results/<out>.json")
+    parser.add_argument("--http-only", action="store_true", help="only the in-process HTTP layer figure")
     args = parser.parse_args()
+    if args.http_only:
+        print(orjson.dumps([http_layer() for _ in range(3)]).decode())
+        return
     result = run(args.duration, args.rounds, args.profile_s, args.bare)
     print(orjson.dumps(result.get("compare"), option=orjson.OPT_INDENT_2).decode())
     print(write_result(args.out, result))

@@ -424,8 +424,10 @@ def edge_cost_rows(result: dict[str, Any]) -> list[str]:
             lines.append(f"| {label} | {design} | {f1(p['requests_per_s'])} | {f1(get(p, 'latency_ms', 'p50'))} | "
                          f"{f1(get(p, 'latency_ms', 'p99'))} | {p.get('driver_cpu_cores')} | "
                          + " | ".join(f1(u) for u in us) + f" | {hop} |")  # fmt: skip
-    bare = get(ec, "bare_kafka", "latency_ms", "p50")
-    lines += ["", f"Bare aiokafka produce → consume round trip p50: {f1(bare)} ms.", ""]
+    bare = {k: [get(r, "latency_ms", "p50") for r in v] for k, v in (ec.get("bare_kafka") or {}).items()
+            if isinstance(v, list)}  # fmt: skip
+    shown = "; ".join(f"{k.replace('_', ' ')} ms: {', '.join(f1(x) for x in v)}" for k, v in bare.items())
+    lines += ["", f"Bare aiokafka produce → consume round trip p50 (producer linger; each run): {shown or '—'}.", ""]
     lines += [profile_md({k: v for k, v in (ec.get("profile") or {}).items() if isinstance(v, dict)})]
     return lines
 
