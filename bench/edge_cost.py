@@ -2,6 +2,7 @@
 every process's CPU time per request and each Kafka hop, from one script in one run (issue #15, edge part).
 
     python bench/edge_cost.py [--duration 10] [--rounds 1] [--profile-s 8] [--out edge_cost]
+    cd /tmp && python <checkout>/bench/edge_cost.py --baseline <another checkout>   # before/after in one run
 
 One pipeline (edge, data agent, nlp agent with its default model) and the per-request design
 (``bench/alt_per_request.py``, one FastAPI handler per request: a data server and an nlp server) run side by
@@ -10,6 +11,10 @@ neighbour's load on a shared machine falls on both. The points, all closed loop 
 
 * ``light_1`` / ``light_64``: ``POST /data/process``, ``analyze`` of 3 records, 1 and 64 clients;
 * ``embed_1``: ``POST /ai/nlp/process``, MiniLM ``embed`` of a 9-to-15-word text, 1 client.
+
+With ``--baseline <checkout>`` a third design, ``aisemble_baseline``, is a second pipeline running that
+checkout's code (e.g. the commit before a change), measured in the same rotation: before and after from one
+run, under the same neighbours (on a shared machine, runs minutes apart are not comparable).
 
 The load driver is light and the same for every design: aiohttp, one session, bodies encoded once up front,
 each answer's JSON read (for the hop split). Its own CPU share (process CPU seconds / wall seconds) is reported
@@ -48,6 +53,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aisemble.pipeline import Pipeline
 from bench.common import RESULTS, base_settings, running_pipeline, summary_ms, write_result
 from bench.floor import HOPS, bare_kafka
 from bench.profiling import recording
@@ -226,6 +232,23 @@ POINTS: dict[str, tuple[str, Body, int]] = {
 
 
 @contextlib.contextmanager
+def baseline_pipeline(root: Path | None, log_dir: Path) -> Iterator[Pipeline | None]:
+    """A second pipeline (data + nlp) running the code of another checkout at ``root`` (its modules first on
+    ``PYTHONPATH``), or None without ``root``. Run this script from a directory that holds no ``aisemble``
+    package (e.g. /tmp): ``python -m`` puts the working directory ahead of ``PYTHONPATH``."""
+    if root is None:
+        yield None
+        return
+    if (Path.cwd() / "aisemble").is_dir():
+        raise RuntimeError("--baseline needs a working directory without an aisemble package (cd /tmp)")
+    pipeline = Pipeline.isolated(base_settings(), ["data", "nlp"], log_dir, PYTHONPATH=str(root.resolve()))
+    try:
+        yield pipeline.start()
+    finally:
+        pipeline.stop()
+
+
+@contextlib.contextmanager
 def per_request_servers(log_dir: Path) -> Iterator[dict[str, tuple[str, int]]]:
     """The per-request design's data and nlp servers (``bench/alt_per_request.py``): service -> (url, pid)."""
     from bench.suite import per_request_server  # suite imports this module: import it late
@@ -246,9 +269,16 @@ def compare(points: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
     out: dict[str, Any] = {}
     for name, designs in points.items():
         best = {d: max(runs, key=lambda r: r["requests_per_s"]) for d, runs in designs.items() if runs}
-        a, p = best.get("aisemble"), best.get("per_request")
+        a, p, b = best.get("aisemble"), best.get("per_request"), best.get("aisemble_baseline")
         if a is None or p is None:
             continue
+        if b is not None:
+            out[f"{name}_baseline"] = {
+                "aisemble_rps": b["requests_per_s"],
+                "rps_ratio": ratio(b["requests_per_s"], p["requests_per_s"]),
+                "aisemble_p50_ms": b["latency_ms"]["p50"],
+                "p50_ratio": ratio(b["latency_ms"]["p50"], p["latency_ms"]["p50"]),
+            }
         out[name] = {
             "aisemble_rps": a["requests_per_s"],
             "per_request_rps": p["requests_per_s"],
@@ -266,22 +296,34 @@ def run(
     profile_s: float = 8.0,
     bare_n: int = 300,
     profile_dir: Path = RESULTS / "profile",
+    baseline: Path | None = None,
 ) -> dict[str, Any]:
-    """Every point, alternating aisemble and the per-request design, then the profiles (py-spy files under
-    ``profile_dir``); see the module."""
+    """Every point, alternating aisemble and the per-request design (and ``aisemble_baseline``, the code at
+    ``baseline``, when given), then the profiles (py-spy files under ``profile_dir``); see the module."""
     log_dir = Path(tempfile.mkdtemp(prefix="aisemble-edge-cost-"))
     result: dict[str, Any] = {"duration_s": duration_s, "rounds": rounds, "driver": f"aiohttp {aiohttp.__version__}"}
-    points: dict[str, dict[str, list[dict[str, Any]]]] = {p: {"aisemble": [], "per_request": []} for p in POINTS}
+    designs = ["aisemble", *(["aisemble_baseline"] if baseline else []), "per_request"]
+    points: dict[str, dict[str, list[dict[str, Any]]]] = {p: {d: [] for d in designs} for p in POINTS}
     result["http_layer"] = [http_layer() for _ in range(3)]  # best of three: the least a neighbour added
-    with running_pipeline(["data", "nlp"]) as pipeline, per_request_servers(log_dir) as alt:
+    if baseline is not None:
+        result["baseline"] = str(baseline)
+    with (
+        running_pipeline(["data", "nlp"]) as pipeline,
+        baseline_pipeline(baseline, log_dir) as before,
+        per_request_servers(log_dir) as alt,
+    ):
         ours = {"edge": pipeline.procs["edge"].pid, **{f"{s}_agent": pipeline.procs[s].pid for s in ("data", "nlp")}}
         theirs = {f"per_request_{s}": pid for s, (_, pid) in alt.items()}
-        every = {**ours, **theirs}  # idle ones too: what they cost while the other design is measured
+        olds = {} if before is None else {f"baseline_{n}": before.procs[n].pid for n in ("edge", "data", "nlp")}
+        every = {**ours, **olds, **theirs}  # idle ones too: what they cost while another design is measured
         for r in range(rounds):
             for name, (path, body, clients) in POINTS.items():
                 alt_url = alt["nlp" if path == NLP_PATH else "data"][0]
-                for design, url in (("aisemble", pipeline.url), ("per_request", alt_url)):
-                    point = asyncio.run(closed_loop(url, path, body, clients, duration_s, every))
+                urls = {"aisemble": pipeline.url, "per_request": alt_url}
+                if before is not None:
+                    urls["aisemble_baseline"] = before.url
+                for design in designs:
+                    point = asyncio.run(closed_loop(urls[design], path, body, clients, duration_s, every))
                     point["round"] = r
                     points[name][design].append(point)
                     print(
@@ -294,9 +336,12 @@ def run(
         result["points"] = points
         result["compare"] = compare(points)
         profiles: dict[str, Any] = {}
-        for label, pid in (("edge-light", ours["edge"]), ("data-agent-light", ours["data_agent"])):
+        targets = [("edge-light", ours["edge"], pipeline.url), ("data-agent-light", ours["data_agent"], pipeline.url)]
+        if before is not None:
+            targets.append(("baseline-edge-light", olds["baseline_edge"], before.url))
+        for label, pid, url in targets:
             with recording(pid, label, profile_s, profile_dir) as rec:
-                rec["load"] = asyncio.run(closed_loop(pipeline.url, DATA_PATH, light_body, 64, profile_s, ours))
+                rec["load"] = asyncio.run(closed_loop(url, DATA_PATH, light_body, 64, profile_s, every))
             profiles[label] = rec
         result["profile"] = profiles
     # The edge's producer linger, before (1 ms) and now (AISEMBLE_EDGE_LINGER_MS, default 0), alternated.
@@ -316,11 +361,12 @@ def main() -> None:
     parser.add_argument("--bare", type=int, default=300, help="bare aiokafka round trips")
     parser.add_argument("--out", default="edge_cost", help="bench/results/<out>.json")
     parser.add_argument("--http-only", action="store_true", help="only the in-process HTTP layer figure")
+    parser.add_argument("--baseline", type=Path, help="also run a pipeline of the checkout at this path (before)")
     args = parser.parse_args()
     if args.http_only:
         print(orjson.dumps([http_layer() for _ in range(3)]).decode())
         return
-    result = run(args.duration, args.rounds, args.profile_s, args.bare)
+    result = run(args.duration, args.rounds, args.profile_s, args.bare, baseline=args.baseline)
     print(orjson.dumps(result.get("compare"), option=orjson.OPT_INDENT_2).decode())
     print(write_result(args.out, result))
 

@@ -396,6 +396,11 @@ def edge_cost_rows(result: dict[str, Any]) -> list[str]:
     rows: list[tuple[str, str, bool | None]] = []
     for name, label in (("light_1", "light work, 1 client"), ("light_64", "light work, 64 clients")):
         r = get(cmp, name, "rps_ratio")
+        if f"{name}_baseline" in cmp:  # the same target for the baseline checkout, in the same run
+            b = get(cmp, f"{name}_baseline", "rps_ratio")
+            figure = f"{f1(get(cmp, f'{name}_baseline', 'aisemble_rps'))} / {f1(get(cmp, name, 'per_request_rps'))}"
+            rows.append((f"(baseline) {label} ≥ 0.33x per-request req/s", f"{figure} = {b}x",
+                         None if b is None else b >= 0.33))  # fmt: skip
         rows.append((f"{label} ≥ 0.33x per-request req/s",
                      f"{f1(get(cmp, name, 'aisemble_rps'))} / {f1(get(cmp, name, 'per_request_rps'))} = {r}x",
                      None if r is None else r >= 0.33))  # fmt: skip
@@ -420,7 +425,10 @@ def edge_cost_rows(result: dict[str, Any]) -> list[str]:
             server = "per_request_nlp" if name.startswith("embed") else "per_request_data"
             hops = p.get("hops_p50_ms") or {}
             hop = " / ".join(f1(hops.get(h)) for h in ("http", "to_agent", "agent", "back")) if hops else "—"
-            us = [get(cpu, k, "cpu_us_per_request") for k in ("edge", "data_agent", "nlp_agent", server)]
+            keys = ("edge", "data_agent", "nlp_agent", server)
+            if design == "aisemble_baseline":  # the baseline pipeline's own processes (bench.edge_cost --baseline)
+                keys = ("baseline_edge", "baseline_data", "baseline_nlp", server)
+            us = [get(cpu, k, "cpu_us_per_request") for k in keys]
             lines.append(f"| {label} | {design} | {f1(p['requests_per_s'])} | {f1(get(p, 'latency_ms', 'p50'))} | "
                          f"{f1(get(p, 'latency_ms', 'p99'))} | {p.get('driver_cpu_cores')} | "
                          + " | ".join(f1(u) for u in us) + f" | {hop} |")  # fmt: skip
