@@ -297,13 +297,15 @@ def run(
     bare_n: int = 300,
     profile_dir: Path = RESULTS / "profile",
     baseline: Path | None = None,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
     """Every point, alternating aisemble and the per-request design (and ``aisemble_baseline``, the code at
     ``baseline``, when given), then the profiles (py-spy files under ``profile_dir``); see the module."""
     log_dir = Path(tempfile.mkdtemp(prefix="aisemble-edge-cost-"))
     result: dict[str, Any] = {"duration_s": duration_s, "rounds": rounds, "driver": f"aiohttp {aiohttp.__version__}"}
     designs = ["aisemble", *(["aisemble_baseline"] if baseline else []), "per_request"]
-    points: dict[str, dict[str, list[dict[str, Any]]]] = {p: {d: [] for d in designs} for p in POINTS}
+    chosen = {name: spec for name, spec in POINTS.items() if not only or name in only}
+    points: dict[str, dict[str, list[dict[str, Any]]]] = {p: {d: [] for d in designs} for p in chosen}
     result["http_layer"] = [http_layer() for _ in range(3)]  # best of three: the least a neighbour added
     if baseline is not None:
         result["baseline"] = str(baseline)
@@ -317,7 +319,7 @@ def run(
         olds = {} if before is None else {f"baseline_{n}": before.procs[n].pid for n in ("edge", "data", "nlp")}
         every = {**ours, **olds, **theirs}  # idle ones too: what they cost while another design is measured
         for r in range(rounds):
-            for name, (path, body, clients) in POINTS.items():
+            for name, (path, body, clients) in chosen.items():
                 alt_url = alt["nlp" if path == NLP_PATH else "data"][0]
                 urls = {"aisemble": pipeline.url, "per_request": alt_url}
                 if before is not None:
@@ -362,11 +364,13 @@ def main() -> None:
     parser.add_argument("--out", default="edge_cost", help="bench/results/<out>.json")
     parser.add_argument("--http-only", action="store_true", help="only the in-process HTTP layer figure")
     parser.add_argument("--baseline", type=Path, help="also run a pipeline of the checkout at this path (before)")
+    parser.add_argument("--points", help=f"comma-separated subset of {','.join(POINTS)}")
     args = parser.parse_args()
     if args.http_only:
         print(orjson.dumps([http_layer() for _ in range(3)]).decode())
         return
-    result = run(args.duration, args.rounds, args.profile_s, args.bare, baseline=args.baseline)
+    only = args.points.split(",") if args.points else None
+    result = run(args.duration, args.rounds, args.profile_s, args.bare, baseline=args.baseline, only=only)
     print(orjson.dumps(result.get("compare"), option=orjson.OPT_INDENT_2).decode())
     print(write_result(args.out, result))
 
