@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             client_id=f"aisemble-edge-{settings.edge_id}",
             acks="all",
             enable_idempotence=True,
-            linger_ms=settings.edge_linger_ms,  # 0: at once when idle; batches form while one is in flight
+            linger_ms=settings.edge_linger_ms,  # while busy; Edge.linger sends at once when idle (AdaptiveLinger)
             max_request_size=settings.max_event_bytes,
             **client_options(settings),
         )

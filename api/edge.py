@@ -41,6 +41,9 @@ in a background task (``spawn``) with ``admitted=True`` (they hold no in-flight 
 ``pending_async`` bounds them per API key instead), ``store_result_s`` (the agent keeps the reply in
 Redis) and ``on_produced`` (told once the request is produced, so the route answers 202 only then).
 
+Kafka latency: a request produced while none of this edge's is in flight leaves at once; while one is, the
+producer lingers ``edge_linger_ms`` so a burst is batched (``AdaptiveLinger``).
+
 What can go wrong: a request that timed out while producing may still reach the broker later (the
 producer keeps what it already accepted until its own timeout), so a 503 means "maybe not processed",
 never "processed": its reply, if any, is dropped. A caller that retries may get its request run twice
@@ -55,7 +58,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -133,6 +136,35 @@ def request_record(
     )
 
 
+class AdaptiveLinger:
+    """The edge producer's linger, chosen per request: none when no produce of this edge is in flight (a lone
+    request leaves at once: aiokafka's 1 ms linger costs 2 to 4 ms per hop here, its timer included), and
+    ``busy_ms`` while one is (a burst of requests arriving meanwhile is batched as before).
+
+    aiokafka gives a batch the accumulator's linger when the batch is created, so setting it before each send
+    decides that send's batch. It is a private attribute of aiokafka (pinned in the lock files); where it is
+    missing, ``enabled`` is False and the producer keeps the fixed linger it was built with (``busy_ms``), so
+    an upgrade that renames it costs latency, never correctness (a unit test fails loudly on the pinned one).
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, busy_ms: int) -> None:
+        self._accumulator = getattr(producer, "_message_accumulator", None)
+        self.enabled = isinstance(getattr(self._accumulator, "_linger_time", None), int | float)
+        self.busy_s = busy_ms / 1000.0
+        self.in_flight = 0  # produces handed to the producer and not yet acknowledged (or failed)
+
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[None]:
+        """Hold around one ``send_and_wait``: picks its batch's linger, counts it in flight until it ends."""
+        if self.enabled:
+            self._accumulator._linger_time = self.busy_s if self.in_flight else 0.0  # type: ignore[union-attr]
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
 def _broker_failure(exc: BaseException) -> bool:
     """Whether a produce failure says the broker is unreachable (not e.g. a record too large)."""
     return isinstance(exc, TimeoutError) or (isinstance(exc, KafkaError) and exc.retriable)
@@ -154,6 +186,7 @@ class Edge:
         self.settings = settings
         self.metrics = metrics
         self.producer = producer
+        self.linger = AdaptiveLinger(producer, settings.edge_linger_ms)
         self.redis = redis
         self.router = router
         self.listener = listener
@@ -380,8 +413,9 @@ class Edge:
         (503) otherwise."""
         topic = service_topics(self.settings.topic_prefix, service).requests
         try:
-            async with asyncio.timeout(min(self.settings.produce_timeout_s, timeout_s)):
-                await self.producer.send_and_wait(topic, record, key=request_id.encode())
+            with self.linger.sending():
+                async with asyncio.timeout(min(self.settings.produce_timeout_s, timeout_s)):
+                    await self.producer.send_and_wait(topic, record, key=request_id.encode())
         except (KafkaError, TimeoutError) as exc:
             if _broker_failure(exc):  # the probe, run now, judges: a slow ack under load is no outage
                 self.broker.suspect(f"produce: {exc!r}")

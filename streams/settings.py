@@ -162,13 +162,12 @@ class Settings(BaseSettings):
 
     # The edge's Kafka clients (issue 15): latency at low load without losing batching under load.
     edge_linger_ms: int = Field(
-        default=0,
+        default=1,
         ge=0,
         le=1000,
         description=(
-            "The edge producer's linger. 0 sends a request at once when nothing is in flight to its broker; "
-            "under load requests still batch, as the producer keeps one request in flight per broker and "
-            "gathers what arrives meanwhile into the next one."
+            "The edge producer's linger while one of its requests is already in flight (a burst is batched); "
+            "a request produced while none is in flight is sent at once. 0: never linger."
         ),
     )
     edge_fetch_max_wait_ms: int = Field(

@@ -6,7 +6,8 @@
 * ``route_reply_record`` validates only replies someone waits for; others are counted dropped unvalidated;
 * with API keys, a request's key is hashed and compared once (the gate's verdict is reused by the
   dependency), and an app without the gate still checks the key itself (fails closed);
-* every dependency of every route runs on the event loop (``async def``), none in the thread pool.
+* every dependency of every route runs on the event loop (``async def``), none in the thread pool;
+* the edge producer lingers only while one of its requests is in flight (``AdaptiveLinger``).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import inspect
 import httpx
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from fastapi import APIRouter, FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic import SecretStr
 
 import api.auth as auth
-from api.edge import request_record
+from api.edge import AdaptiveLinger, request_record
 from api.errors import install_error_handlers, reply_body
 from api.routes import data, health, lag, llm, metrics, nlp, requests, status, vision
 from api.routes import openai as openai_routes
@@ -183,3 +185,30 @@ def test_every_route_dependency_runs_on_the_event_loop() -> None:
         assert _is_async(dependency.dependency)
         checked += 1
     assert checked > 20
+
+
+async def test_the_linger_is_none_for_a_lone_request_and_busy_ms_while_one_is_in_flight() -> None:
+    producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", linger_ms=7)  # never started: nothing connects
+    linger = AdaptiveLinger(producer, busy_ms=3)
+    assert linger.enabled  # aiokafka's accumulator still has the attribute (an upgrade that renames it fails here)
+    accumulator = producer._message_accumulator
+    with linger.sending():
+        assert accumulator._linger_time == 0.0 and linger.in_flight == 1  # idle: at once
+        with linger.sending():
+            assert accumulator._linger_time == 0.003 and linger.in_flight == 2  # busy: batched
+        with pytest.raises(RuntimeError), linger.sending():
+            raise RuntimeError("a failed send is counted out too")
+        assert linger.in_flight == 1
+    assert linger.in_flight == 0
+    with linger.sending():
+        assert accumulator._linger_time == 0.0
+
+
+def test_without_the_accumulator_attribute_the_producer_keeps_its_fixed_linger() -> None:
+    class Producer:
+        pass
+
+    linger = AdaptiveLinger(Producer(), busy_ms=1)  # type: ignore[arg-type]
+    assert not linger.enabled
+    with linger.sending():
+        assert linger.in_flight == 1
