@@ -382,6 +382,11 @@ def targets(result: dict[str, Any], top: int) -> list[str]:
     return [*lines, ""]
 
 
+def f3(x: Any) -> str:
+    """A ratio with three decimals, or — for none."""
+    return "—" if x is None else f"{x:.3f}"
+
+
 EDGE_POINTS = {"light_1": "light work, 1 client", "light_64": "light work, 64 clients", "embed_1": "embed, 1 client"}
 
 
@@ -399,15 +404,15 @@ def edge_cost_rows(result: dict[str, Any]) -> list[str]:
         if f"{name}_baseline" in cmp:  # the same target for the baseline checkout, in the same run
             b = get(cmp, f"{name}_baseline", "rps_ratio")
             figure = f"{f1(get(cmp, f'{name}_baseline', 'aisemble_rps'))} / {f1(get(cmp, name, 'per_request_rps'))}"
-            rows.append((f"(baseline) {label} ≥ 0.33x per-request req/s", f"{figure} = {b}x",
+            rows.append((f"(baseline) {label} ≥ 0.33x per-request req/s", f"{figure} = {f3(b)}x",
                          None if b is None else b >= 0.33))  # fmt: skip
         rows.append((f"{label} ≥ 0.33x per-request req/s",
-                     f"{f1(get(cmp, name, 'aisemble_rps'))} / {f1(get(cmp, name, 'per_request_rps'))} = {r}x",
+                     f"{f1(get(cmp, name, 'aisemble_rps'))} / {f1(get(cmp, name, 'per_request_rps'))} = {f3(r)}x",
                      None if r is None else r >= 0.33))  # fmt: skip
     r = get(cmp, "embed_1", "p50_ratio")
     rows.append(("embed 1 client p50 ≤ 1.25x per-request's",
                  f"{f1(get(cmp, 'embed_1', 'aisemble_p50_ms'))} / {f1(get(cmp, 'embed_1', 'per_request_p50_ms'))} ms"
-                 f" = {r}x", None if r is None else r <= 1.25))  # fmt: skip
+                 f" = {f3(r)}x", None if r is None else r <= 1.25))  # fmt: skip
     lines += ["| target | figure | verdict |", "|---|---|---|"]
     lines += [f"| {t} | {fig} | {verdict(ok)} |" for t, fig, ok in rows]
     lines += ["", f"Driver: {ec.get('driver')}, closed loop, cache off, {ec.get('duration_s')} s per point, best of "
