@@ -61,13 +61,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             client_id=f"aisemble-edge-{settings.edge_id}",
             acks="all",
             enable_idempotence=True,
-            linger_ms=1,
+            linger_ms=settings.edge_linger_ms,  # while busy; Edge.linger sends at once when idle (AdaptiveLinger)
             max_request_size=settings.max_event_bytes,
             **client_options(settings),
         )
         redis = connect(settings)
         router = ReplyRouter()
-        listener = ReplyListener(settings.kafka_bootstrap, reply_topic, router, options=client_options(settings))
+        listener = ReplyListener(
+            settings.kafka_bootstrap,
+            reply_topic,
+            router,
+            options={"fetch_max_wait_ms": settings.edge_fetch_max_wait_ms, **client_options(settings)},
+        )
         edge = Edge(settings, producer, redis, router, listener, reply_topic, metrics=edge_metrics)
         refresher: asyncio.Task[None] | None = None
         app.state.lag = lag_monitor = LagMonitor(settings)  # GET /lag and /metrics; connects on first read
@@ -113,13 +118,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, metrics=edge_metrics)  # outermost: counts 401s and 413s too
     app.state.metrics = edge_metrics
     install_error_handlers(app)
+    service_auth = auth_dependencies(settings)  # API keys on every service route (api/auth.py)
+    # The service routes first: a request is matched against the routers in this order (no paths overlap).
+    for module in (data, nlp, llm, vision, requests):  # requests: GET /requests/{id} (api/async_requests.py)
+        app.include_router(module.router, dependencies=service_auth)
+    app.include_router(openai_routes.router, dependencies=service_auth)  # /v1: OpenAI-compatible (api/openai.py)
     app.include_router(health.router)  # open: probes need no key
     app.include_router(metrics.router, dependencies=auth_dependencies(settings, route="metrics"))
     app.include_router(lag.router, dependencies=auth_dependencies(settings, route="metrics"))  # like /metrics
     app.include_router(status.page_router)  # GET /: the status page, open (it holds no data; api/routes/status.py)
     app.include_router(status.router, dependencies=auth_dependencies(settings, route="metrics"))  # like /metrics
-    service_auth = auth_dependencies(settings)  # API keys on every service route (api/auth.py)
-    for module in (data, nlp, llm, vision, requests):  # requests: GET /requests/{id} (api/async_requests.py)
-        app.include_router(module.router, dependencies=service_auth)
-    app.include_router(openai_routes.router, dependencies=service_auth)  # /v1: OpenAI-compatible (api/openai.py)
     return app

@@ -29,7 +29,9 @@ name is not resolved here.
 
 FastAPI reads and parses a request's body before it runs dependencies, so the check also runs first as an
 ASGI middleware (``ApiKeyGate``) on the raw headers: a request without a valid key is answered 401 before
-any of its body is read.
+any of its body is read. The keys are hashed and compared once per request: the dependency takes the gate's
+verdict from the scope (``Caller``) when the gate saw the request with keys on, and checks the headers itself
+only when it did not (an app built without the gate), so it never lets through what the gate would refuse.
 
 Who the caller is (``Caller``): the gate identifies every HTTP request once, open paths included, and
 leaves the answer in the ASGI scope (``request_caller`` reads it). With keys configured, a caller whose key
@@ -175,6 +177,11 @@ def presented_keys(headers: Headers) -> list[str]:
     return [p for p in presented if p]
 
 
+async def current_caller(request: Request) -> Caller:
+    """``request_caller`` as an ``async def`` dependency (run on the event loop, not in the thread pool)."""
+    return request_caller(request)
+
+
 def request_caller(request: Request) -> Caller:
     """The dependency that says who sent ``request`` (left in the scope by ``ApiKeyGate``).
 
@@ -208,13 +215,18 @@ class ApiKeyAuth:
     ) -> None:
         if not self._digests:
             return
-        presented = [value for value in (api_key, bearer.credentials if bearer else None) if value]
-        # Every presented value is checked against every key: no early exit tells which one failed.
-        valid = False
-        for value in presented:
-            valid |= matches_any(value, self._digests)
-        if valid:
-            return
+        caller = request.scope.get(CALLER_SCOPE_KEY)
+        if isinstance(caller, Caller) and caller.keys_on:
+            # ApiKeyGate checked this request's headers already (the same keys: one Settings per app); its
+            # verdict stands, so the keys are hashed and compared once per request, not twice.
+            if caller.admitted:
+                return
+            presented = [""] if caller.presented else []
+        else:  # an app built without the gate (or with another key set): check here, fail closed
+            presented = [value for value in (api_key, bearer.credentials if bearer else None) if value]
+            # Every presented value is checked against every key: no early exit tells which one failed.
+            if identify(presented, self._digests) is not None:
+                return
         reason = "invalid" if presented else "missing"
         client = request.client.host if request.client else "?"
         # the path as repr: a percent-encoded newline cannot forge a log line

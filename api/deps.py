@@ -5,6 +5,10 @@
 anything else with 422 ``invalid_input`` naming ``header.x-request-id`` before the route runs, and the
 OpenAPI document states the rule. A caller's id therefore never reaches a Kafka key, a log line or a
 Redis key unchecked. ``api.errors.caller_id`` applies the same rule before echoing an id in an error.
+
+Every dependency here is ``async def``: FastAPI runs a plain ``def`` dependency in its thread pool (a hand-off
+to a worker thread and back per dependency per request), an ``async def`` one inline on the event loop. None
+of them blocks, so none needs a thread.
 """
 
 from __future__ import annotations
@@ -15,12 +19,12 @@ from api.edge import Edge
 from schemas.http import REQUEST_ID_MAX_LENGTH, REQUEST_ID_PATTERN, REQUEST_ID_RULE
 
 
-def get_edge(request: Request) -> Edge:
+async def get_edge(request: Request) -> Edge:
     edge: Edge = request.app.state.edge
     return edge
 
 
-def request_id(
+async def request_id(
     x_request_id: str | None = Header(
         default=None,
         min_length=1,

@@ -41,6 +41,9 @@ in a background task (``spawn``) with ``admitted=True`` (they hold no in-flight 
 ``pending_async`` bounds them per API key instead), ``store_result_s`` (the agent keeps the reply in
 Redis) and ``on_produced`` (told once the request is produced, so the route answers 202 only then).
 
+Kafka latency: a request produced while none of this edge's is in flight leaves at once; while one is, the
+producer lingers ``edge_linger_ms`` so a burst is batched (``AdaptiveLinger``).
+
 What can go wrong: a request that timed out while producing may still reach the broker later (the
 producer keeps what it already accepted until its own timeout), so a 503 means "maybe not processed",
 never "processed": its reply, if any, is dropped. A caller that retries may get its request run twice
@@ -55,20 +58,21 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 
+import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.errors import DuplicateIdError, OverloadedError, ReplyTimeoutError, UnavailableError
 from api.guards import BrokerState, InFlightLimit, PendingPerOwner
 from api.metrics import EdgeMetrics, note_call
-from schemas import ReplyEvent, RequestEvent, Service
+from schemas import ReplyEvent, Service
 from streams.cache import ResultCache, wants_cache
 from streams.cancel import cancel_key, cancel_value
-from streams.codec import encode
 from streams.redis import guarded
 from streams.registry import models_by_service
 from streams.replies import DuplicateRequestIdError, ReplyListener, ReplyRouter, StreamItem, StreamText
@@ -86,6 +90,79 @@ def agent_deadline_ms(now_s: float, wait_s: float, margin_ms: int) -> int:
     end of the wait less ``margin_ms``, the margin capped at 10% of the wait (a short wait keeps most of it)."""
     margin_s = min(margin_ms / 1000.0, 0.1 * wait_s)
     return int((now_s + wait_s - margin_s) * 1000)
+
+
+def _json_default(value: object) -> object:
+    """What orjson cannot write natively in a task input: a pydantic model as its JSON-mode dump."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def request_record(
+    request_id: str,
+    correlation_id: str,
+    task: str,
+    payload: dict[str, object],
+    reply_to: str,
+    deadline_ms: int,
+    *,
+    cache: bool | None = None,
+    stream: bool = False,
+    store_result_s: int | None = None,
+) -> bytes:
+    """A ``RequestEvent`` as the request record's value, serialised once (orjson, the fields in the model's
+    order) without building the model: every field is the edge's own (a checked request id, its correlation
+    id, a route's task, its reply topic) and the input is what the route's schema validated, so validating it
+    all again (``RequestEvent.model_validate``) and dumping it (``model_dump``) would only pass over the payload
+    twice more. The bytes decode to the same event (``streams.codec.decode_request``; a unit test holds it).
+
+    Raises:
+        TypeError: the payload holds a value JSON cannot carry (a bug in a route: a 500, never produced).
+    """
+    return orjson.dumps(
+        {
+            "id": request_id,
+            "task": task,
+            "input": payload,
+            "reply_to": reply_to,
+            "correlation_id": correlation_id,
+            "deadline_ms": deadline_ms,
+            "cache": cache,
+            "stream": stream,
+            "store_result_s": store_result_s,
+        },
+        default=_json_default,
+    )
+
+
+class AdaptiveLinger:
+    """The edge producer's linger, chosen per request: none when no produce of this edge is in flight (a lone
+    request leaves at once: aiokafka's 1 ms linger costs 2 to 4 ms per hop here, its timer included), and
+    ``busy_ms`` while one is (a burst of requests arriving meanwhile is batched as before).
+
+    aiokafka gives a batch the accumulator's linger when the batch is created, so setting it before each send
+    decides that send's batch. It is a private attribute of aiokafka (pinned in the lock files); where it is
+    missing, ``enabled`` is False and the producer keeps the fixed linger it was built with (``busy_ms``), so
+    an upgrade that renames it costs latency, never correctness (a unit test fails loudly on the pinned one).
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, busy_ms: int) -> None:
+        self._accumulator = getattr(producer, "_message_accumulator", None)
+        self.enabled = isinstance(getattr(self._accumulator, "_linger_time", None), int | float)
+        self.busy_s = busy_ms / 1000.0
+        self.in_flight = 0  # produces handed to the producer and not yet acknowledged (or failed)
+
+    @contextlib.contextmanager
+    def sending(self) -> Iterator[None]:
+        """Hold around one ``send_and_wait``: picks its batch's linger, counts it in flight until it ends."""
+        if self.enabled:
+            self._accumulator._linger_time = self.busy_s if self.in_flight else 0.0  # type: ignore[union-attr]
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
 
 def _broker_failure(exc: BaseException) -> bool:
@@ -109,6 +186,7 @@ class Edge:
         self.settings = settings
         self.metrics = metrics
         self.producer = producer
+        self.linger = AdaptiveLinger(producer, settings.edge_linger_ms)
         self.redis = redis
         self.router = router
         self.listener = listener
@@ -189,9 +267,7 @@ class Edge:
         if models:
             self.models = models
 
-    def cache_key(
-        self, service: Service, task: str, payload: dict[str, object], flag: bool | None
-    ) -> str | None:
+    def cache_key(self, service: Service, task: str, payload: dict[str, object], flag: bool | None) -> str | None:
         model = self.models.get(service, {}).get(task)
         if model is None or not wants_cache(service, task, payload, flag):
             return None
@@ -259,16 +335,17 @@ class Edge:
             correlation_id, future = self.router.expect(request_id, service, task)
         except DuplicateRequestIdError as exc:
             raise DuplicateIdError(str(exc), request_id=request_id, service=service, task=task) from exc
-        event = self._request_event(
+        record = self._request_event(
             request_id, correlation_id, task, payload, timeout_s, cache=cache, store_result_s=store_result_s
         )
         try:
-            await self._produce(service, event, timeout_s)
+            await self._produce(service, task, request_id, record, timeout_s)
             if on_produced is not None:
                 on_produced()
             remaining = timeout_s - (time.perf_counter() - started)
             try:
-                reply = await asyncio.wait_for(asyncio.shield(future), max(remaining, 0.001))
+                async with asyncio.timeout(max(remaining, 0.001)):  # no Task per wait (as wait_for makes)
+                    reply = await future
             except TimeoutError as exc:
                 self._cancel_later(request_id, correlation_id, timeout_s)  # nobody waits for this attempt now
                 raise ReplyTimeoutError(
@@ -309,21 +386,18 @@ class Edge:
         task: str,
         payload: dict[str, object],
         timeout_s: float,
-        **options: object,
-    ) -> RequestEvent:
-        """The event for one call: replies to this edge's topic, deadline ``timeout_s`` from now less the margin
-        (``agent_deadline_ms``); ``options`` are the event's optional fields (cache, stream, store_result_s)."""
-        return RequestEvent.model_validate(
-            {
-                "id": request_id,
-                "correlation_id": correlation_id,
-                "task": task,
-                "input": payload,
-                "reply_to": self.reply_topic,
-                "deadline_ms": agent_deadline_ms(time.time(), timeout_s, self.settings.deadline_margin_ms),
-                **options,
-            }
-        )
+        *,
+        cache: bool | None = None,
+        stream: bool = False,
+        store_result_s: int | None = None,
+    ) -> bytes:
+        """The event for one call, as the record's value: replies to this edge's topic, deadline ``timeout_s``
+        from now less the margin (``agent_deadline_ms``); see ``request_record``."""
+        deadline_ms = agent_deadline_ms(time.time(), timeout_s, self.settings.deadline_margin_ms)
+        return request_record(
+            request_id, correlation_id, task, payload, self.reply_topic, deadline_ms,
+            cache=cache, stream=stream, store_result_s=store_result_s,
+        )  # fmt: skip
 
     def _check_broker(self, service: Service, task: str, request_id: str) -> None:
         if self.broker.down:
@@ -334,23 +408,23 @@ class Edge:
                 task=task,
             )
 
-    async def _produce(self, service: Service, event: RequestEvent, timeout_s: float) -> None:
-        """Hand ``event`` to Kafka within ``produce_timeout_s``; ``UnavailableError`` (503) otherwise."""
+    async def _produce(self, service: Service, task: str, request_id: str, record: bytes, timeout_s: float) -> None:
+        """Hand the request's ``record`` (key: its id) to Kafka within ``produce_timeout_s``; ``UnavailableError``
+        (503) otherwise."""
         topic = service_topics(self.settings.topic_prefix, service).requests
         try:
-            await asyncio.wait_for(
-                self.producer.send_and_wait(topic, encode(event), key=event.id.encode()),
-                min(self.settings.produce_timeout_s, timeout_s),
-            )
+            with self.linger.sending():
+                async with asyncio.timeout(min(self.settings.produce_timeout_s, timeout_s)):
+                    await self.producer.send_and_wait(topic, record, key=request_id.encode())
         except (KafkaError, TimeoutError) as exc:
             if _broker_failure(exc):  # the probe, run now, judges: a slow ack under load is no outage
                 self.broker.suspect(f"produce: {exc!r}")
                 self._probe_now.set()
             raise UnavailableError(
                 f"could not produce the request to Kafka: {exc!r}",
-                request_id=event.id,
+                request_id=request_id,
                 service=service,
-                task=event.task,
+                task=task,
             ) from exc
         self.broker.mark_ok()
 
@@ -394,9 +468,9 @@ class Edge:
                 correlation_id, _, queue = self.router.expect_stream(request_id, service, task)
             except DuplicateRequestIdError as exc:
                 raise DuplicateIdError(str(exc), request_id=request_id, service=service, task=task) from exc
-            event = self._request_event(request_id, correlation_id, task, payload, timeout_s, cache=cache, stream=True)
+            record = self._request_event(request_id, correlation_id, task, payload, timeout_s, cache=cache, stream=True)
             try:
-                await self._produce(service, event, timeout_s)
+                await self._produce(service, task, request_id, record, timeout_s)
             except BaseException:
                 self.router.forget(correlation_id)
                 raise
@@ -479,7 +553,8 @@ class EdgeStream:
             raise RuntimeError("the stream has ended")
         remaining = self.timeout_s - (time.perf_counter() - self._started)
         try:
-            item = await asyncio.wait_for(self._queue.get(), max(remaining, 0.001))
+            async with asyncio.timeout(max(remaining, 0.001)):
+                item = await self._queue.get()
         except TimeoutError as exc:
             raise ReplyTimeoutError(
                 f"the stream did not end within {self.timeout_s:.1f}s (request id {self.request_id})",

@@ -160,13 +160,14 @@ async def saturation(url: str, clients: int, duration_s: float) -> dict[str, obj
     return out
 
 
-async def bare_kafka(settings: Settings, n: int) -> dict[str, object]:
-    """``n`` sequential produce -> consume round trips of a 100-byte record on a fresh 1-partition topic."""
+async def bare_kafka(settings: Settings, n: int, linger_ms: int = 1) -> dict[str, object]:
+    """``n`` sequential produce -> consume round trips of a 100-byte record on a fresh 1-partition topic
+    (``linger_ms``: the producer's)."""
     topic = reply_topic_name(settings.topic_prefix, f"bench-bare-{uuid.uuid4().hex[:8]}")
     await ensure_topics(settings, [(topic, 1)])
     options = client_options(settings)
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=1, **options
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=linger_ms, **options
     )
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100, **options
@@ -205,7 +206,7 @@ async def bare_kafka(settings: Settings, n: int) -> dict[str, object]:
                 await admin.delete_topics([topic])
             finally:
                 await admin.close()
-    return {"round_trips": n, "not_back_in_10s": lost, "latency_ms": summary_ms(latencies)}
+    return {"round_trips": n, "linger_ms": linger_ms, "not_back_in_10s": lost, "latency_ms": summary_ms(latencies)}
 
 
 def run_floor(rate: float, count: int, clients: int, duration_s: float, bare_n: int) -> dict[str, object]:

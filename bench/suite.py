@@ -28,6 +28,10 @@ under bench/results/smoke/, git-ignored). Sections (numbers as in issue #10):
    the top client count; speedscope + raw files and the top self-time functions.
 9. LLM streaming (``bench.llm_stream``): time to first token and tokens/s per SSE stream; then
    ``bench/llm_continuous.py --quick`` when that script is present (its figures are kept).
+10. the edge's own cost (``bench.edge_cost``, a pipeline of its own): light work (``/data/process`` analyze
+   of 3 records) at 1 and 64 clients and a 1-client embed of a 9-to-15-word text beside the per-request
+   design, with a light aiohttp driver (its CPU share reported); the CPU us/request of the edge and of each
+   agent; the hops and a bare aiokafka round trip; py-spy of the edge and the data agent under the light load.
 
 What can go wrong: Kafka and Redis are started when they do not answer (and stopped only if started
 here); every process started is stopped by PID (Ray's processes included, checked afterwards). A
@@ -74,6 +78,7 @@ from bench.common import (
     summary_ms,
     write_result,
 )
+from bench.edge_cost import run as edge_cost
 from bench.floor import FLOOR_RATE_DEFAULT, run_floor
 from bench.kafka_direct import direct, fairness
 from bench.llm_stream import streaming
@@ -664,6 +669,13 @@ def main() -> None:
     section("4a. REST load, per-request design", rest, "per_request", per_request)
     section("4b. REST load, Ray Serve", rest, "ray_serve", lambda: ray_serve(prof["clients"], prof["duration_s"]))
     result["rest"] = rest
+    section(  # bench/edge_cost.py: a pipeline of its own (data + nlp) beside the per-request design
+        "10. edge cost (light work and 1-client embed vs per-request; CPU us/request per process)",
+        result,
+        "edge_cost",
+        lambda: edge_cost(prof["duration_s"], profile_s=prof["profile_s"], bare_n=prof["bare_n"],
+                          profile_dir=out_dir / "profile"),
+    )  # fmt: skip
     section(
         "9b. LLM continuous vs static batching",
         result,

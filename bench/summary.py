@@ -382,6 +382,69 @@ def targets(result: dict[str, Any], top: int) -> list[str]:
     return [*lines, ""]
 
 
+def f3(x: Any) -> str:
+    """A ratio with three decimals, or — for none."""
+    return "—" if x is None else f"{x:.3f}"
+
+
+EDGE_POINTS = {"light_1": "light work, 1 client", "light_64": "light work, 64 clients", "embed_1": "embed, 1 client"}
+
+
+def edge_cost_rows(result: dict[str, Any]) -> list[str]:
+    """Section 10 (``bench.edge_cost``): the targets, then per point and design the figures and every process's
+    CPU us/request, then the edge's top self-time functions."""
+    ec = result.get("edge_cost")
+    lines = ["## 10. The edge's own cost (light work and 1-client embed beside the per-request design)", ""]
+    if why(ec) is not None or not isinstance(ec, dict):
+        return [*lines, why(ec) or "not run", ""]
+    cmp = ec.get("compare") or {}
+    rows: list[tuple[str, str, bool | None]] = []
+    for name, label in (("light_1", "light work, 1 client"), ("light_64", "light work, 64 clients")):
+        r = get(cmp, name, "rps_ratio")
+        if f"{name}_baseline" in cmp:  # the same target for the baseline checkout, in the same run
+            b = get(cmp, f"{name}_baseline", "rps_ratio")
+            figure = f"{f1(get(cmp, f'{name}_baseline', 'aisemble_rps'))} / {f1(get(cmp, name, 'per_request_rps'))}"
+            rows.append((f"(baseline) {label} ≥ 0.33x per-request req/s", f"{figure} = {f3(b)}x",
+                         None if b is None else b >= 0.33))  # fmt: skip
+        rows.append((f"{label} ≥ 0.33x per-request req/s",
+                     f"{f1(get(cmp, name, 'aisemble_rps'))} / {f1(get(cmp, name, 'per_request_rps'))} = {f3(r)}x",
+                     None if r is None else r >= 0.33))  # fmt: skip
+    r = get(cmp, "embed_1", "p50_ratio")
+    rows.append(("embed 1 client p50 ≤ 1.25x per-request's",
+                 f"{f1(get(cmp, 'embed_1', 'aisemble_p50_ms'))} / {f1(get(cmp, 'embed_1', 'per_request_p50_ms'))} ms"
+                 f" = {f3(r)}x", None if r is None else r <= 1.25))  # fmt: skip
+    lines += ["| target | figure | verdict |", "|---|---|---|"]
+    lines += [f"| {t} | {fig} | {verdict(ok)} |" for t, fig, ok in rows]
+    lines += ["", f"Driver: {ec.get('driver')}, closed loop, cache off, {ec.get('duration_s')} s per point, best of "
+              f"{ec.get('rounds')} round(s). CPU us/request: the process's CPU time over the point / requests answered "
+              "(an idle process's share included).", "",
+              "| point | design | req/s | p50 ms | p99 ms | driver cores | edge us/req | data agent us/req "
+              "| nlp agent us/req | per-request server us/req | hops p50 ms (http / to agent / agent / back) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, label in EDGE_POINTS.items():
+        for design, runs in (get(ec, "points", name) or {}).items():
+            if not runs:
+                continue
+            p = max(runs, key=lambda x: x["requests_per_s"])
+            cpu = p.get("cpu") or {}
+            server = "per_request_nlp" if name.startswith("embed") else "per_request_data"
+            hops = p.get("hops_p50_ms") or {}
+            hop = " / ".join(f1(hops.get(h)) for h in ("http", "to_agent", "agent", "back")) if hops else "—"
+            keys = ("edge", "data_agent", "nlp_agent", server)
+            if design == "aisemble_baseline":  # the baseline pipeline's own processes (bench.edge_cost --baseline)
+                keys = ("baseline_edge", "baseline_data", "baseline_nlp", server)
+            us = [get(cpu, k, "cpu_us_per_request") for k in keys]
+            lines.append(f"| {label} | {design} | {f1(p['requests_per_s'])} | {f1(get(p, 'latency_ms', 'p50'))} | "
+                         f"{f1(get(p, 'latency_ms', 'p99'))} | {p.get('driver_cpu_cores')} | "
+                         + " | ".join(f1(u) for u in us) + f" | {hop} |")  # fmt: skip
+    bare = {k: [get(r, "latency_ms", "p50") for r in v] for k, v in (ec.get("bare_kafka") or {}).items()
+            if isinstance(v, list)}  # fmt: skip
+    shown = "; ".join(f"{k.replace('_', ' ')} ms: {', '.join(f1(x) for x in v)}" for k, v in bare.items())
+    lines += ["", f"Bare aiokafka produce → consume round trip p50 (producer linger; each run): {shown or '—'}.", ""]
+    lines += [profile_md({k: v for k, v in (ec.get("profile") or {}).items() if isinstance(v, dict)})]
+    return lines
+
+
 def summary_md(result: dict[str, Any]) -> str:
     prof = result.get("profile") or {}
     clients = list(prof.get("clients") or [1])
@@ -407,4 +470,5 @@ def summary_md(result: dict[str, Any]) -> str:
     lines += llm_rows(result)
     lines += cache_scale_rows(result)
     lines += [profile_md(result.get("profile_run") or {})]
+    lines += edge_cost_rows(result)
     return "\n".join(lines)

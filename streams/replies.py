@@ -186,6 +186,15 @@ class ReplyRouter:
             waiter.stream.queue.put_nowait(reply)
         return True
 
+    def waits_for(self, correlation_id: object) -> bool:
+        """Whether a call waits for the reply with ``correlation_id`` (read from a record before validating it:
+        a reply nobody waits for is dropped unvalidated, ``drop``)."""
+        return isinstance(correlation_id, str) and correlation_id in self._waiting
+
+    def drop(self) -> None:
+        """Count a reply dropped before it was validated (nobody waits for its correlation id)."""
+        self.dropped += 1
+
     def forget(self, correlation_id: str) -> None:
         """Stop waiting (timeout or cancelled caller); a later reply is dropped."""
         waiter = self._pop(correlation_id)
@@ -208,6 +217,38 @@ class ReplyRouter:
                     waiter.future.exception()  # retrieved: a stream's caller reads the failure from its queue
             if waiter.stream is not None:
                 waiter.stream.queue.put_nowait(exc)
+
+
+def route_reply_record(value: bytes, router: ReplyRouter) -> bool:
+    """Hand one record of a reply topic to ``router``, validating only what someone waits for: the record is
+    parsed once (orjson), its correlation id (or, for a ``PartialBatchEvent``, its deltas') is read from the
+    parsed JSON, and only a record a call waits for is validated (``ReplyEvent`` / ``PartialBatchEvent``) and
+    routed. Replies nobody waits for (late, duplicates, another edge's) are counted as dropped, unvalidated;
+    partials nobody streams are dropped likewise. Returns False for an unreadable record (not JSON, or a
+    record someone waits for that is not a valid event: the call keeps waiting, as for a foreign reply)."""
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(data, dict):
+        return False
+    try:
+        if data.get("partial") is True:
+            deltas = data.get("deltas")
+            if isinstance(deltas, list) and not any(
+                isinstance(d, dict) and router.waits_for(d.get("correlation_id")) for d in deltas
+            ):
+                router.partials_dropped += len(deltas)
+                return True
+            router.partial(PartialBatchEvent.model_validate(data))
+            return True
+        if not router.waits_for(data.get("correlation_id")):
+            router.drop()
+            return True
+        router.resolve(ReplyEvent.model_validate(data))
+    except ValidationError:
+        return False
+    return True
 
 
 def parse_reply_record(value: bytes) -> ReplyEvent | PartialBatchEvent:
@@ -242,8 +283,7 @@ class ReplyListener:
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="none",  # never skip replies silently; see _recover_position
-            fetch_max_wait_ms=100,
-            **(options or {}),
+            **{"fetch_max_wait_ms": 100, "fetch_min_bytes": 1, **(options or {})},
         )
         self._task: asyncio.Task[None] | None = None
         self.positions: dict[int, int] = {}  # partition -> next offset to read (after the last reply read)
@@ -284,15 +324,8 @@ class ReplyListener:
                 for record in records:
                     self.positions[tp.partition] = record.offset + 1
                     self.received += 1
-                    try:
-                        event = parse_reply_record(record.value or b"")
-                    except (ValidationError, orjson.JSONDecodeError):
+                    if not route_reply_record(record.value or b"", self._router):
                         log.warning("dropping unreadable reply at %s:%s", record.partition, record.offset)
-                        continue
-                    if isinstance(event, PartialBatchEvent):
-                        self._router.partial(event)
-                    else:
-                        self._router.resolve(event)
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1

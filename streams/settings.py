@@ -160,6 +160,26 @@ class Settings(BaseSettings):
         ),
     )
 
+    # The edge's Kafka clients (issue 15): latency at low load without losing batching under load.
+    edge_linger_ms: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description=(
+            "The edge producer's linger while one of its requests is already in flight (a burst is batched); "
+            "a request produced while none is in flight is sent at once. 0: never linger."
+        ),
+    )
+    edge_fetch_max_wait_ms: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description=(
+            "How long the edge's reply consumer lets the broker hold a fetch that has no data (fetch_min_bytes "
+            "is 1: a reply ends the wait at once). Longer: fewer empty fetches while idle, no added latency."
+        ),
+    )
+
     # Security (issue 7): where agents may write, who the edge answers, a secured Kafka.
     reply_to_allow: list[str] = Field(
         default_factory=lambda: ["{prefix}.replies.*", "{prefix}.edge.*.replies"],

@@ -34,7 +34,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import ORJSONResponse
 from redis.exceptions import RedisError
 
-from api.auth import Caller, request_caller
+from api.auth import Caller, current_caller
 from api.deps import get_edge
 from api.edge import Edge
 from streams.redis import breaker_of
@@ -92,7 +92,7 @@ def _service_view(agents: list[AgentInfo] | None, warming: bool) -> dict[str, ob
         503: {"description": "status down: Kafka away, reply listener stopped, or a service without a live agent"},
     },
 )
-async def health(edge: Edge = Depends(get_edge), caller: Caller = Depends(request_caller)) -> ORJSONResponse:
+async def health(edge: Edge = Depends(get_edge), caller: Caller = Depends(current_caller)) -> ORJSONResponse:
     """The status for everyone, each dependency's detail for a caller with a key (see the module doc); 503
     only when requests cannot be served."""
     report = await health_report(edge)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Path
 from starlette.responses import Response
 
 from api.async_requests import ACCEPTED_HEADERS, AsyncAccepted, lookup
-from api.auth import Caller, request_caller
+from api.auth import Caller, current_caller
 from api.deps import get_edge
 from api.edge import Edge
 from api.errors import SERVICE_RESPONSES
@@ -49,7 +49,7 @@ async def get_request(
         min_length=1, max_length=REQUEST_ID_MAX_LENGTH, pattern=REQUEST_ID_PATTERN, description=REQUEST_ID_RULE
     ),
     edge: Edge = Depends(get_edge),
-    caller: Caller = Depends(request_caller),
+    caller: Caller = Depends(current_caller),
 ) -> Response:
     """The state or result of an asynchronous request (``Prefer: respond-async`` or ``?wait=false``)."""
     return await lookup(edge, request_id, caller.owner)
