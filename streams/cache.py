@@ -35,6 +35,13 @@ def cache_key(prefix: str, service: str, task: str, model: str, payload: Mapping
     return f"{prefix}:cache:{service}:{hashlib.sha256(canonical).hexdigest()}"
 
 
+def dedup_key(task: str, payload: Mapping[str, object]) -> bytes:
+    """What makes two requests of one service and batch the same (the model is the task's, fixed while the
+    process runs): the canonical JSON of ``[task, input]``, unhashed. Only compared within a batch, never
+    stored, so it needs no digest (a cache key's SHA-256 costs more than the comparison it saves)."""
+    return orjson.dumps([task, payload], option=orjson.OPT_SORT_KEYS)
+
+
 def wants_cache(service: Service, task: str, payload: Mapping[str, object], flag: bool | None) -> bool:
     """Whether a request may be answered from, and written to, the cache."""
     if flag is not None:
