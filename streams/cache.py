@@ -78,6 +78,11 @@ class ResultCache:
         except RedisError as exc:
             log.debug("cache read failed, treating as miss: %s", exc)
             return [None] * len(keys)
+        return self.parse(raw)
+
+    @staticmethod
+    def parse(raw: Sequence[bytes | str | None]) -> list[ReplyEvent | None]:
+        """Cached values as read from Redis (``MGET``) -> replies; None for a miss or an unreadable value."""
         out: list[ReplyEvent | None] = []
         for value in raw:
             try:
