@@ -10,8 +10,9 @@ before and after. Reported per item: the whole process, the event-loop thread (d
 encode, produce, acknowledge: the agent's own work) and the other threads (the model's, aiokafka's none: it
 is pure Python on the loop). ``--profile`` adds py-spy's top self-time functions over the load (a second,
 separate load of the same size, so the sampling does not slow the timed one; py-spy ``--gil``: only the
-thread holding the GIL is sampled, so the shares are of the process's Python CPU time). ``--model-limit`` runs
-``bench.model_limit`` on the same texts first, in its own process, and reports the ratio.
+thread holding the GIL is sampled, so the shares are of the process's Python CPU time). ``--model-limit`` first
+times the model alone on the same texts at batch 32 and 64 (``model_best``, in its own process) and reports the
+ratio.
 
 What can go wrong: replies missing after the timeout are counted (``bench.kafka_direct``); py-spy missing or not
 allowed to attach leaves ``profile.skipped``. Every process started is stopped by PID (``running_pipeline``).
@@ -35,7 +36,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.runner import Item, Outcome, unknown_task
-from bench.common import ROOT, running_pipeline
+from agents.worker import build_runner
+from bench.common import ROOT, base_settings, running_pipeline
 from bench.kafka_direct import direct
 from bench.profiling import summarize
 from bench.samples_nlp import sample_items, short_items
@@ -107,23 +109,27 @@ def items_of(texts: str, n: int) -> list[Item]:
     return short_items(n) if texts == "short" else sample_items(n, task="embed")
 
 
-def model_limit(texts: str, n: int) -> dict[str, Any]:
-    """``bench.model_limit`` for nlp in its own process; the best batch of the label these texts are."""
-    label = "embed_short" if texts == "short" else "embed"
+def model_best(texts: str, n: int, sizes: Sequence[int] = (32, 64)) -> dict[str, Any]:
+    """The nlp runner alone, in this process, on the same texts: items/s at each of ``sizes`` (after one warm-up
+    batch), and the best. A cheaper stand-in for ``bench.model_limit`` (which also runs batch 1 and 8)."""
+    runner = build_runner("nlp", base_settings())
+    runner.load()
+    items = items_of(texts, n)
+    runner.run_batch(items[: max(sizes)])
+    per: dict[str, float] = {}
+    for size in sizes:
+        start = time.perf_counter()
+        for i in range(0, len(items), size):
+            runner.run_batch(items[i : i + size])
+        per[f"batch_{size}"] = round(len(items) / (time.perf_counter() - start), 2)
+    best = max(per, key=per.__getitem__)
+    return {"items_per_s": per[best], "batch": int(best.split("_")[1]), "items": len(items), **per}
+
+
+def model_best_process(texts: str, n: int) -> dict[str, Any]:
+    """``model_best`` in a process of its own (as the agent runs its model), its JSON."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.model_limit",
-            "--service",
-            "nlp",
-            "--n",
-            str(n),
-            "--sizes",
-            "8,32,64",
-            "--labels",
-            label,
-        ],
+        [sys.executable, str(Path(__file__)), "--model-only", "--texts", texts, "--n", str(n)],
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
         capture_output=True,
@@ -134,8 +140,7 @@ def model_limit(texts: str, n: int) -> dict[str, Any]:
     if proc.returncode != 0:
         return {"failed": proc.stderr[-2000:]}
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    best: dict[str, Any] = result[label]["best"]
-    return best
+    return result
 
 
 def measure(n: int, texts: str, runner: str, profile: bool, warm: int) -> dict[str, Any]:
@@ -179,10 +184,14 @@ def main() -> None:
     parser.add_argument("--runner", choices=["noop", "model"], default="model")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--model-limit", action="store_true")
+    parser.add_argument("--model-only", action="store_true", help="only the model's best batch (see model_best)")
     args = parser.parse_args()
+    if args.model_only:
+        print(json.dumps(model_best(args.texts, args.n)), flush=True)
+        return
     out: dict[str, Any] = {}
     if args.model_limit:
-        out["model_best"] = model_limit(args.texts, min(args.n, 512))
+        out["model_best"] = model_best_process(args.texts, min(args.n, 512))
     out.update(measure(args.n, args.texts, args.runner, args.profile, args.warm))
     if args.model_limit and "items_per_s" in out.get("model_best", {}):
         out["ratio"] = round(out["load"]["items_per_s"] / out["model_best"]["items_per_s"], 3)
