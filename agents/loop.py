@@ -9,8 +9,9 @@ For each batch (``BatchProcessor.process``):
 2. a request past its ``deadline_ms`` is answered ``deadline_exceeded`` without running, and one for a
    task the service does not have is answered ``unknown_task``; a request whose cancel key is set
    (``streams.cancel``: the edge answered 504, or a streaming client went away) is answered ``cancelled``
-   without running (one ``MGET`` per batch through the Redis breaker; Redis away = no cancels seen);
-3. requests that may use the cache are looked up in Redis in one round trip; hits are answered at once;
+   without running (Redis away = no cancels seen);
+3. requests that may use the cache are looked up in Redis; hits are answered at once. Steps 2 and 3 are ONE
+   ``MGET`` per batch through the Redis breaker (cancel keys and cache keys together);
 4. the rest run through the service's runner in ONE ``run_batch`` call, on a dedicated worker thread
    so the event loop (Kafka heartbeats, other agents) keeps running;
 5. every reply is produced to its ``reply_to`` (or the results topic) and the call returns only when
@@ -65,11 +66,12 @@ from redis.exceptions import RedisError
 from agents.errors import DeadLetterRefusedError, DeliveryError
 from agents.runner import Failure, Item, ModelRunner, Outcome, unknown_task
 from schemas import ErrorCode, ErrorInfo, ReplyEvent, RequestEvent, Service
-from streams.cache import ResultCache, cache_key, wants_cache
-from streams.cancel import cancelled_ids
+from streams.cache import ResultCache, dedup_key, wants_cache
+from streams.cancel import cancel_key, cancelled_ids, cancels
 from streams.codec import BadEvent, Record, dead_letter, decode_request, encode
 from streams.failures import Verdict, classify
 from streams.policy import ReplyTopicPolicy
+from streams.redis import guarded
 from streams.results import store_replies
 from streams.topics import service_topics
 
@@ -199,6 +201,29 @@ class Admission:
 
 def _now_ms() -> float:
     return time.time() * 1000.0
+
+
+def ok_reply(
+    event: RequestEvent, service: Service, model: str, output: dict[str, object], timings: dict[str, float]
+) -> ReplyEvent:
+    """The successful reply to ``event``, echoing its ``correlation_id``. Built without a second validation when
+    its parts are what validation would give (the event was validated, the output is a plain dict and every
+    timing a float): the same model, and the same bytes from ``encode`` (``tests/test_codec_fast.py``)."""
+    if type(output) is dict and all(type(v) is float for v in timings.values()):
+        return ReplyEvent.model_construct(
+            id=event.id, correlation_id=event.correlation_id, service=service, task=event.task, ok=True,
+            output=output, error=None, cached=False, model=model, timings_ms=timings,
+        )  # fmt: skip
+    return ReplyEvent(
+        id=event.id,
+        correlation_id=event.correlation_id,
+        service=service,
+        task=event.task,
+        ok=True,
+        output=output,
+        model=model,
+        timings_ms=timings,
+    )
 
 
 def _latest_deadline(batch: list[_Pending], group: list[int]) -> float | None:
@@ -331,8 +356,7 @@ class BatchProcessor:
                 key = self._cache.key(self.service, event.task, self.models[event.task], event.input)
             pending.append(_Pending(record, event, key))
 
-        pending = await self._skip_cancelled(pending, out)
-        to_run = await self._answer_from_cache(pending, picked_ms, out)
+        to_run = await self._look_up(pending, picked_ms, out)
         self.stats.batches += 1
         self.stats.items += len(records)
         return Admission(out, to_run, picked_ms)
@@ -371,6 +395,34 @@ class BatchProcessor:
         if self._release is not None and inputs:
             await self._release(inputs)
 
+    async def _look_up(self, pending: list[_Pending], picked_ms: float, out: list[_Delivery]) -> list[_Pending]:
+        """Steps 2-3 in ONE Redis round trip when the cancel keys and the cache are read through the same client
+        (the agent's wiring): a single ``MGET`` of every pending request's cancel key and every cache key, through
+        the breaker. Cancelled requests are answered ``cancelled``, then cache hits are answered; returns the rest.
+        Redis away: no cancels are seen and every lookup is a miss (as with two reads). Otherwise (no cache, a
+        cache of its own, no cancel reads) the two reads are made apart."""
+        cache = self._cache
+        keyed = [p for p in pending if p.cache_key is not None] if cache is not None else []
+        redis = self._redis
+        if redis is None or not keyed or not isinstance(cache, ResultCache) or cache.redis is not redis:
+            return await self._answer_from_cache(await self._skip_cancelled(pending, out), picked_ms, out)
+        keys = [cancel_key(self._prefix, p.event.id) for p in pending] + [p.cache_key for p in keyed if p.cache_key]
+        try:
+            values = await guarded(redis, lambda: redis.mget(keys))
+        except RedisError as exc:
+            self._cancels_lost(exc)
+            return pending
+        self._cancels_unreadable = False
+        cancelled = {p.event.id for p, v in zip(pending, values, strict=False) if cancels(v, p.event.correlation_id)}
+        running = self._answer_cancelled(pending, cancelled, out)
+        hits = dict(zip((id(p) for p in keyed), cache.parse(values[len(pending) :]), strict=True))
+        return self._answer_hits(running, [hits.get(id(p)) for p in running], picked_ms, out)
+
+    def _cancels_lost(self, exc: RedisError) -> None:
+        if not self._cancels_unreadable:
+            log.warning("cancel keys unreadable (%s); cancels are not seen until Redis answers", exc)
+            self._cancels_unreadable = True
+
     async def _skip_cancelled(self, pending: list[_Pending], out: list[_Delivery]) -> list[_Pending]:
         """Requests whose cancel key is set (``streams.cancel``: the edge answered 504, or a streaming client
         went away) are answered ``cancelled`` without running; one ``MGET`` per batch through the Redis
@@ -380,11 +432,13 @@ class BatchProcessor:
         try:
             cancelled = await cancelled_ids(self._redis, self._prefix, [p.event for p in pending])
         except RedisError as exc:
-            if not self._cancels_unreadable:
-                log.warning("cancel keys unreadable (%s); cancels are not seen until Redis answers", exc)
-                self._cancels_unreadable = True
+            self._cancels_lost(exc)
             return pending
         self._cancels_unreadable = False
+        return self._answer_cancelled(pending, cancelled, out)
+
+    def _answer_cancelled(self, pending: list[_Pending], cancelled: set[str], out: list[_Delivery]) -> list[_Pending]:
+        """Answer the requests whose ids are in ``cancelled`` (``cancelled``); returns the others."""
         if not cancelled:
             return pending
         self.stats.cancelled += len([p for p in pending if p.event.id in cancelled])
@@ -401,8 +455,15 @@ class BatchProcessor:
         if self._cache is None or not keyed:
             return pending
         hits = await self._cache.get_many([p.cache_key for p in keyed if p.cache_key is not None])
+        found = dict(zip((id(p) for p in keyed), hits, strict=True))
+        return self._answer_hits(pending, [found.get(id(p)) for p in pending], picked_ms, out)
+
+    def _answer_hits(
+        self, pending: list[_Pending], hits: list[ReplyEvent | None], picked_ms: float, out: list[_Delivery]
+    ) -> list[_Pending]:
+        """Answer each request of ``pending`` whose cached reply is in ``hits`` (same order); returns the rest."""
         hit_ids = set()
-        for p, hit in zip(keyed, hits, strict=True):
+        for p, hit in zip(pending, hits, strict=True):
             if hit is None:
                 continue
             hit_ids.add(id(p))
@@ -445,7 +506,7 @@ class BatchProcessor:
             timings = {
                 "queue_ms": round(picked_ms - p.record.timestamp_ms, 3),
                 "inference_ms": round(inference_ms, 3),
-                "batch_size": len(runnable),
+                "batch_size": float(len(runnable)),
                 "total_ms": round(done_ms - picked_ms, 3),
             }
             delivery = self.answer(p, outcome, timings)
@@ -459,15 +520,7 @@ class BatchProcessor:
             self.stats.errors += 1
             reply = self._error_reply(p.event, outcome.code, outcome.message, timings)
         else:
-            reply = ReplyEvent(
-                id=p.event.id,
-                service=self.service,
-                task=p.event.task,
-                ok=True,
-                output=outcome,
-                model=self.models[p.event.task],
-                timings_ms=timings,
-            )
+            reply = ok_reply(p.event, self.service, self.models[p.event.task], outcome, timings)
         return self._reply(p.record, p.event, reply)
 
     def _deduplicate(self, batch: list[_Pending]) -> tuple[list[list[int]], list[int]]:
@@ -476,11 +529,11 @@ class BatchProcessor:
         position, the index of its group."""
         groups: list[list[int]] = []
         source_of: list[int] = []
-        by_key: dict[str, int] = {}
+        by_key: dict[str | bytes, int] = {}
         for n, p in enumerate(batch):
-            key = p.cache_key
+            key: str | bytes | None = p.cache_key
             if key is None and wants_cache(self.service, p.event.task, p.event.input, None):
-                key = cache_key("", self.service, p.event.task, self.models[p.event.task], p.event.input)
+                key = dedup_key(p.event.task, p.event.input)
             if key is not None and key in by_key:
                 groups[by_key[key]].append(n)
                 source_of.append(by_key[key])
@@ -558,9 +611,8 @@ class BatchProcessor:
         failure to enqueue becomes a failed ack, judged later."""
         timeout_s = max(min(SEND_ENQUEUE_TIMEOUT_S, deadline - time.monotonic()), ENQUEUE_MIN_S)
         try:
-            delivery.ack = await asyncio.wait_for(
-                self._sink.send(delivery.topic, delivery.key, delivery.value), timeout_s
-            )
+            async with asyncio.timeout(timeout_s):  # no Task per send (wait_for's): the batch enqueues in one go
+                delivery.ack = await self._sink.send(delivery.topic, delivery.key, delivery.value)
         except Exception as exc:  # noqa: BLE001  (size, metadata timeout, closed producer: classified later)
             failed: asyncio.Future[object] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)

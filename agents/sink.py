@@ -15,7 +15,9 @@ a missing topic). Guarantees:
   records, and it never touches the producer's metadata view (whose refresh is not fresh enough to tell:
   up to ``metadata_max_age`` old).
 
-``send`` keeps the producer's own metadata view whole: a topic not in it is brought in by a refresh of the
+``send`` names the partition itself when the topic has only one (a reply topic): the same partition the key's
+hash gives, without the producer's pure-Python murmur2 for every record. It keeps the producer's own metadata
+view whole: a topic not in it is brought in by a refresh of the
 whole view first (``ensure_in_view``), never by aiokafka's ``add_topic``, which narrows the view to that one
 topic and strands records already waiting for the others (the agent then stalls for ``delivery_retry_s``
 and exits 3: what ``test_kafka_fuzz`` hit, and once blamed on an extra metadata request).
@@ -106,9 +108,15 @@ class FaustSink:
 
     async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]:
         client = self._client()
+        partition: int | None = None
         if client is not None:
             await ensure_in_view(client, topic)  # never let aiokafka narrow its view to one topic
-        return await self._app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
+            partitions = client.cluster.partitions_for_topic(topic)
+            if partitions is not None and len(partitions) == 1:
+                # Where the key's hash would place it anyway: spares the producer's pure-Python murmur2 per
+                # record (a reply topic has one partition).
+                (partition,) = partitions
+        return await self._app.producer.send(topic, key, value, partition=partition, timestamp=None, headers=None)
 
     def _client(self) -> AIOKafkaClient | None:
         client: AIOKafkaClient | None = getattr(getattr(self._app.producer, "_producer", None), "client", None)

@@ -43,9 +43,16 @@ from streams.settings import Settings
 from streams.topics import ensure_topics, reply_topic_name, wait_for_partitions
 
 
-async def direct(settings: Settings, service: str, items: list[Item], timeout_s: float = 300.0) -> dict[str, object]:
-    """All ``items`` produced at once to ``service``'s request topic; time until every reply is back."""
-    reply_topic = reply_topic_name(settings.topic_prefix, f"bench-direct-{uuid.uuid4().hex[:8]}")
+async def direct(
+    settings: Settings, service: str, items: list[Item], timeout_s: float = 300.0, reply_topic: str | None = None
+) -> dict[str, object]:
+    """All ``items`` produced at once to ``service``'s request topic; time until every reply is back.
+
+    ``reply_topic``: reuse this reply topic (created if missing, kept afterwards; e.g. a warm-up run's, so the
+    timed run does not include the agent's first look-up of a new topic); default a fresh one, deleted after.
+    """
+    own_topic = reply_topic is None
+    reply_topic = reply_topic or reply_topic_name(settings.topic_prefix, f"bench-direct-{uuid.uuid4().hex[:8]}")
     await ensure_topics(settings, [(reply_topic, 1)])
     options = client_options(settings)
     producer = AIOKafkaProducer(
@@ -76,7 +83,7 @@ async def direct(settings: Settings, service: str, items: list[Item], timeout_s:
     try:
         tp = TopicPartition(reply_topic, (await wait_for_partitions(settings, reply_topic))[0])
         consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
+        await consumer.seek_to_end(tp)
         await consumer.position(tp)
         start = time.perf_counter()
         acks = [await producer.send(topic, value, key=rid.encode()) for rid, value in zip(ids, events, strict=True)]
@@ -104,7 +111,8 @@ async def direct(settings: Settings, service: str, items: list[Item], timeout_s:
     finally:
         await consumer.stop()
         await producer.stop()
-        await _delete_topic(settings, reply_topic)
+        if own_topic:
+            await _delete_topic(settings, reply_topic)
     batch_sizes = [float(t.get("batch_size", 0)) for t in answered.values()]
     ok = len(answered) - sum(errors.values())
     out: dict[str, object] = {

@@ -6,9 +6,10 @@ size. It reports items/s per size, the best size, and for the LLM the generated 
 outputs' ``tokens``). No Kafka, no HTTP: the ceiling the pipeline is compared with. Failures are counted
 per size, never hidden.
 
-``python -m bench.model_limit --service nlp --n 256 [--llm-n 16 --llm-max-tokens 16] --sizes 8,32,64`` runs
-one service's default workload (``workload``) and prints the result as JSON on its last line. The suite
-runs each service so, in a process of its own, as the agents run (and each runner's memory goes with it).
+``python -m bench.model_limit --service nlp --n 256 [--llm-n 16 --llm-max-tokens 16] --sizes 8,32,64
+[--labels embed_short]`` runs one service's default workload (``workload``; only the labels given) and prints
+the result as JSON on its last line. The suite runs each service so, in a process of its own, as the agents run
+(and each runner's memory goes with it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bench.common import base_settings
 from bench.samples_data import sample_items as data_items
 from bench.samples_llm import sample_items as llm_items
 from bench.samples_nlp import sample_items as nlp_items
+from bench.samples_nlp import short_items
 from bench.samples_vision import sample_items as vision_items
 
 
@@ -75,9 +77,15 @@ def llm_greedy(n: int, max_tokens: int) -> list[Item]:
 
 
 def workload(service: str, n: int, llm_n: int, llm_max_tokens: int) -> dict[str, list[Item]]:
-    """The default items per service: nlp embed and sentiment, data analyze, llm greedy completions, vision mix."""
+    """The default items per service: nlp embed and sentiment of reviews and embed of short texts
+    (``embed_short``: the same texts ``bench.kafka_direct`` sends), data analyze, llm greedy completions, vision
+    mix."""
     if service == "nlp":
-        return {"embed": nlp_items(n, task="embed"), "sentiment": nlp_items(n, task="sentiment")}
+        return {
+            "embed": nlp_items(n, task="embed"),
+            "sentiment": nlp_items(n, task="sentiment"),
+            "embed_short": short_items(n),
+        }
     if service == "data":
         return {"analyze": data_items(n)}
     if service == "llm":
@@ -92,8 +100,11 @@ def main() -> None:
     parser.add_argument("--llm-n", type=int, default=16)
     parser.add_argument("--llm-max-tokens", type=int, default=16)
     parser.add_argument("--sizes", default="8,32", help="batch sizes besides 1, comma-separated")
+    parser.add_argument("--labels", default="", help="only these labels of the workload, comma-separated")
     args = parser.parse_args()
     tasks = workload(args.service, args.n, args.llm_n, args.llm_max_tokens)
+    if args.labels:
+        tasks = {label: items for label, items in tasks.items() if label in args.labels.split(",")}
     result = model_limit(args.service, tasks, [int(x) for x in args.sizes.split(",") if x])
     print(json.dumps(result), flush=True)
 

@@ -1,10 +1,15 @@
-"""Benchmark inputs for the nlp runner: review-length texts in a realistic mix of tasks.
+"""Benchmark inputs for the nlp runner: review-length texts in a realistic mix of tasks, and short texts.
 
 Out of every 20 items: 9 sentiment and 7 embed of one review, 1 embed of four reviews, 1 similarity and
 2 classify. Reviews are composed from fragments (subject, experience, detail, verdict) so that the
 first 9,600 are distinct (a result cache never short-cuts a benchmark) and 16 to 32 words long, like
 the product and service reviews the service sees. The fragments are mixed freely, so the texts are for
 timing only, not for judging accuracy. Deterministic: the same ``n`` gives the same items.
+
+Short texts (``short_text``, ``short_items``): 9 to 15 words, like the search queries, titles and chat turns
+users send too; the first 9,600 are distinct. At that length the model is fast enough that the pipeline's
+own cost per item shows (issue #15), so the benchmarks run them beside the reviews, the same texts for the
+model alone and for the pipeline.
 """
 
 from __future__ import annotations
@@ -88,3 +93,57 @@ def sample_items(n: int, *, task: str | None = None) -> list[Item]:
         else:
             items.append(Item(kind, {"text": text}))
     return items
+
+
+SHORT_OPENERS = (
+    "how do I",
+    "is it possible to",
+    "anyone know how to",
+    "fastest way to",
+    "best way to",
+    "how should I",
+    "how can I",
+    "please help me",
+)
+SHORT_ACTIONS = (
+    "reset my password",
+    "cancel the order",
+    "change the delivery address",
+    "get a refund",
+    "update the banking app",
+    "book a table",
+    "return the running shoes",
+    "pair the wireless headphones",
+    "track my parcel",
+    "upgrade my subscription",
+)
+SHORT_CONTEXTS = (
+    "on my phone",
+    "after the latest update",
+    "without losing my data",
+    "before the weekend",
+    "from another country",
+    "with a gift card",
+    "if the app crashes",
+    "when support is closed",
+    "for my office team",
+    "using the website",
+    "in the new store",
+    "on a shared account",
+)
+SHORT_ENDINGS = ("today?", "right now?", "again?", "please?", "this week?")
+SHORT_COMBINATIONS = len(SHORT_OPENERS) * len(SHORT_ACTIONS) * len(SHORT_CONTEXTS) * len(SHORT_ENDINGS)
+
+
+def short_text(i: int) -> str:
+    """The ``i``-th short text (9 to 15 words); distinct for ``i`` below ``SHORT_COMBINATIONS`` (4,800)."""
+    k = (i * 7_919) % SHORT_COMBINATIONS
+    k, o = divmod(k, len(SHORT_OPENERS))
+    k, a = divmod(k, len(SHORT_ACTIONS))
+    e, c = divmod(k, len(SHORT_CONTEXTS))
+    return f"{SHORT_OPENERS[o]} {SHORT_ACTIONS[a]} {SHORT_CONTEXTS[c]} {SHORT_ENDINGS[e % len(SHORT_ENDINGS)]}"
+
+
+def short_items(n: int, task: str = "embed") -> list[Item]:
+    """``n`` items of ``task`` (``embed`` or ``sentiment``) on short texts (``short_text``)."""
+    return [Item(task, {"text": short_text(i)}) for i in range(n)]

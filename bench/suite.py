@@ -16,8 +16,9 @@ under bench/results/smoke/, git-ignored). Sections (numbers as in issue #10):
    200/s and closed-loop saturation, p50/p99 and each hop's share; a bare aiokafka round trip beside it.
 3. REST load through one pipeline of all four services with their default models (closed loop, cache
    off): nlp embed at 1/8/64(/256) clients; sentiment, llm and vision at 1/8(/64). Kafka-direct
-   (``bench.kafka_direct``): embed, sentiment and llm requests produced at once straight to the request
-   topic, items/s (llm tokens/s) until every reply is back, as a ratio to the model's best batch.
+   (``bench.kafka_direct``): embed (of reviews and of short texts), sentiment and llm requests produced at once
+   straight to the request topic, items/s (llm tokens/s) until every reply is back, as a ratio to the model's
+   best batch.
 4. the same embed load against the per-request design (``bench/alt_per_request.py``) and Ray Serve with
    ``@serve.batch(32, 10 ms)`` (``bench/alt_ray_serve.py``; skipped, with the reason, without ray).
 5. cache: sequential hits, and 30% repeats at the top client count.
@@ -86,7 +87,7 @@ from bench.model_limit import llm_greedy
 from bench.profiling import recording
 from bench.profiling import summary_md as profile_md
 from bench.samples_llm import PROMPTS
-from bench.samples_nlp import COMBINATIONS, review
+from bench.samples_nlp import COMBINATIONS, review, short_items
 from bench.samples_nlp import sample_items as nlp_items
 from bench.samples_vision import sample_items as vision_items
 from bench.summary import summary_md
@@ -493,7 +494,11 @@ async def broker_topics(settings: Settings) -> int:
 def direct_items(service: str, prof: dict[str, Any]) -> dict[str, list[Item]]:
     n = prof["direct_n"]
     if service == "nlp":
-        return {"embed": nlp_items(n, task="embed"), "sentiment": nlp_items(n, task="sentiment")}
+        return {
+            "embed": nlp_items(n, task="embed"),
+            "embed_short": short_items(n),  # 9-15 words: the texts bench.model_limit's embed_short runs
+            "sentiment": nlp_items(n, task="sentiment"),
+        }
     return {"completion": llm_greedy(prof["llm_direct_n"], prof["llm_max_tokens"])}
 
 

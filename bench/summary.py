@@ -192,10 +192,12 @@ def services_rows(result: dict[str, Any]) -> list[str]:
 
 
 def direct_ratios(result: dict[str, Any]) -> list[tuple[str, float | None, float | None, float | None]]:
-    """(label, Kafka-direct rate, model best-batch rate, ratio) for embed, sentiment and llm tokens/s."""
+    """(label, Kafka-direct rate, model best-batch rate, ratio) for embed (reviews and short texts), sentiment and
+    llm tokens/s."""
     rows: list[tuple[str, float | None, float | None, float | None]] = []
     for label, task, service, key in (
         ("nlp embed items/s", "embed", "nlp", "items_per_s"),
+        ("nlp embed, short texts, items/s", "embed_short", "nlp", "items_per_s"),
         ("nlp sentiment items/s", "sentiment", "nlp", "items_per_s"),
         ("llm tokens/s", "completion", "llm", "tokens_per_s"),
     ):
@@ -213,7 +215,7 @@ def direct_rows(result: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for (label, ours, model, ratio), task in zip(
-        direct_ratios(result), ("embed", "sentiment", "completion"), strict=True
+        direct_ratios(result), ("embed", "embed_short", "sentiment", "completion"), strict=True
     ):
         kd = get(result, "kafka_direct", task) or {}
         lines.append(

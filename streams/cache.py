@@ -35,6 +35,13 @@ def cache_key(prefix: str, service: str, task: str, model: str, payload: Mapping
     return f"{prefix}:cache:{service}:{hashlib.sha256(canonical).hexdigest()}"
 
 
+def dedup_key(task: str, payload: Mapping[str, object]) -> bytes:
+    """What makes two requests of one service and batch the same (the model is the task's, fixed while the
+    process runs): the canonical JSON of ``[task, input]``, unhashed. Only compared within a batch, never
+    stored, so it needs no digest (a cache key's SHA-256 costs more than the comparison it saves)."""
+    return orjson.dumps([task, payload], option=orjson.OPT_SORT_KEYS)
+
+
 def wants_cache(service: Service, task: str, payload: Mapping[str, object], flag: bool | None) -> bool:
     """Whether a request may be answered from, and written to, the cache."""
     if flag is not None:
@@ -71,6 +78,11 @@ class ResultCache:
         except RedisError as exc:
             log.debug("cache read failed, treating as miss: %s", exc)
             return [None] * len(keys)
+        return self.parse(raw)
+
+    @staticmethod
+    def parse(raw: Sequence[bytes | str | None]) -> list[ReplyEvent | None]:
+        """Cached values as read from Redis (``MGET``) -> replies; None for a miss or an unreadable value."""
         out: list[ReplyEvent | None] = []
         for value in raw:
             try:
