@@ -36,7 +36,7 @@ COMPILE = $(UV) pip compile -q --universal --python-version 3.11 --generate-hash
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_PROGRESS := 1
 
-.PHONY: install install-bench lock lock-check run test lint schemas bench bench-full bench-services infra-up \
+.PHONY: install install-bench lock lock-check run test lint schemas bench bench-full bench-services llama-server infra-up \
 	infra-down clean
 
 $(UV): $(UV_LOCK)
@@ -107,11 +107,18 @@ schemas: install
 
 ## aisemble beside the per-request design (and Ray Serve), one run: bench/results/suite.json
 ## and SUMMARY.md. Quick (about 5 minutes on 2 cores); bench-full: longer load points and 256 clients.
-bench: install-bench
+bench: install-bench llama-server
 	$(PY) bench/suite.py
 
-bench-full: install-bench
+bench-full: install-bench llama-server
 	$(PY) bench/suite.py --full
+
+## llama.cpp's C++ llama-server, the bench's reference LLM server (infra/llama_server.py): built once from the
+## llama.cpp that the llama-cpp-python 0.3.36 sdist vendors (sha256 checked), cmake Release for AVX2 without
+## AMX, into .cache/llama-server/0.3.36/ (about 10 minutes on 2 cores; later runs return at once). Needs cmake
+## and a C/C++ compiler (apt-get install cmake build-essential).
+llama-server: install
+	$(PY) -m infra.llama_server
 
 ## Per-service items/s (model alone and pipeline) and the data latency run: bench/results/*.json.
 bench-services: install
