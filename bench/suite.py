@@ -28,6 +28,9 @@ under bench/results/smoke/, git-ignored). Sections (numbers as in issue #10):
    the top client count; speedscope + raw files and the top self-time functions.
 9. LLM streaming (``bench.llm_stream``): time to first token and tokens/s per SSE stream; then
    ``bench/llm_continuous.py --quick`` when that script is present (its figures are kept).
+10. LLM against llama.cpp's C++ ``llama-server`` (``bench.llm_server``): the same GGUF, /v1/chat/completions,
+   greedy, 32 tokens, 1 and 8 clients, one server at a time; skipped, with the reason, until
+   ``make llama-server`` has built it (``make bench`` does).
 
 What can go wrong: Kafka and Redis are started when they do not answer (and stopped only if started
 here); every process started is stopped by PID (Ray's processes included, checked afterwards). A
@@ -76,6 +79,7 @@ from bench.common import (
 )
 from bench.floor import FLOOR_RATE_DEFAULT, run_floor
 from bench.kafka_direct import direct, fairness
+from bench.llm_server import compare as llm_server_compare
 from bench.llm_stream import streaming
 from bench.model_limit import llm_greedy
 from bench.profiling import recording
@@ -664,6 +668,7 @@ def main() -> None:
     section("4a. REST load, per-request design", rest, "per_request", per_request)
     section("4b. REST load, Ray Serve", rest, "ray_serve", lambda: ray_serve(prof["clients"], prof["duration_s"]))
     result["rest"] = rest
+    section("10. LLM vs llama.cpp's llama-server", result, "llm_server", lambda: llm_server_compare(name))
     section(
         "9b. LLM continuous vs static batching",
         result,
