@@ -133,7 +133,7 @@ def point_figures(
     ok = [s for s in samples if s.status == 200]
     tokens = sum(s.tokens for s in ok)
     rate = (lambda x: round(x / wall_s, 2)) if wall_s > 0 else (lambda x: 0.0)
-    share = (lambda cpu: round(cpu / wall_s / cpus, 3)) if wall_s > 0 and cpus > 0 else (lambda cpu: None)
+    share = (lambda cpu: round(cpu / wall_s / cpus, 4)) if wall_s > 0 and cpus > 0 else (lambda cpu: None)
     statuses: dict[str, int] = {}
     for s in samples:
         statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
@@ -317,6 +317,7 @@ async def drive(url: str, clients: int, duration_s: float, max_tokens: int, serv
             while time.perf_counter() < end:
                 samples.append(await one(next(counter)))
 
+        load0 = os.getloadavg()[0]
         cpu0, server0 = time.process_time(), cpu_seconds(server_pids)
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
@@ -327,7 +328,9 @@ async def drive(url: str, clients: int, duration_s: float, max_tokens: int, serv
     for s in samples:
         if s.text is not None:
             texts.setdefault(str(s.prompt), s.text)
-    return {**point, "problems": problems, "texts": texts}
+    # The machine's 1-minute load average before and after: on shared cores, what else ran beside the point.
+    loadavg = [round(load0, 2), round(os.getloadavg()[0], 2)]
+    return {**point, "loadavg_1m": loadavg, "problems": problems, "texts": texts}
 
 
 def run_points(url: str, label: str, prof: Mapping[str, Any], max_tokens: int, pids: set[int]) -> dict[str, Any]:
@@ -493,7 +496,7 @@ def _fmt(x: Any) -> str:
 
 
 def _pct(x: Any) -> str:
-    return "—" if x is None else f"{x:.0%}"
+    return "—" if x is None else f"{x:.1%}"
 
 
 def target_rows(result: Mapping[str, Any]) -> list[tuple[str, str, bool | None]]:
@@ -548,10 +551,20 @@ def summary_rows(result: Mapping[str, Any]) -> list[str]:
     lines += [
         "",
         f"Greedy texts equal to llama-server's: {same.get('equal', '—')} of {same.get('compared', '—')} prompts; "
-        f"aisemble cache hits during the run: {_fmt(ours.get('cache_hits'))}.",
+        f"aisemble cache hits during the run: {_fmt(ours.get('cache_hits'))}. {_load_note(section)}",
         "",
     ]
     return lines
+
+
+def _load_note(section: Mapping[str, Any]) -> str:
+    """The machine's 1-minute load average around the points (what else shared the CPUs), or nothing."""
+    loads = [
+        x for key, _ in LINES for p in points_by_clients(section.get(key)).values() for x in p.get("loadavg_1m") or []
+    ]
+    if not loads:
+        return ""
+    return f"Load average (1 min) around the points: {min(loads):.1f} to {max(loads):.1f}."
 
 
 def main() -> None:

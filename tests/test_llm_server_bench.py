@@ -92,7 +92,7 @@ def test_summary_rows_show_each_line_and_a_skipped_line_with_its_reason() -> Non
             }
         )
     )
-    assert "| aisemble | 1 | 40.0 | 1.2 | 800.0 | 900.0 | 0 | 0.50x | 1% | 90% |" in md
+    assert "| aisemble | 1 | 40.0 | 1.2 | 800.0 | 900.0 | 0 | 0.50x | 1.0% | 90.0% |" in md
     assert "| llama-cpp-python server | skipped: llama_cpp.server does not import |" in md
     assert lb.summary_rows({"llm_server": {"skipped": "no gguf"}})[-2] == "skipped: no gguf"
 
