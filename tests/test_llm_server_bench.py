@@ -54,11 +54,24 @@ def test_point_figures_without_wall_time_or_server_pids_report_zero_and_none() -
     assert p["tokens_per_request"] is None and p["server_cpu_share"] is None and p["driver_cpu_share"] is None
 
 
-def test_ratios_divide_ours_by_theirs_per_client_count_present_in_both() -> None:
-    ours = {"points": [{"clients": 1, "tokens_per_s": 45.0}, {"clients": 8, "tokens_per_s": 200.0}]}
-    theirs = {"points": [{"clients": 1, "tokens_per_s": 90.0}, {"clients": 8, "tokens_per_s": 0.0}, {"clients": 64}]}
-    assert lb.ratios(ours, theirs) == {"1": 0.5, "8": None}
-    assert lb.ratios({"skipped": "no binary"}, theirs) == {}
+def test_best_reference_takes_the_faster_llama_server_line_per_client_count() -> None:
+    lines = {
+        "llama_server": {"points": [{"clients": 1, "tokens_per_s": 80.0}, {"clients": 8, "tokens_per_s": 180.0}]},
+        "llama_server_t1": {"points": [{"clients": 1, "tokens_per_s": 40.0}, {"clients": 8, "tokens_per_s": 190.0}]},
+        "aisemble": {"points": [{"clients": 1, "tokens_per_s": 500.0}]},  # not a reference line
+    }
+    assert lb.best_reference(lines, ["llama_server", "llama_server_t1"]) == {
+        "1": {"line": "llama_server", "tokens_per_s": 80.0},
+        "8": {"line": "llama_server_t1", "tokens_per_s": 190.0},
+    }
+    assert lb.best_reference({"llama_server": {"skipped": "not built"}}, ["llama_server"]) == {}
+
+
+def test_ratios_divide_ours_by_the_reference_per_client_count_present_in_both() -> None:
+    ours = {"points": [{"clients": 1, "tokens_per_s": 45.0}, {"clients": 8, "tokens_per_s": 200.0}, {"clients": 64}]}
+    reference = {"1": {"tokens_per_s": 90.0}, "8": {"tokens_per_s": 0.0}}
+    assert lb.ratios(ours, reference) == {"1": 0.5, "8": None}
+    assert lb.ratios({"skipped": "no binary"}, reference) == {}
 
 
 def test_targets_met_not_met_and_no_figure() -> None:
@@ -66,12 +79,13 @@ def test_targets_met_not_met_and_no_figure() -> None:
         aisemble = [{"clients": 1, "tokens_per_s": ours1}]
         if ours8 is not None:
             aisemble.append({"clients": 8, "tokens_per_s": ours8})
-        llama = [{"clients": 1, "tokens_per_s": theirs1}, {"clients": 8, "tokens_per_s": 100.0}]
-        return {"llm_server": {"aisemble": {"points": aisemble}, "llama_server": {"points": llama}}}
+        reference = {"1": {"line": "llama_server_t1", "tokens_per_s": theirs1},
+                     "8": {"line": "llama_server", "tokens_per_s": 100.0}}  # fmt: skip
+        return {"llm_server": {"aisemble": {"points": aisemble}, "reference": reference}}
 
     rows = lb.target_rows(section(90.0, 100.0, 99.0))
     assert [met for _, _, met in rows] == [True, False]  # 0.90x >= 0.9 met; 0.99x < 1 not met
-    assert "90.0 / 100.0 = 0.90x" in rows[0][1]
+    assert rows[0][1] == "90.0 / 100.0 (llama-server -t 1) = 0.90x"
     assert [met for _, _, met in lb.target_rows(section(89.0, 100.0, 100.0))] == [False, True]
     assert [met for _, _, met in lb.target_rows(section(89.0, 100.0, None))][1] is None
     assert [met for _, _, met in lb.target_rows({"llm_server": {"skipped": "x"}})] == [None, None]
@@ -86,12 +100,16 @@ def test_summary_rows_show_each_line_and_a_skipped_line_with_its_reason() -> Non
             {
                 "llm_server": {
                     "llama_server": {"points": [ref]},
+                    "llama_server_t1": {"failed": "TimeoutError: no /health"},
                     "aisemble": {"points": [point], "cache_hits": 0.0},
                     "llama_cpp_python": {"skipped": "llama_cpp.server does not import"},
+                    "reference": {"1": {"line": "llama_server", "tokens_per_s": 80.0}},
                 }
             }
         )
     )
+    assert "| llama-server -t 2 | 1 | 80.0 | 1.2 | 800.0 | 900.0 | 0 | 1.00x |" in md
+    assert "| llama-server -t 1 | failed: TimeoutError: no /health |" in md
     assert "| aisemble | 1 | 40.0 | 1.2 | 800.0 | 900.0 | 0 | 0.50x | 1.0% | 90.0% |" in md
     assert "| llama-cpp-python server | skipped: llama_cpp.server does not import |" in md
     assert lb.summary_rows({"llm_server": {"skipped": "no gguf"}})[-2] == "skipped: no gguf"
@@ -119,6 +137,7 @@ def test_llama_server_command_binds_loopback_with_two_threads_eight_slots_and_no
     assert "-t 2" in joined and "--parallel 8" in joined and f"-c {8 * lb.CTX_PER_SLOT}" in joined
     assert cmd[-1] == "--no-webui"
     assert "--no-webui" not in lb.llama_server_command(Path("/x"), Path("/m.gguf"), 1, "an older server")
+    assert "-t 1 --parallel 8" in " ".join(lb.llama_server_command(Path("/x"), Path("/m.gguf"), 1, "", threads=1))
 
 
 def test_same_texts_counts_equal_greedy_answers_of_prompts_both_answered() -> None:
