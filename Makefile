@@ -115,7 +115,7 @@ bench-full: install-bench llama-server
 
 ## llama.cpp's C++ llama-server, the bench's reference LLM server (infra/llama_server.py): built once from the
 ## llama.cpp that the llama-cpp-python 0.3.36 sdist vendors (sha256 checked), cmake Release for AVX2 without
-## AMX, into .cache/llama-server/0.3.36/ (about 10 minutes on 2 cores; later runs return at once). Needs cmake
+## AMX, into .cache/llama-server/0.3.36/ (44 min on 2 busy shared cores; later runs return at once). Needs cmake
 ## and a C/C++ compiler (apt-get install cmake build-essential).
 llama-server: install
 	$(PY) -m infra.llama_server

@@ -6,7 +6,8 @@ reference LLM server.
 :data:`SDIST_SHA256`) with cmake, Release, and exactly :data:`CMAKE_FLAGS`: the flags the Python binding is
 built with (AVX2 + FMA + F16C, no AVX-512, no AMX, not ``-march=native``: a native build crashed on its first
 completion on these VMs), so the C++ server and the binding run the same kernels. Only the ``llama-server``
-target is built (``-j 2``: about ten minutes on two shared cores). ``python -m infra.llama_server`` (``make
+target is built (``-j 2``: 44 minutes measured on two cores shared at a load average of 12 to 16; less on
+idle cores). ``python -m infra.llama_server`` (``make
 llama-server``) does the same from a shell and prints the binary's path.
 
 Layout: ``.cache/llama-server/<version>/`` at the repository root (git-ignored) holds ``downloads/`` (the
@@ -225,7 +226,7 @@ def _run_logged(cmd: list[str], cwd: Path, log_file: Path, what: str, timeout: f
 
 
 def build_llama_server(cache_dir: str | Path | None = None) -> Path:
-    """The path of a built ``llama-server``; downloads and builds it the first time (about ten minutes).
+    """The path of a built ``llama-server``; downloads and builds it the first time (tens of minutes on 2 cores).
 
     Raises:
         ToolMissing: no cmake, compiler or make (only checked when a build is needed).
@@ -255,7 +256,7 @@ def _build_locked(paths: BuildPaths) -> Path:
     log.info("configuring llama.cpp (%s)", " ".join(CMAKE_FLAGS))
     _run_logged(configure, paths.home, paths.log, "cmake configure of llama.cpp", BUILD_TIMEOUT_S)
     build = ["cmake", "--build", str(paths.build), "--config", "Release", "--target", TARGET, "-j", str(BUILD_JOBS)]
-    log.info("building %s (about ten minutes on two cores; log: %s)", TARGET, paths.log)
+    log.info("building %s (tens of minutes on two cores; log: %s)", TARGET, paths.log)
     _run_logged(build, paths.home, paths.log, f"cmake --build --target {TARGET}", BUILD_TIMEOUT_S)
     if not (paths.binary.is_file() and os.access(paths.binary, os.X_OK)):
         raise InfraError(f"the build exited 0 but {paths.binary} is missing; see {paths.log}")
