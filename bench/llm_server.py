@@ -463,7 +463,7 @@ def _guarded(fn: Any) -> dict[str, Any]:
 
 
 def compare(profile: str = "quick", build: bool = False, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
-    """The three lines and their ratios; ``build``: build llama-server when it is not cached (~10 min)."""
+    """The three lines and their ratios; ``build``: build llama-server when it is not cached (tens of minutes)."""
     prof = PROFILES[profile]
     out: dict[str, Any] = {
         "profile": profile, **prof, "max_tokens": max_tokens, "path": PATH, "threads": THREADS, "slots": SLOTS,

@@ -4,7 +4,7 @@
 targets' verdicts, the request body, the answer parsing, llama-server's command line, and the shipped GGUF's
 location. ``infra.llama_server``: the cache marker, and that a build fails loudly and clearly (no build tool,
 a checksum mismatch, an sdist without llama.cpp, a cmake failure) without leaving a marker behind. No test
-builds llama.cpp (about ten minutes): the cmake failure is a two-line CMakeLists.txt.
+builds llama.cpp (tens of minutes): the cmake failure is a two-line CMakeLists.txt.
 """
 
 from __future__ import annotations
