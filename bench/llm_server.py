@@ -490,7 +490,9 @@ def compare(profile: str = "quick", build: bool = False, max_tokens: int = MAX_T
     out["aisemble"] = _guarded(lambda: aisemble_line(prof, max_tokens))
     out["llama_cpp_python"] = _guarded(lambda: llama_cpp_python_line(gguf, prof, max_tokens, log_dir))
     out["reference"] = best_reference(out, [key for key, _ in LLAMA_LINES])
-    texts = next((out[k]["texts"] for k, _ in LLAMA_LINES if isinstance(out[k], dict) and out[k].get("texts")), {})
+    texts: dict[str, str] = next(
+        (out[k]["texts"] for k, _ in LLAMA_LINES if isinstance(out[k], dict) and out[k].get("texts")), {}
+    )
     for key in ("aisemble", "llama_cpp_python"):
         out[f"ratio_{key}_tokens_per_s"] = ratios(out[key], out["reference"])
         if isinstance(out[key], dict) and "texts" in out[key]:
@@ -526,7 +528,7 @@ def target_rows(result: Mapping[str, Any]) -> list[tuple[str, str, bool | None]]
     section = result.get("llm_server")
     section = section if isinstance(section, dict) else {}
     ours = points_by_clients(section.get("aisemble"))
-    reference = section.get("reference") if isinstance(section.get("reference"), dict) else {}
+    reference: dict[str, Any] = section["reference"] if isinstance(section.get("reference"), dict) else {}
     rows: list[tuple[str, str, bool | None]] = []
     for n, target in TARGETS.items():
         ref = reference.get(str(n), {})
@@ -558,7 +560,7 @@ def summary_rows(result: Mapping[str, Any]) -> list[str]:
         "| server | clients | tokens/s | req/s | p50 ms | p99 ms | err | ÷ reference | driver CPU | server CPU |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    reference = section.get("reference") if isinstance(section.get("reference"), dict) else {}
+    reference: dict[str, Any] = section["reference"] if isinstance(section.get("reference"), dict) else {}
     for key, label in LINES:
         points = points_by_clients(section.get(key))
         if not points:
