@@ -41,7 +41,7 @@ export UV_NO_PROGRESS := 1
 # .pyc files itself (PYTHONDONTWRITEBYTECODE, a read-only venv): the nlp agent's imports took 12.7 CPU-s, not 5.6.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: install install-bench lock lock-check run test lint schemas bench bench-full bench-services infra-up \
+.PHONY: install install-bench lock lock-check run test lint schemas bench bench-full bench-services llama-server infra-up \
 	infra-down clean
 
 $(UV): $(UV_LOCK)
@@ -112,11 +112,18 @@ schemas: install
 
 ## aisemble beside the per-request design (and Ray Serve), one run: bench/results/suite.json
 ## and SUMMARY.md. Quick (about 5 minutes on 2 cores); bench-full: longer load points and 256 clients.
-bench: install-bench
+bench: install-bench llama-server
 	$(PY) bench/suite.py
 
-bench-full: install-bench
+bench-full: install-bench llama-server
 	$(PY) bench/suite.py --full
+
+## llama.cpp's C++ llama-server, the bench's reference LLM server (infra/llama_server.py): built once from the
+## llama.cpp that the llama-cpp-python 0.3.36 sdist vendors (sha256 checked), cmake Release for AVX2 without
+## AMX, into .cache/llama-server/0.3.36/ (44 min on 2 busy shared cores; later runs return at once). Needs cmake
+## and a C/C++ compiler (apt-get install cmake build-essential).
+llama-server: install
+	$(PY) -m infra.llama_server
 
 ## Per-service items/s (model alone and pipeline) and the data latency run: bench/results/*.json.
 bench-services: install

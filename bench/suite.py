@@ -33,6 +33,9 @@ under bench/results/smoke/, git-ignored). Sections (numbers as in issue #10):
    of 3 records) at 1 and 64 clients and a 1-client embed of a 9-to-15-word text beside the per-request
    design, with a light aiohttp driver (its CPU share reported); the CPU us/request of the edge and of each
    agent; the hops and a bare aiokafka round trip; py-spy of the edge and the data agent under the light load.
+11. LLM against llama.cpp's C++ ``llama-server`` (``bench.llm_server``): the same GGUF, /v1/chat/completions,
+   greedy, 32 tokens, 1 and 8 clients, one server at a time; skipped, with the reason, until
+   ``make llama-server`` has built it (``make bench`` does).
 
 What can go wrong: Kafka and Redis are started when they do not answer (and stopped only if started
 here); every process started is stopped by PID (Ray's processes included, checked afterwards). A
@@ -82,6 +85,7 @@ from bench.common import (
 from bench.edge_cost import run as edge_cost
 from bench.floor import FLOOR_RATE_DEFAULT, run_floor
 from bench.kafka_direct import direct, fairness
+from bench.llm_server import compare as llm_server_compare
 from bench.llm_stream import streaming
 from bench.model_limit import llm_greedy
 from bench.profiling import recording
@@ -681,6 +685,7 @@ def main() -> None:
         lambda: edge_cost(prof["duration_s"], profile_s=prof["profile_s"], bare_n=prof["bare_n"],
                           profile_dir=out_dir / "profile"),
     )  # fmt: skip
+    section("11. LLM vs llama.cpp's llama-server", result, "llm_server", lambda: llm_server_compare(name))
     section(
         "9b. LLM continuous vs static batching",
         result,

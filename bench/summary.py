@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bench.llm_server import summary_rows as llm_server_rows
+from bench.llm_server import target_rows as llm_server_targets
 from bench.profiling import summary_md as profile_md
 
 RSS_TARGET_MB = 3e9 / 2**20  # 3 GB (decimal) in MiB, as VmHWM is reported
@@ -379,6 +381,7 @@ def targets(result: dict[str, Any], top: int) -> list[str]:
             None if not four else four <= RSS_TARGET_MB,
         )
     )
+    rows += llm_server_targets(result)
     lines = ["## Targets", "", "| target | figure | verdict |", "|---|---|---|"]
     lines += [f"| {t} | {fig} | {verdict(ok)} |" for t, fig, ok in rows]
     return [*lines, ""]
@@ -470,6 +473,7 @@ def summary_md(result: dict[str, Any]) -> str:
     lines += services_rows(result)
     lines += fairness_rows(result)
     lines += llm_rows(result)
+    lines += llm_server_rows(result)
     lines += cache_scale_rows(result)
     lines += [profile_md(result.get("profile_run") or {})]
     lines += edge_cost_rows(result)
