@@ -91,17 +91,32 @@ def default_threads() -> int:
 def _bindings() -> Any:
     """``llama_cpp`` imported once, its backend initialised and its logging routed to ERROR and above."""
     global _backend_ready
+    global _log_callback
     try:
         import llama_cpp
-        from llama_cpp import _logger as llama_logger
     except ImportError as exc:  # the package is a runtime dependency; a broken install lands here
         raise ModelUnavailableError(f"the llama_cpp runtime needs llama-cpp-python: {exc}") from exc
     with _backend_lock:
         if not _backend_ready:
-            llama_logger.set_verbose(False)
+            _log_callback = llama_cpp.llama_log_callback(_llama_log)
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True
     return llama_cpp
+
+
+_log_callback: Any = None  # the ctypes callback must outlive every call llama.cpp makes to it
+_llama_logger = logging.getLogger("agents.llm_llama.llama_cpp")
+
+
+def _llama_log(level: int, text: bytes | None, user_data: object) -> None:
+    """llama.cpp's log lines: errors as errors, the rest (its chatty warnings included) at debug."""
+    if not text:
+        return
+    if level == 4:  # GGML_LOG_LEVEL_ERROR (ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5)
+        _llama_logger.error("%s", text.decode("utf-8", errors="replace").rstrip())
+    elif _llama_logger.isEnabledFor(logging.DEBUG):
+        _llama_logger.debug("%s", text.decode("utf-8", errors="replace").rstrip())
 
 
 class LlamaWeights:
@@ -205,6 +220,7 @@ class _Row(RowState):
     rng: np.random.Generator | None = None
     seq: int = -1  # the llama.cpp sequence it owns once prefilling starts
     pos: int = 0  # tokens of the row in its sequence
+    started: bool = False  # its whole prompt is in the cache (or is in this step's batch)
 
 
 class LlamaEngine:
@@ -238,7 +254,7 @@ class LlamaEngine:
         params.n_seq_max = max_batch
         params.n_threads = threads
         params.n_threads_batch = threads
-        params.kv_unified = True  # one stream: the ubatch is not split by sequence id
+        params.kv_unified = False  # a stream per sequence: a row's cells sit where they would sit alone
         params.no_perf = True
         params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = lib.llama_init_from_model(weights.model, params)
@@ -271,9 +287,7 @@ class LlamaEngine:
         self._incoming: list[_Row] = []
         self._cancelled: set[str] = set()
         self._waiting: deque[_Row] = deque()
-        self._prefilling: list[_Row] = []
-        self._running: list[_Row] = []
-        self._free_seqs = list(range(max_batch - 1, -1, -1))
+        self._live: list[_Row] = []  # rows holding a sequence, indexed by it (prefilling, then running)
         self.steps = 0
 
     def close(self) -> None:
@@ -306,7 +320,7 @@ class LlamaEngine:
         """Rows added and not yet finished."""
         with self._lock:
             incoming = len(self._incoming)
-        return incoming + len(self._waiting) + len(self._prefilling) + len(self._running)
+        return incoming + len(self._waiting) + len(self._live)
 
     @property
     def free_slots(self) -> int:
@@ -320,8 +334,7 @@ class LlamaEngine:
             self._incoming.clear()
             cancelled, self._cancelled = self._cancelled, set()
         self._retire(report, cancelled)
-        self._start_rows(report)
-        outputs, chunks, count = self._fill()
+        decoding, with_logits, chunks, count = self._fill(report)
         self.steps += 1
         if count == 0:
             return report
@@ -331,32 +344,25 @@ class LlamaEngine:
         except Exception as exc:  # noqa: BLE001  (policy: a model failure fails the rows of that pass)
             status = exc
         if status != 0:
-            self._fail_pass(report, [row for row, _ in chunks], status)
+            self._fail_pass(report, [*decoding, *(row for row, _ in chunks)], status)
             return report
-        report.decoded_rows += len(self._running)
+        report.decoded_rows += len(decoding)
+        report.prefilled_tokens += sum(size for _, size in chunks)
+        for row in decoding:
+            row.pos += 1  # its last token is in the cache now
         for row, size in chunks:
             row.pos += size
-        started = [row for row, _ in chunks if row.pos == len(row.ids)]
-        if started:
-            self._prefilling = [row for row in self._prefilling if row.pos < len(row.ids)]
-        report.prefilled_tokens += sum(size for _, size in chunks)
         logits = np.ctypeslib.as_array(
-            self._lib.llama_get_logits(self._ctx), shape=(len(outputs), self._weights.n_vocab)
+            self._lib.llama_get_logits(self._ctx), shape=(len(with_logits), self._weights.n_vocab)
         )
         chosen = logits.argmax(axis=1).tolist()
-        for row in self._running:
-            row.pos += 1  # its last token is in the cache now
-        self._running.extend(started)
         done: list[_Row] = []
-        for index, row in enumerate(outputs):
+        for index, row in enumerate(with_logits):
             token = chosen[index] if row.rng is None else _sample(logits[index], row)
             if advance(row, token, self._eos_ids, self._decode, report):
                 done.append(row)
-        if done:
-            gone = {id(row) for row in done}
-            self._running = [row for row in self._running if id(row) not in gone]
-            for row in done:
-                self._release(row)
+        for row in done:
+            self._release(row)
         return report
 
     # -- internals ------------------------------------------------------------------------------------------
@@ -373,89 +379,99 @@ class LlamaEngine:
                 return deadline_failure(len(row.generated))
             return None
 
-        for queue in (self._waiting, self._prefilling, self._running):
-            if not queue:
-                continue
-            keep = []
-            for row in queue:
-                failure = stopped(row)
-                if failure is None:
-                    keep.append(row)
-                else:
-                    report.finished.append(Finished(row.key, failure))
-                    self._release(row)
-            if len(keep) != len(queue):
-                if queue is self._waiting:
-                    self._waiting = deque(keep)
-                elif queue is self._prefilling:
-                    self._prefilling = keep
-                else:
-                    self._running = keep
+        gone: list[tuple[_Row, Failure]] = []
+        for row in [*self._waiting, *self._live]:
+            failure = stopped(row)
+            if failure is not None:
+                gone.append((row, failure))
+        if not gone:
+            return
+        ids = {id(row) for row, _ in gone}
+        self._waiting = deque(row for row in self._waiting if id(row) not in ids)
+        for row, failure in gone:
+            report.finished.append(Finished(row.key, failure))
+            self._release(row)
 
-    def _start_rows(self, report: StepReport) -> None:
-        """Waiting rows take free sequences, first come first served (a row that cannot fit fails alone)."""
-        while self._waiting and self._free_seqs:
+    def _fill(self, report: StepReport) -> tuple[list[_Row], list[_Row], list[tuple[_Row, int]], int]:
+        """Write this step's tokens into the batch, in sequence order (llama.cpp splits a batch of several
+        sequences into one ubatch only when their ids ascend without a gap): each running row's last token,
+        and prompt chunks within the budget, first come first served (a row takes its sequence when its
+        prefill starts, so every live sequence has tokens in every batch). Returns the running rows, the rows
+        with a logit (in batch order), the prompt chunks and the token count."""
+        budget = self.max_prefill_tokens
+        sizes: dict[int, int] = {}
+        partial = next((row for row in self._live if not row.started), None)  # at most one: the budget's last
+        if partial is not None:
+            size = min(budget, len(partial.ids) - partial.pos)
+            sizes[id(partial)] = size
+            budget -= size
+        while budget > 0 and self._waiting and len(self._live) < self.max_batch:
             row = self._waiting.popleft()
             need = len(row.ids) + row.request.params.max_tokens
             if len(row.ids) == 0 or need > self.context_per_row:
                 message = (
-                    f"the prompt ({len(row.ids)} tokens) and max_tokens ({row.request.params.max_tokens}) do not fit "
-                    f"the {self.context_per_row} tokens a row may hold"
+                    f"the prompt ({len(row.ids)} tokens) and max_tokens ({row.request.params.max_tokens}) do not "
+                    f"fit the {self.context_per_row} tokens a row may hold"
                 )
                 report.finished.append(Finished(row.key, Failure(ErrorCode.INVALID_INPUT, message)))
                 continue
-            row.seq = self._free_seqs.pop()
-            self._prefilling.append(row)
-
-    def _fill(self) -> tuple[list[_Row], list[tuple[_Row, int]], int]:
-        """Write this step's tokens into the batch: running rows first (one logit each), then prompt chunks
-        within the budget. Returns the rows with a logit (in batch order), the chunks and the token count."""
+            row.seq = len(self._live)
+            self._live.append(row)
+            size = min(budget, len(row.ids))
+            sizes[id(row)] = size
+            budget -= size
         tokens, positions, seqs, outputs = self._tokens, self._positions, self._seq_ids, self._outputs
-        rows = self._running
-        count = len(rows)
-        if count:
-            tokens[:count] = [row.generated[-1] for row in rows]
-            positions[:count] = [row.pos for row in rows]
-            seqs[:count] = [row.seq for row in rows]
-            outputs[:count] = 1
-        with_logits = list(rows)
+        decoding: list[_Row] = []
+        with_logits: list[_Row] = []
         chunks: list[tuple[_Row, int]] = []
-        budget = self.max_prefill_tokens
-        for row in self._prefilling:
-            if budget <= 0:
-                break
-            start = row.pos
-            size = min(budget, len(row.ids) - start)
-            end = count + size
+        count = 0
+        for row in self._live:
+            if row.started:
+                tokens[count] = row.generated[-1]
+                positions[count] = row.pos
+                seqs[count] = row.seq
+                outputs[count] = 1
+                count += 1
+                decoding.append(row)
+                with_logits.append(row)
+                continue
+            size = sizes.get(id(row), 0)
+            start, end = row.pos, count + size
             tokens[count:end] = row.ids[start : start + size]
             positions[count:end] = self._arange[start : start + size]
             seqs[count:end] = row.seq
             outputs[count:end] = 0
             if start + size == len(row.ids):
                 outputs[end - 1] = 1
+                row.started = True
                 with_logits.append(row)
             chunks.append((row, size))
             count = end
-            budget -= size
-        return with_logits, chunks, count
+        return decoding, with_logits, chunks, count
 
-    def _fail_pass(self, report: StepReport, prefilled: list[_Row], status: object) -> None:
-        rows = [*self._running, *prefilled]
+    def _fail_pass(self, report: StepReport, rows: list[_Row], status: object) -> None:
         detail = f"{type(status).__name__}: {status}" if isinstance(status, Exception) else f"status {status}"
         logger.error("llama_decode failed (%s) for %d rows", detail, len(rows))
         message = f"generation failed: llama_decode {detail}"[:500]
-        gone = {id(row) for row in rows}
-        self._running = []
-        self._prefilling = [row for row in self._prefilling if id(row) not in gone]
         for row in rows:
             report.finished.append(Finished(row.key, Failure(ErrorCode.MODEL_ERROR, message)))
             self._release(row)
 
     def _release(self, row: _Row) -> None:
-        if row.seq >= 0:
-            self._lib.llama_memory_seq_rm(self._memory, row.seq, -1, -1)
-            self._free_seqs.append(row.seq)
-            row.seq = -1
+        """Free the row's sequence; the highest live sequence moves into the gap, so live ids stay 0..n-1."""
+        seq = row.seq
+        if seq < 0:
+            return
+        lib, memory = self._lib, self._memory
+        lib.llama_memory_seq_rm(memory, seq, -1, -1)
+        last = self._live.pop()
+        if last is not row:
+            # A copy between streams: llama.cpp moves the cells now and the stream's buffer at the next decode.
+            lib.llama_memory_seq_cp(memory, last.seq, seq, -1, -1)
+            lib.llama_memory_seq_rm(memory, last.seq, -1, -1)
+            last.seq = seq
+            self._live[seq] = last
+        row.seq = -1
 
 
 def _sample(logits: np.ndarray, row: _Row) -> int:
