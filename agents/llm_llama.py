@@ -80,12 +80,14 @@ _backend_ready = False
 
 
 def default_threads() -> int:
-    """Threads of llama.cpp when ``llm.threads`` is unset: the cores this process may use, at most 8."""
+    """Threads of llama.cpp when ``llm.threads`` is unset: the cores this process may use minus one (the edge,
+    Kafka and the other agents share the machine; llama.cpp's threads wait for each other at every operation,
+    so one that is descheduled stalls them all), at least 1, at most 8."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_DEFAULT_THREADS))
+    return max(1, min(cores - 1, MAX_DEFAULT_THREADS))
 
 
 def _bindings() -> Any:

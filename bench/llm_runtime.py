@@ -5,7 +5,9 @@ tokens for all), ``max_tokens`` 32 (a row ends earlier at EOS; tokens/s counts t
 
 * ``llama_cpp``: ``agents.llm_llama.LlamaEngine`` (continuous batching over llama.cpp sequences);
 * ``llama_cpp_python``: llama-cpp-python's own high-level ``Llama.create_completion`` (one request at a time:
-  it has no batching), the reference runtime;
+  it has no batching), the reference runtime. It keeps its KV cache between calls and prefills only what a
+  prompt does not share with the previous one (here the system prompt of the chat template is shared: most
+  of each prompt); the engine prefills every prompt whole;
 * ``torch``: ``agents.llm_engine.DecodeEngine`` on the dequantised float32 model (the runtime before).
 
 Two loads per engine: ``1``: the prompts one after the other, one sequence at a time; ``8``: eight sequences at
@@ -91,8 +93,7 @@ def bench_high_level(gguf: Path, ids: list[list[int]], threads: int, repeat: int
 
     one_by_one(1)
     result = {"1": _point(lambda: one_by_one(8), repeat), "8 (one at a time)": _point(lambda: one_by_one(8), repeat)}
-    del model
-    gc.collect()
+    model.close()
     return result
 
 
