@@ -10,12 +10,22 @@ drives an engine until its rows are done), ``make_engine``/``row_request`` for t
 token of each running row (one logit each) and, within the prefill budget (``max_prefill_tokens``), prompt
 tokens of rows waiting to start, first come first served; a prompt longer than the budget is prefilled over
 several steps, so it never stalls the running rows for more than one budget. Each row owns a llama.cpp
-sequence (``seq_id``) of a unified KV cache (``kv_unified``: one ubatch per step whatever the sequence ids);
-a finished, cancelled, expired or failed row's sequence is removed (``llama_memory_seq_rm``) and reused.
+sequence (``seq_id``) with its own KV stream (``kv_unified`` off): its cells sit at the positions they would
+hold alone, so its attention sums in the same order whatever its neighbours. llama.cpp computes a batch of
+several streams as one ubatch only when their sequence ids ascend without a gap, so the live rows hold ids
+``0..n-1`` and the batch is laid out in that order: when a row leaves, the row with the highest id moves into
+its id (``llama_memory_seq_cp`` across streams: a copy of that stream's buffer at the next decode). A row that
+finishes on the highest id leaves its cells in place; the next row to take that id prefills only what its
+prompt does not share with them (the chat template's system prompt, earlier turns of a conversation).
 Logits are read as one numpy view ``[rows, vocab]``; greedy rows take the argmax; sampled rows draw in numpy
 (temperature, then top-p; top-k off) from their own ``numpy.random.Generator``: seeded with the row's seed,
-so a seeded row's text does not depend on its neighbours (up to float rounding of a different batch), or
-from fresh entropy when unseeded.
+so a seeded row's text does not depend on its neighbours, or from fresh entropy when unseeded.
+
+Measured on the shipped model (``tests/test_llm_llama.py``): greedy tokens equal llama-cpp-python's own
+``Llama`` generating the prompt alone, for rows alone, joining mid-generation, chunk-prefilled and reusing a
+finished row's cells. One case rounds differently: many prompts prefilled in ONE step (about 256 prompt tokens
+or more in a ubatch of several sequences) gave one of 8 rows another first token (a larger ubatch takes other
+matmul kernels); the default budget (``max_prefill_tokens`` 512) allows such a step when a burst arrives.
 
 Per row, as the torch engine (``agents.llm_rows.advance``): ``max_tokens``, EOS (llama.cpp's end-of-generation
 tokens), stop strings cut, streaming deltas that hold back a possible stop-string start or half a UTF-8
@@ -26,10 +36,10 @@ Tokenisation and the chat template come from the GGUF: llama.cpp's tokenizer (sp
 GGUF's ``tokenizer.chat_template`` rendered with Jinja2 as transformers does (SmolLM2's ChatML template when
 the file carries none), so the prompt tokens are the torch runtime's (``tests/test_llm_llama.py``).
 
-Context: each row may hold ``llm_context_per_row`` tokens (the model's training context, at most
-``max_prompt_tokens`` + ``MAX_NEW_TOKENS``); prompts are truncated from the start to leave room for
-``max_tokens`` (the torch runtime's rule). The KV cache holds ``max_batch`` such rows (f16; for SmolLM2-135M
-about 23 KB a token, 377 MB for 8 rows of 2048).
+Context: each row may hold ``context_per_row`` tokens (``max_prompt_tokens`` + ``MAX_NEW_TOKENS``, at most the
+model's training context); prompts are truncated from the start to leave room for ``max_tokens`` (the torch
+runtime's rule). The KV cache holds ``max_batch`` such rows (f16; for SmolLM2-135M about 23 KB a token,
+377 MB for 8 rows of 2048).
 
 What can go wrong: no GGUF (a Hugging Face checkpoint) with the ``llama_cpp`` runtime, or ``llama-cpp-python``
 missing: ``ModelUnavailableError`` at ``load``. A corrupt GGUF: ``ModelUnavailableError`` (llama.cpp returns
@@ -290,6 +300,7 @@ class LlamaEngine:
         self._cancelled: set[str] = set()
         self._waiting: deque[_Row] = deque()
         self._live: list[_Row] = []  # rows holding a sequence, indexed by it (prefilling, then running)
+        self._kept: dict[int, np.ndarray] = {}  # a free sequence -> the tokens its cells still hold
         self.steps = 0
 
     def close(self) -> None:
@@ -364,7 +375,7 @@ class LlamaEngine:
             if advance(row, token, self._eos_ids, self._decode, report):
                 done.append(row)
         for row in done:
-            self._release(row)
+            self._release(row, keep=True)
         return report
 
     # -- internals ------------------------------------------------------------------------------------------
@@ -419,7 +430,8 @@ class LlamaEngine:
                 continue
             row.seq = len(self._live)
             self._live.append(row)
-            size = min(budget, len(row.ids))
+            row.pos = self._reuse(row)
+            size = min(budget, len(row.ids) - row.pos)
             sizes[id(row)] = size
             budget -= size
         tokens, positions, seqs, outputs = self._tokens, self._positions, self._seq_ids, self._outputs
@@ -459,18 +471,40 @@ class LlamaEngine:
             report.finished.append(Finished(row.key, Failure(ErrorCode.MODEL_ERROR, message)))
             self._release(row)
 
-    def _release(self, row: _Row) -> None:
-        """Free the row's sequence; the highest live sequence moves into the gap, so live ids stay 0..n-1."""
+    def _reuse(self, row: _Row) -> int:
+        """Prompt tokens of ``row`` its new sequence already holds (what a finished row left there shares with
+        the prompt: the chat template's system prompt, a conversation's earlier turns); the rest is removed."""
+        kept = self._kept.pop(row.seq, None)
+        if kept is None:
+            return 0
+        limit = min(len(kept), len(row.ids) - 1)  # at least one token to prefill: its logits start the row
+        differs = np.flatnonzero(kept[:limit] != row.ids[:limit])
+        shared = int(differs[0]) if len(differs) else limit
+        if not self._lib.llama_memory_seq_rm(self._memory, row.seq, shared, -1):
+            self._lib.llama_memory_seq_rm(self._memory, row.seq, -1, -1)
+            return 0
+        return shared
+
+    def _release(self, row: _Row, *, keep: bool = False) -> None:
+        """Free the row's sequence; the highest live sequence moves into the gap, so live ids stay 0..n-1.
+
+        ``keep`` (a row that finished): when the row held the highest sequence, its cells stay for the next row
+        that takes it (``_reuse``)."""
         seq = row.seq
         if seq < 0:
             return
         lib, memory = self._lib, self._memory
-        lib.llama_memory_seq_rm(memory, seq, -1, -1)
         last = self._live.pop()
+        if last is row and keep:
+            self._kept[seq] = np.concatenate([row.ids, np.asarray(row.generated, dtype=np.int32)])[: row.pos]
+            row.seq = -1
+            return
+        lib.llama_memory_seq_rm(memory, seq, -1, -1)
         if last is not row:
             # A copy between streams: llama.cpp moves the cells now and the stream's buffer at the next decode.
             lib.llama_memory_seq_cp(memory, last.seq, seq, -1, -1)
             lib.llama_memory_seq_rm(memory, last.seq, -1, -1)
+            self._kept.pop(last.seq, None)
             last.seq = seq
             self._live[seq] = last
         row.seq = -1

@@ -355,3 +355,17 @@ def test_run_batch_answers_each_item_and_invalid_ones_alone(runner: LlamaRunner)
     assert isinstance(outcomes[1], Failure) and outcomes[1].code == "invalid_input"
     assert isinstance(outcomes[3], Failure) and outcomes[3].code == "unknown_task"
     assert isinstance(outcomes[0], dict) and isinstance(outcomes[4], dict)
+
+
+def test_a_prompt_reuses_the_cells_a_finished_row_left_and_stays_exact(runner: LlamaRunner, reference: Any) -> None:
+    engine = runner.make_engine()
+    eos = runner.weights().eos_ids
+    first, first_reports = _run(engine, {0: [_row(runner, "first", PROMPTS[0], max_tokens=6)]})
+    second_row = _row(runner, "second", PROMPTS[1], max_tokens=12)
+    second, reports = _run(engine, {0: [second_row]})
+    shared = next(i for i, (a, b) in enumerate(zip(_ids(runner, PROMPTS[0]), second_row.ids, strict=False)) if a != b)
+    assert shared > 10  # the chat template's system prompt
+    assert first_reports[0].prefilled_tokens == len(_ids(runner, PROMPTS[0]))
+    assert reports[0].prefilled_tokens == len(second_row.ids) - shared  # only what it does not share
+    assert list(second["second"].ids) == _greedy(reference, list(second_row.ids), 12, eos)
+    assert list(first["first"].ids) == _greedy(reference, _ids(runner, PROMPTS[0]), 6, eos)
