@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,7 +70,9 @@ def summarize(raw: str, top: int = TOP) -> dict[str, Any]:
 def recording(pid: int, name: str, seconds: float, out_dir: Path, rate: int = 100) -> Iterator[dict[str, Any]]:
     """py-spy on ``pid`` for ``seconds`` while the block runs; the dict is filled with the summary after."""
     rec: dict[str, Any] = {"pid": pid, "seconds": seconds, "rate_hz": rate}
-    spy = shutil.which("py-spy")
+    # make runs .venv/bin/python without activating the venv: py-spy sits beside the interpreter, not on PATH.
+    beside = Path(sys.executable).with_name("py-spy")
+    spy = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
     if spy is None:
         rec["skipped"] = "py-spy not installed (pip install -e '.[bench]')"
         yield rec
