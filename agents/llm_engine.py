@@ -62,11 +62,11 @@ from agents.llm_rows import (
     StepReport,
     _held_back,
     advance,
-    cancelled_failure,
     deadline_failure,
     epoch_ms,
     finish_output,
     first_stop,
+    stop_failure,
     tokens_to_cover,
 )
 from agents.runner import Failure
@@ -206,12 +206,7 @@ class DecodeEngine:
         now = self._clock_ms()
 
         def stopped(row: _Row) -> Failure | None:
-            if row.key in cancelled:
-                return cancelled_failure(len(row.generated))
-            deadline = row.request.deadline_ms
-            if deadline is not None and now >= deadline:
-                return deadline_failure(len(row.generated))
-            return None
+            return stop_failure(row, cancelled, now)
 
         for row in list(self._waiting):
             failure = stopped(row)

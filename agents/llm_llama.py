@@ -71,9 +71,8 @@ from agents.llm_rows import (
     RowState,
     StepReport,
     advance,
-    cancelled_failure,
-    deadline_failure,
     epoch_ms,
+    stop_failure,
 )
 from agents.runner import Failure, Item, Outcome, parse_input, unknown_task
 from schemas import ErrorCode
@@ -385,12 +384,7 @@ class LlamaEngine:
         now = self._clock_ms()
 
         def stopped(row: _Row) -> Failure | None:
-            if row.key in cancelled:
-                return cancelled_failure(len(row.generated))
-            deadline = row.request.deadline_ms
-            if deadline is not None and now >= deadline:
-                return deadline_failure(len(row.generated))
-            return None
+            return stop_failure(row, cancelled, now)
 
         gone: list[tuple[_Row, Failure]] = []
         for row in [*self._waiting, *self._live]:

@@ -164,6 +164,16 @@ def cancelled_failure(generated: int) -> Failure:
     return Failure(ErrorCode.CANCELLED, f"cancelled by the caller after {generated} generated tokens")
 
 
+def stop_failure(row: RowState, cancelled: set[str], now_ms: float) -> Failure | None:
+    """Why ``row`` must leave before its next token (cancelled by its caller, or past its deadline), or None."""
+    if row.key in cancelled:
+        return cancelled_failure(len(row.generated))
+    deadline = row.request.deadline_ms
+    if deadline is not None and now_ms >= deadline:
+        return deadline_failure(len(row.generated))
+    return None
+
+
 def held_back(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters of ``text`` may not be streamed yet: a split UTF-8 character (U+FFFD)
     or the longest suffix that is the start of a stop string."""
