@@ -11,12 +11,14 @@ token of each running row (one logit each) and, within the prefill budget (``max
 tokens of rows waiting to start, first come first served; a prompt longer than the budget is prefilled over
 several steps, so it never stalls the running rows for more than one budget. Each row owns a llama.cpp
 sequence (``seq_id``) with its own KV stream (``kv_unified`` off): its cells sit at the positions they would
-hold alone, so its attention sums in the same order whatever its neighbours. llama.cpp computes a batch of
-several streams as one ubatch only when their sequence ids ascend without a gap, so the live rows hold ids
-``0..n-1`` and the batch is laid out in that order: when a row leaves, the row with the highest id moves into
-its id (``llama_memory_seq_cp`` across streams: a copy of that stream's buffer at the next decode). A row that
-finishes on the highest id leaves its cells in place; the next row to take that id prefills only what its
-prompt does not share with them (the chat template's system prompt, earlier turns of a conversation).
+hold alone, so its attention sums in the same order whatever its neighbours. Sequences are slots, as
+``llama-server``'s: a row keeps its id from admission to its end, and a row that finishes leaves its cells in
+place; a new row takes the free id whose cells share the longest prefix with its prompt (the chat template's
+system prompt, earlier turns of a conversation; the lowest id on a tie) and prefills only the rest. The batch
+is laid out in ascending id order: llama.cpp computes a run of consecutive ids as one ubatch, so a free id
+between live ones splits a step into one graph per run until a new row takes it (earlier versions moved the
+highest row into the gap to keep one ubatch; the copy between streams and the lost prompt cells cost more:
+prefill is about 3 ms a token on 2 cores, and 8 busy rows re-prefilled ~40 tokens each instead of ~15).
 Logits are read as one numpy view ``[rows, vocab]``; greedy rows take the argmax; sampled rows draw in numpy
 (temperature, then top-p; top-k off) from their own ``numpy.random.Generator``: seeded with the row's seed,
 so a seeded row's text does not depend on its neighbours, or from fresh entropy when unseeded.
@@ -58,9 +60,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -85,18 +88,21 @@ WARMUP_PROMPT = "Hello"
 MAX_DEFAULT_THREADS = 8  # more threads than this rarely help a small model (memory bound)
 
 _backend_lock = threading.Lock()
+T = TypeVar("T")
 _backend_ready = False
 
 
 def default_threads() -> int:
-    """Threads of llama.cpp when ``llm.threads`` is unset: the cores this process may use minus one (the edge,
-    Kafka and the other agents share the machine; llama.cpp's threads wait for each other at every operation,
-    so one that is descheduled stalls them all), at least 1, at most 8."""
+    """Threads of llama.cpp when ``llm.threads`` is unset: the cores this process may use, at most 8 (llama.cpp's
+    own default is the physical cores). Through the pipeline on 2 cores, 2 threads gave 86-91 tokens/s for one
+    sequence where 1 thread gave 56-58 (once every computation ran on one calling thread: ``LlamaRunner``). Set
+    ``llm.threads`` lower where other agents keep the same cores busy: llama.cpp's threads meet at a barrier per
+    operation, and one that is descheduled stalls the others."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(cores - 1, MAX_DEFAULT_THREADS))
+    return max(1, min(cores, MAX_DEFAULT_THREADS))
 
 
 def _bindings() -> Any:
@@ -298,7 +304,7 @@ class LlamaEngine:
         self._incoming: list[_Row] = []
         self._cancelled: set[str] = set()
         self._waiting: deque[_Row] = deque()
-        self._live: list[_Row] = []  # rows holding a sequence, indexed by it (prefilling, then running)
+        self._live: dict[int, _Row] = {}  # sequence id -> the row holding it (prefilling, then running)
         self._kept: dict[int, np.ndarray] = {}  # a free sequence -> the tokens its cells still hold
         self.steps = 0
 
@@ -387,7 +393,7 @@ class LlamaEngine:
             return stop_failure(row, cancelled, now)
 
         gone: list[tuple[_Row, Failure]] = []
-        for row in [*self._waiting, *self._live]:
+        for row in [*self._waiting, *self._live.values()]:
             failure = stopped(row)
             if failure is not None:
                 gone.append((row, failure))
@@ -400,14 +406,14 @@ class LlamaEngine:
             self._release(row)
 
     def _fill(self, report: StepReport) -> tuple[list[_Row], list[_Row], list[tuple[_Row, int]], int]:
-        """Write this step's tokens into the batch, in sequence order (llama.cpp splits a batch of several
-        sequences into one ubatch only when their ids ascend without a gap): each running row's last token,
-        and prompt chunks within the budget, first come first served (a row takes its sequence when its
-        prefill starts, so every live sequence has tokens in every batch). Returns the running rows, the rows
-        with a logit (in batch order), the prompt chunks and the token count."""
+        """Write this step's tokens into the batch, in ascending sequence order (llama.cpp puts a run of
+        consecutive ids in one ubatch): each running row's last token, and prompt chunks within the budget,
+        first come first served (a row takes its sequence when its prefill starts, so every live sequence has
+        tokens in every batch). Returns the running rows, the rows with a logit (in batch order), the prompt
+        chunks and the token count."""
         budget = self.max_prefill_tokens
         sizes: dict[int, int] = {}
-        partial = next((row for row in self._live if not row.started), None)  # at most one: the budget's last
+        partial = next((row for row in self._live.values() if not row.started), None)  # at most one
         if partial is not None:
             size = min(budget, len(partial.ids) - partial.pos)
             sizes[id(partial)] = size
@@ -422,8 +428,8 @@ class LlamaEngine:
                 )
                 report.finished.append(Finished(row.key, Failure(ErrorCode.INVALID_INPUT, message)))
                 continue
-            row.seq = len(self._live)
-            self._live.append(row)
+            row.seq = self._free_seq(row.ids)
+            self._live[row.seq] = row
             row.pos = self._reuse(row)
             size = min(budget, len(row.ids) - row.pos)
             sizes[id(row)] = size
@@ -433,7 +439,8 @@ class LlamaEngine:
         with_logits: list[_Row] = []
         chunks: list[tuple[_Row, int]] = []
         count = 0
-        for row in self._live:
+        for seq in sorted(self._live):
+            row = self._live[seq]
             if row.started:
                 tokens[count] = row.generated[-1]
                 positions[count] = row.pos
@@ -465,43 +472,51 @@ class LlamaEngine:
             report.finished.append(Finished(row.key, Failure(ErrorCode.MODEL_ERROR, message)))
             self._release(row)
 
+    def _free_seq(self, ids: np.ndarray) -> int:
+        """The free sequence whose kept cells share the longest prefix with ``ids`` (the lowest on a tie)."""
+        best, best_shared = -1, -1
+        for seq in range(self.max_batch):
+            if seq in self._live:
+                continue
+            kept = self._kept.get(seq)
+            shared = 0 if kept is None else _shared_prefix(kept, ids)
+            if shared > best_shared:
+                best, best_shared = seq, shared
+        return best
+
     def _reuse(self, row: _Row) -> int:
-        """Prompt tokens of ``row`` its new sequence already holds (what a finished row left there shares with
-        the prompt: the chat template's system prompt, a conversation's earlier turns); the rest is removed."""
+        """Prompt tokens of ``row`` its sequence already holds (what the row that finished there shares with
+        the prompt); the rest of those cells is removed."""
         kept = self._kept.pop(row.seq, None)
         if kept is None:
             return 0
-        limit = min(len(kept), len(row.ids) - 1)  # at least one token to prefill: its logits start the row
-        differs = np.flatnonzero(kept[:limit] != row.ids[:limit])
-        shared = int(differs[0]) if len(differs) else limit
+        shared = _shared_prefix(kept, row.ids)
         if not self._lib.llama_memory_seq_rm(self._memory, row.seq, shared, -1):
             self._lib.llama_memory_seq_rm(self._memory, row.seq, -1, -1)
             return 0
         return shared
 
     def _release(self, row: _Row, *, keep: bool = False) -> None:
-        """Free the row's sequence; the highest live sequence moves into the gap, so live ids stay 0..n-1.
-
-        ``keep`` (a row that finished): when the row held the highest sequence, its cells stay for the next row
-        that takes it (``_reuse``)."""
+        """Free the row's sequence. ``keep`` (a row that finished): its cells stay for the next row that takes
+        the sequence (``_reuse``); otherwise (cancelled, failed, past its deadline) they are removed."""
         seq = row.seq
         if seq < 0:
             return
-        lib, memory = self._lib, self._memory
-        last = self._live.pop()
-        if last is row and keep:
-            self._kept[seq] = np.concatenate([row.ids, np.asarray(row.generated, dtype=np.int32)])[: row.pos]
-            row.seq = -1
-            return
-        lib.llama_memory_seq_rm(memory, seq, -1, -1)
-        if last is not row:
-            # A copy between streams: llama.cpp moves the cells now and the stream's buffer at the next decode.
-            lib.llama_memory_seq_cp(memory, last.seq, seq, -1, -1)
-            lib.llama_memory_seq_rm(memory, last.seq, -1, -1)
-            self._kept.pop(last.seq, None)
-            last.seq = seq
-            self._live[seq] = last
+        del self._live[seq]
         row.seq = -1
+        if keep:
+            self._kept[seq] = np.concatenate([row.ids, np.asarray(row.generated, dtype=np.int32)])[: row.pos]
+        else:
+            self._kept.pop(seq, None)
+            self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+
+
+def _shared_prefix(kept: np.ndarray, ids: np.ndarray) -> int:
+    """How many leading tokens of ``ids`` equal ``kept``'s, leaving at least one to prefill (its logits start
+    the row)."""
+    limit = min(len(kept), len(ids) - 1)
+    differs = np.flatnonzero(kept[:limit] != ids[:limit])
+    return int(differs[0]) if len(differs) else max(limit, 0)
 
 
 def _sample(logits: np.ndarray, row: _Row) -> int:
@@ -550,6 +565,21 @@ class LlamaRunner:
         self.context_per_row = self._llm.max_prompt_tokens + MAX_NEW_TOKENS
         self.load_seconds: float | None = None
         self.last_steps = 0  # engine steps of the last run_batch (a figure for tests and benchmarks)
+        # Every llama.cpp computation of this runner (warm-up, engines, steps) runs on ONE thread, ``executor``
+        # (the continuous loop steps on it too): ggml is built with OpenMP, whose runtime keeps a team of worker
+        # threads per calling thread, and a decode called from a second thread ran at about half speed at 2
+        # threads (8.4 ms a step when one thread did everything; 15-19 ms once another thread had decoded).
+        self._compute_ident: int | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama", initializer=self._mark)
+
+    def _mark(self) -> None:
+        self._compute_ident = threading.get_ident()
+
+    def compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the runner's compute thread (``executor``), called at once when already on it."""
+        if threading.get_ident() == self._compute_ident:
+            return fn(*args)
+        return self.executor.submit(fn, *args).result()
 
     # -- ModelRunner ------------------------------------------------------------------------------
 
@@ -569,7 +599,7 @@ class LlamaRunner:
             if weights.n_ctx_train > 0:
                 self.context_per_row = min(self.context_per_row, weights.n_ctx_train)
             self._weights = weights
-            self._warm_up()
+            self.compute(self._warm_up)
             self.load_seconds = time.perf_counter() - started
             logger.info(
                 "llm model %s on llama.cpp (%d threads, %d rows of %d tokens) ready in %.1fs",
@@ -589,8 +619,12 @@ class LlamaRunner:
         return False
 
     def run_batch(self, items: Sequence[Item]) -> list[Outcome]:
-        """The static path: every valid item becomes a row of one engine, stepped until all are done."""
+        """The static path: every valid item becomes a row of one engine, stepped until all are done (on the
+        compute thread)."""
         self._ready()
+        return self.compute(self._run_batch, items)
+
+    def _run_batch(self, items: Sequence[Item]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(items)
         requests: list[RowRequest] = []
         for index, item in enumerate(items):
@@ -629,8 +663,12 @@ class LlamaRunner:
         return self._llm.batching == "continuous"
 
     def make_engine(self) -> LlamaEngine:
-        """A fresh engine (its own llama.cpp context and KV cache) over the loaded weights."""
+        """A fresh engine (its own llama.cpp context and KV cache) over the loaded weights, made on the compute
+        thread; step it there too (``executor``)."""
         weights = self._ready()
+        return self.compute(self._new_engine, weights)
+
+    def _new_engine(self, weights: LlamaWeights) -> LlamaEngine:
         return LlamaEngine(
             weights,
             max_batch=self._llm.max_batch,

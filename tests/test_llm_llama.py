@@ -300,7 +300,7 @@ def test_deadline_and_cancel_stop_a_row_and_the_others_go_on(
     assert "after 3 generated tokens" in finished["gone"].outcome.message
     eos = runner.weights().eos_ids
     assert list(finished["kept"].ids) == _greedy(reference, _ids(runner, PROMPTS[1]), 12, eos)
-    assert engine.active == 0 and engine._live == []
+    assert engine.active == 0 and not engine._live
 
 
 class _FlakyLib:
@@ -369,3 +369,94 @@ def test_a_prompt_reuses_the_cells_a_finished_row_left_and_stays_exact(runner: L
     assert reports[0].prefilled_tokens == len(second_row.ids) - shared  # only what it does not share
     assert list(second["second"].ids) == _greedy(reference, list(second_row.ids), 12, eos)
     assert list(first["first"].ids) == _greedy(reference, _ids(runner, PROMPTS[0]), 6, eos)
+
+
+# -- sequences as slots, and one compute thread -----------------------------------------------------------------
+
+
+def test_a_new_row_takes_the_free_sequence_holding_its_longest_prefix_and_stays_exact(
+    runner: LlamaRunner, reference: Any
+) -> None:
+    eos = runner.weights().eos_ids
+    engine2 = runner.make_engine()
+    again = _row(runner, "again", PROMPTS[3], max_tokens=12)  # the prompt sequence 2 still holds
+    rows = [
+        _row(runner, "first", PROMPTS[0], max_tokens=3),
+        _row(runner, "long", PROMPTS[1], max_tokens=40),
+        _row(runner, "third", PROMPTS[3], max_tokens=3),
+    ]
+    engine2.add(rows[0])
+    engine2.add(rows[1])
+    engine2.add(rows[2])
+    done: dict[str, Finished] = {}
+    while not {"first", "third"} <= set(done):
+        done.update({f.key: f for f in engine2.step().finished})
+    assert "long" not in done and len(engine2._live) == 1 and 1 in engine2._live  # a gap at 0, 2 is free
+    engine2.add(again)
+    report = engine2.step()
+    # Sequence 2 holds "third"'s prompt and 3 tokens: "again" prefills 1 token (the last of its prompt, for its
+    # logits) instead of everything after the chat template's system prompt (what sequence 0 would share).
+    assert report.prefilled_tokens == 1 and engine2._live[2].key == "again"
+    assert report.decoded_rows == 1  # "long" went on in the same step, across the gap at sequence 0
+    while len(done) < 4:
+        done.update({f.key: f for f in engine2.step().finished})
+    assert list(done["again"].ids) == _greedy(reference, list(again.ids), 12, eos)
+    assert list(done["long"].ids) == _greedy(reference, list(rows[1].ids), 40, eos)
+
+
+def test_every_llama_computation_of_a_runner_runs_on_its_one_compute_thread(
+    tmp_path: Path, gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ggml's OpenMP runtime keeps a team of threads per calling thread: a decode called from a second thread
+    # ran at half speed at 2 threads. Warm-up, engines, the static path and the continuous loop share one.
+    import threading
+
+    from agents.loop import BatchProcessor
+    from agents.loops.continuous import ContinuousLoop
+
+    steps: list[int] = []
+    made: list[int] = []
+    original_step, original_init = LlamaEngine.step, LlamaEngine.__init__
+
+    def step(self: LlamaEngine) -> StepReport:
+        steps.append(threading.get_ident())
+        return original_step(self)
+
+    def init(self: LlamaEngine, *args: Any, **kwargs: Any) -> None:
+        made.append(threading.get_ident())
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaEngine, "step", step)
+    monkeypatch.setattr(LlamaEngine, "__init__", init)
+    built = build_runner(_settings(tmp_path, max_batch=2))
+    assert isinstance(built, LlamaRunner)
+    built.load()  # warm-up: an engine and steps
+    engine = built.make_engine()  # asked from this (the main) thread
+    outcome = built.run_batch([Item("completion", {"prompt": "Hi", "max_tokens": 3, "temperature": 0})])[0]
+    assert isinstance(outcome, dict) and outcome["tokens"] == 3
+    compute = built._compute_ident
+    assert compute is not None and compute != threading.get_ident()
+    assert len(made) >= 3 and set(made) == {compute}
+    assert len(steps) >= 4 and set(steps) == {compute}
+
+    class _Sink:
+        async def send(self, topic: str, key: bytes, value: bytes) -> Any:
+            raise AssertionError("nothing is sent here")
+
+    class _View:
+        record = lane = ack = staticmethod(lambda event: None)
+
+    processor = BatchProcessor("llm", built, _Sink(), topic_prefix="p", cache=None, cache_ttl_s=60)  # type: ignore[arg-type]
+    loop = ContinuousLoop[object](
+        processor,
+        built,
+        _Sink(),
+        _View(),  # type: ignore[arg-type]
+        worker_id="w",
+        redis=None,
+        topic_prefix="p",
+        max_batch=2,
+        grace_s=1.0,  # type: ignore[arg-type]
+    )
+    assert loop._executor is built.executor and set(made) == {compute}
+    engine.close()
