@@ -14,7 +14,10 @@ for the first agent, the next port for the next one, and so on; ``0`` gives each
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
+import logging
 import os
 import signal
 import socket
@@ -27,6 +30,8 @@ from pathlib import Path
 import httpx
 
 from streams.settings import Settings
+
+log = logging.getLogger(__name__)
 
 HEALTH_POLL_S = 0.1  # how often ``wait_healthy`` asks /health (one small local request each time)
 
@@ -175,6 +180,21 @@ class Pipeline:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.procs[name].send_signal(sig)
         self.procs[name].wait(timeout=30)
+
+    def drop_topics(self) -> int:
+        """Delete this pipeline's topics (those of its prefix; call after ``stop``, for throw-away prefixes of
+        tests and benchmarks); how many were deleted. Best effort: a broker that refuses is logged."""
+        from streams.topics import drop_topics, list_topics, prefix_topics
+
+        async def drop() -> int:
+            return await drop_topics(self.settings, prefix_topics(await list_topics(self.settings), self.prefix))
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # callable inside an event loop too
+            try:
+                return pool.submit(lambda: asyncio.run(drop())).result(timeout=60)
+            except Exception as exc:  # noqa: BLE001  (policy: cleanup never hides a run's result)
+                log.warning("could not drop the topics of %s: %r", self.prefix, exc)
+                return 0
 
     def stop(self) -> None:
         for proc in self.procs.values():

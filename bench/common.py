@@ -49,6 +49,7 @@ def running_pipeline(services: list[str], runners: Mapping[str, str] | None = No
         yield pipeline.start()
     finally:
         pipeline.stop()
+        pipeline.drop_topics()  # a throw-away prefix: its topics would weigh on the broker from now on
         local.stop()
 
 

@@ -74,8 +74,9 @@ def main() -> None:
         (OUT / "compare.txt").write_text(compare)
         print(compare)
     finally:
-        single.stop()
-        batched.stop()
+        for pipeline in (single, batched):
+            pipeline.stop()
+            pipeline.drop_topics()
 
 
 if __name__ == "__main__":

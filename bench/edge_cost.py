@@ -246,6 +246,7 @@ def baseline_pipeline(root: Path | None, log_dir: Path) -> Iterator[Pipeline | N
         yield pipeline.start()
     finally:
         pipeline.stop()
+        pipeline.drop_topics()
 
 
 @contextlib.contextmanager

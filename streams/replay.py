@@ -40,7 +40,13 @@ from streams.recording import (
 )
 from streams.replay_report import Sample, output_comparison
 from streams.settings import Settings
-from streams.topics import admin_client, ensure_topics, reply_topic_name, service_topics, wait_for_partitions
+from streams.topics import (
+    drop_topics,
+    ensure_topics,
+    reply_topic_name,
+    service_topics,
+    wait_for_partitions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -364,10 +370,4 @@ async def replay(
 
 async def delete_topics(settings: Settings, names: list[str]) -> bool:
     """Delete ``names``; False (logged) when the broker refused: cleanup never hides a run's result."""
-    try:
-        async with admin_client(settings) as admin:
-            await admin.delete_topics(names)
-    except (KafkaError, OSError) as exc:  # policy: best effort, and say what was left behind
-        log.warning("could not delete %s: %r", ", ".join(names), exc)
-        return False
-    return True
+    return await drop_topics(settings, names) == len(set(names))

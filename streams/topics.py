@@ -167,3 +167,35 @@ async def existing_topics(client: AIOKafkaClient, topics: Iterable[str]) -> set[
         return {entry[1] for entry in response.topics if entry[0] == 0 and entry[1] in names}
     assert failure is not None
     raise failure
+
+
+async def list_topics(settings: Settings) -> set[str]:
+    """The broker's topic names (internal ones included)."""
+    async with admin_client(settings) as admin:
+        return set(await admin.list_topics())
+
+
+async def drop_topics(settings: Settings, names: Iterable[str], batch: int = 500) -> int:
+    """Delete ``names`` (best effort: a refusal is logged, never raised); how many the broker accepted.
+
+    For throw-away prefixes (tests, benchmarks): every topic is a directory per partition on the broker,
+    and thousands left behind cost a single-node broker CPU at rest (10% of a core at 13,000 partitions,
+    measured) and start-up time."""
+    wanted = sorted(set(names))
+    dropped = 0
+    if not wanted:
+        return 0
+    try:
+        async with admin_client(settings) as admin:
+            for start in range(0, len(wanted), batch):
+                chunk = wanted[start : start + batch]
+                await admin.delete_topics(chunk)
+                dropped += len(chunk)
+    except (KafkaError, OSError) as exc:  # policy: cleanup never hides a result; say what was left behind
+        log.warning("could not delete %d of %d topics: %r", len(wanted) - dropped, len(wanted), exc)
+    return dropped
+
+
+def prefix_topics(topics: Iterable[str], prefix: str) -> list[str]:
+    """The topics of ``prefix`` (``{prefix}.…``)."""
+    return [t for t in topics if t.startswith(f"{prefix}.")]
