@@ -19,6 +19,13 @@ is laid out in ascending id order: llama.cpp computes a run of consecutive ids a
 between live ones splits a step into one graph per run until a new row takes it (earlier versions moved the
 highest row into the gap to keep one ubatch; the copy between streams and the lost prompt cells cost more:
 prefill is about 3 ms a token on 2 cores, and 8 busy rows re-prefilled ~40 tokens each instead of ~15).
+Beyond what the slots keep, a prompt cache (``PromptCache``, ``llm.prompt_cache_mb``, as ``llama-server``'s
+``--cache-ram``) holds a copy of every finished row's cells (``llama_state_seq_get_data``), by their tokens,
+least recently used first out: a new row whose prompt shares a longer prefix with a saved entry than with its
+slot's cells gets that entry's cells copied into its sequence (``llama_state_seq_set_data``) and prefills the
+rest: the previous turns of a conversation, a prompt asked again. Restored cells are the saved ones bit for bit,
+so a row's tokens are the same as with the prefill (``tests/test_llm_llama.py``). On the bench's 8 closed-loop
+clients, in process at 2 threads: prompt tokens prefilled per request 20.6 -> 6.1, 102 -> 139 tokens/s.
 Logits are read as one numpy view ``[rows, vocab]``; greedy rows take the argmax; sampled rows draw in numpy
 (temperature, then top-p; top-k off) from their own ``numpy.random.Generator``: seeded with the row's seed,
 so a seeded row's text does not depend on its neighbours, or from fresh entropy when unseeded.
@@ -58,7 +65,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -253,6 +260,7 @@ class LlamaEngine:
         threads: int,
         clock_ms: Callable[[], float] = epoch_ms,
         flash_attn: bool = False,
+        prompt_cache_bytes: int = 0,
     ) -> None:
         lib = weights._lib
         self._lib = lib
@@ -306,6 +314,7 @@ class LlamaEngine:
         self._waiting: deque[_Row] = deque()
         self._live: dict[int, _Row] = {}  # sequence id -> the row holding it (prefilling, then running)
         self._kept: dict[int, np.ndarray] = {}  # a free sequence -> the tokens its cells still hold
+        self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         self.steps = 0
 
     def close(self) -> None:
@@ -428,8 +437,9 @@ class LlamaEngine:
                 )
                 report.finished.append(Finished(row.key, Failure(ErrorCode.INVALID_INPUT, message)))
                 continue
-            row.seq = self._free_seq(row.ids)
+            row.seq, kept_shared = self._free_seq(row.ids)
             self._live[row.seq] = row
+            self._restore(row, kept_shared)
             row.pos = self._reuse(row)
             size = min(budget, len(row.ids) - row.pos)
             sizes[id(row)] = size
@@ -472,8 +482,9 @@ class LlamaEngine:
             report.finished.append(Finished(row.key, Failure(ErrorCode.MODEL_ERROR, message)))
             self._release(row)
 
-    def _free_seq(self, ids: np.ndarray) -> int:
-        """The free sequence whose kept cells share the longest prefix with ``ids`` (the lowest on a tie)."""
+    def _free_seq(self, ids: np.ndarray) -> tuple[int, int]:
+        """The free sequence whose kept cells share the longest prefix with ``ids`` (the lowest on a tie), and
+        how many tokens they share."""
         best, best_shared = -1, -1
         for seq in range(self.max_batch):
             if seq in self._live:
@@ -482,7 +493,41 @@ class LlamaEngine:
             shared = 0 if kept is None else _shared_prefix(kept, ids)
             if shared > best_shared:
                 best, best_shared = seq, shared
-        return best
+        return best, max(best_shared, 0)
+
+    def _restore(self, row: _Row, kept_shared: int) -> None:
+        """When the prompt cache holds a longer prefix of the row's prompt than its sequence's kept cells, put
+        those saved cells in the sequence instead (``llama_state_seq_set_data``: a copy, no computation)."""
+        cache = self.prompt_cache
+        if cache is None:
+            return
+        saved, shared = cache.best(row.ids)
+        if saved is None or shared < kept_shared + MIN_RESTORE_GAIN:
+            return
+        lib, seq = self._lib, row.seq
+        lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._kept.pop(seq, None)
+        if lib.llama_state_seq_set_data(self._ctx, saved.state, saved.size, seq) == 0:
+            logger.warning("restoring %d saved prompt tokens failed; prefilling them", len(saved.tokens))
+            lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            cache.drop(saved)
+            return
+        self._kept[seq] = saved.tokens
+        cache.restored += 1
+
+    def _save(self, seq: int, tokens: np.ndarray) -> None:
+        """Keep a copy of the cells of ``seq`` (holding ``tokens``) in the prompt cache."""
+        cache = self.prompt_cache
+        if cache is None or len(tokens) < MIN_SAVED_TOKENS or cache.holds(tokens):
+            return
+        lib = self._lib
+        size = int(lib.llama_state_seq_get_size(self._ctx, seq))
+        if size <= 0 or size > cache.budget:
+            return
+        state = (ctypes.c_uint8 * size)()
+        if lib.llama_state_seq_get_data(self._ctx, state, size, seq) != size:
+            return
+        cache.put(tokens, state, size)
 
     def _reuse(self, row: _Row) -> int:
         """Prompt tokens of ``row`` its sequence already holds (what the row that finished there shares with
@@ -505,10 +550,77 @@ class LlamaEngine:
         del self._live[seq]
         row.seq = -1
         if keep:
-            self._kept[seq] = np.concatenate([row.ids, np.asarray(row.generated, dtype=np.int32)])[: row.pos]
+            tokens = np.concatenate([row.ids, np.asarray(row.generated, dtype=np.int32)])[: row.pos]
+            self._kept[seq] = tokens
+            self._save(seq, tokens)
         else:
             self._kept.pop(seq, None)
             self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+
+
+MIN_RESTORE_GAIN = 8  # saved cells replace a sequence's own only when they spare this many more prompt tokens
+MIN_SAVED_TOKENS = 16  # shorter rows are not worth a copy
+
+
+@dataclass(slots=True, eq=False)
+class _Saved:
+    tokens: np.ndarray
+    state: Any  # ctypes uint8 array from llama_state_seq_get_data
+    size: int
+
+
+class PromptCache:
+    """The KV cells of finished rows, by their tokens: least recently used first out past ``budget`` bytes.
+
+    ``best(ids)`` is the entry sharing the longest prefix with ``ids``; an entry whose tokens start another
+    entry's (an earlier turn of the same conversation) is dropped when the longer one is saved. Used only on
+    the engine's thread (no lock)."""
+
+    def __init__(self, budget: int, max_entries: int = 256) -> None:
+        self.budget = budget
+        self.max_entries = max_entries
+        self.bytes = 0
+        self.restored = 0
+        self._entries: OrderedDict[bytes, _Saved] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def holds(self, tokens: np.ndarray) -> bool:
+        """Whether ``tokens`` are saved already (the entry counts as used)."""
+        key = tokens.tobytes()
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return True
+        return False
+
+    def best(self, ids: np.ndarray) -> tuple[_Saved | None, int]:
+        best: _Saved | None = None
+        best_shared = 0
+        for saved in self._entries.values():
+            shared = _shared_prefix(saved.tokens, ids)
+            if shared > best_shared:
+                best, best_shared = saved, shared
+        if best is not None:
+            self._entries.move_to_end(best.tokens.tobytes())
+        return best, best_shared
+
+    def put(self, tokens: np.ndarray, state: Any, size: int) -> None:
+        for key, saved in list(self._entries.items()):
+            if len(saved.tokens) < len(tokens) and np.array_equal(saved.tokens, tokens[: len(saved.tokens)]):
+                self._remove(key)
+        self._entries[tokens.tobytes()] = _Saved(tokens, state, size)
+        self.bytes += size
+        while self._entries and (self.bytes > self.budget or len(self._entries) > self.max_entries):
+            self._remove(next(iter(self._entries)))
+
+    def drop(self, saved: _Saved) -> None:
+        self._remove(saved.tokens.tobytes())
+
+    def _remove(self, key: bytes) -> None:
+        saved = self._entries.pop(key, None)
+        if saved is not None:
+            self.bytes -= saved.size
 
 
 def _shared_prefix(kept: np.ndarray, ids: np.ndarray) -> int:
@@ -676,6 +788,7 @@ class LlamaRunner:
             context_per_row=self.context_per_row,
             threads=self.threads,
             clock_ms=self._clock_ms,
+            prompt_cache_bytes=self._llm.prompt_cache_mb * 1024 * 1024,
         )
 
     def row_request(self, key: str, item: Item, *, stream: bool = False) -> RowRequest | Failure:

@@ -87,6 +87,14 @@ class LlmSettings(ServiceSettings):
         ge=16,
         description="Prompt tokens prefilled per decode step (continuous batching); longer ones are chunked.",
     )
+    prompt_cache_mb: int = Field(
+        default=256,
+        ge=0,
+        description=(
+            "llama.cpp runtime: memory for the KV cells of finished rows, kept by their tokens (least recently "
+            "used first out) so a later prompt that shares a prefix with one prefills only the rest; 0: off."
+        ),
+    )
 
 
 class VisionSettings(ServiceSettings):

@@ -460,3 +460,58 @@ def test_every_llama_computation_of_a_runner_runs_on_its_one_compute_thread(
     )
     assert loop._executor is built.executor and set(made) == {compute}
     engine.close()
+
+
+# -- the prompt cache ---------------------------------------------------------------------------------------------
+
+
+def test_a_prompt_seen_before_is_restored_from_the_prompt_cache_and_stays_exact(
+    runner: LlamaRunner, reference: Any
+) -> None:
+    engine = runner.make_engine()
+    engine.max_batch = 1  # one sequence: the second prompt's row overwrites what the first left there
+    assert engine.prompt_cache is not None and len(engine.prompt_cache) == 0
+    eos = runner.weights().eos_ids
+    _run(engine, {0: [_row(runner, "a", PROMPTS[3], max_tokens=4)]})
+    _run(engine, {0: [_row(runner, "b", PROMPTS[5], max_tokens=4)]})
+    assert len(engine.prompt_cache) == 2 and engine.prompt_cache.restored == 0
+    again = _row(runner, "again", PROMPTS[3], max_tokens=10)
+    done, reports = _run(engine, {0: [again]})
+    assert engine.prompt_cache.restored == 1
+    assert reports[0].prefilled_tokens == 1  # all but the prompt's last token came back from the cache
+    assert list(done["again"].ids) == _greedy(reference, list(again.ids), 10, eos)
+
+
+def test_without_the_prompt_cache_a_prompt_seen_before_is_prefilled_again(tmp_path: Path, gguf: Path) -> None:
+    off = build_runner(_settings(tmp_path, max_batch=1, prompt_cache_mb=0))
+    assert isinstance(off, LlamaRunner)
+    engine = off.make_engine()
+    assert engine.prompt_cache is None
+    _run(engine, {0: [_row(off, "a", PROMPTS[3], max_tokens=4)]})
+    _run(engine, {0: [_row(off, "b", PROMPTS[5], max_tokens=4)]})
+    again = _row(off, "again", PROMPTS[3], max_tokens=4)
+    _, reports = _run(engine, {0: [again]})
+    system = next(
+        i for i, (a, b) in enumerate(zip(_ids(off, PROMPTS[3]), _ids(off, PROMPTS[5]), strict=False)) if a != b
+    )
+    assert reports[0].prefilled_tokens == len(again.ids) - system  # only the shared system prompt was kept
+
+
+def test_the_prompt_cache_keeps_its_budget_most_recent_first_and_drops_a_turn_its_next_turn_holds() -> None:
+    import numpy as np
+
+    from agents.llm_llama import PromptCache
+
+    cache = PromptCache(budget=300)
+    a, b, c = (np.arange(20, dtype=np.int32) + k * 100 for k in range(3))
+    cache.put(a, "state-a", 100)
+    cache.put(b, "state-b", 100)
+    assert cache.holds(a)  # a is now the most recently used
+    cache.put(c, "state-c", 150)  # 350 > 300: the least recently used (b) goes
+    assert cache.holds(a) and cache.holds(c) and not cache.holds(b) and cache.bytes == 250
+    saved, shared = cache.best(np.concatenate([c, [7, 7]]).astype(np.int32))
+    assert saved is not None and saved.state == "state-c" and shared == 20
+    longer = np.concatenate([a, [5, 6, 7]]).astype(np.int32)  # the next turn of a's conversation
+    cache.put(longer, "state-a2", 120)
+    assert not cache.holds(a) and cache.holds(longer) and cache.bytes == 270 and len(cache) == 2
+    assert cache.best(np.array([999, 998], dtype=np.int32)) == (None, 0)
