@@ -3,7 +3,7 @@
 The streams tooling end to end, as an operator would use it to judge a change:
 
 1. two agent deployments on their own topic prefixes: A with ``AISEMBLE_NLP__MAX_BATCH=1`` (one request
-   per model call), B with the default natural micro-batches (``max_batch`` 32);
+   per model call), B with the default natural micro-batches (``max_batch`` 64);
 2. ``aisemble produce nlp`` sends ``--n`` embed/sentiment requests to A (``--collect``), ``aisemble record
    nlp --last N --with-replies`` captures them;
 3. ``aisemble replay --max --prefix A`` and ``--prefix B`` re-publish the recording into each, with

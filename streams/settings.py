@@ -43,7 +43,9 @@ class DataSettings(ServiceSettings):
 
 
 class NlpSettings(ServiceSettings):
-    max_batch: int = 32
+    # 64: the encoder's best batch for short texts (9-15 words: 291 items/s at 64 vs 225 at 32 in one quiet run);
+    # long texts lose nothing, the runner cuts a micro-batch into passes of at most 8,192 padded tokens.
+    max_batch: int = 64
     embed_model: str = Field(
         default="", description="HF model name or path; empty = shipped all-MiniLM-L6-v2."
     )
