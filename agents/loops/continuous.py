@@ -160,6 +160,7 @@ class ContinuousLoop(LoopBase[E]):
         self._admitting = 0
         self._admitter_done = False
         self._hold_steps = False  # the engine's thread pauses: too many partials wait for the broker
+        self._halted = False  # run() is over: the engine's thread stops stepping
         self._wake = asyncio.Event()  # the stepper: rows were added, or the admitter ended
         self._room = asyncio.Event()  # the admitter: rows finished, there may be room
 
@@ -182,6 +183,7 @@ class ContinuousLoop(LoopBase[E]):
                 await self._stop_within(work)
             raise
         finally:
+            self._halted = True  # a burst still running on the engine's thread ends after its current step
             self.buffer.close()
             await self._stop_tasks(feeder, poller, admitter)
             if self._own_executor:
@@ -305,7 +307,7 @@ class ContinuousLoop(LoopBase[E]):
         between steps: with a hand-off per step (the loop awaiting every step), llama.cpp's worker threads
         spun while the event loop and the engine's thread took turns, a third of the decode speed on 2 cores.
         Rows added or cancelled meanwhile join or leave at the next step (``add``/``cancel`` are thread-safe)."""
-        while self.failure is None and not self._hold_steps and engine.active > 0:
+        while self.failure is None and not self._hold_steps and not self._halted and engine.active > 0:
             rows = engine.active
             started = time.perf_counter()
             report = engine.step()
