@@ -64,7 +64,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.errors import UnauthorizedError, caller_id, error_response, is_openai_path, service_of
 from schemas import SERVICES
 from schemas.http import API_KEY_HEADER, API_KEY_SCHEME, BEARER_SCHEME, SECURITY_DESCRIPTION
-from streams.settings import Settings
+from streams.settings import ApiKey, Settings
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +152,14 @@ class Caller:
     """Who sent a request, as ``ApiKeyGate`` found it (see the module docstring).
 
     ``keys_on``: the edge has API keys. ``owner``: the matching key's owner id (None without keys, or when
-    no key matched). ``presented``: the request carried a key, matching or not.
+    no key matched). ``presented``: the request carried a key, matching or not. ``key``: the matching entry of
+    ``AISEMBLE_API_KEYS`` (its name and quotas, ``api.quotas``; never shown with its key), or None.
     """
 
     keys_on: bool
     owner: str | None
     presented: bool
+    key: ApiKey | None = None
 
     @property
     def admitted(self) -> bool:
@@ -253,6 +255,7 @@ class ApiKeyGate:
     def __init__(self, app: ASGIApp, settings: Settings, open_paths: frozenset[str]) -> None:
         self.app = app
         self._digests = key_digests(settings)
+        self._entries = dict(zip(self._digests, settings.api_keys, strict=True))  # digest -> its ApiKey entry
         self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -266,7 +269,12 @@ class ApiKeyGate:
         request = Request(scope)  # headers only: the body is never read here
         presented = presented_keys(request.headers)
         matched = identify(presented, self._digests)
-        caller = Caller(keys_on=True, owner=owner_of(matched) if matched else None, presented=bool(presented))
+        caller = Caller(
+            keys_on=True,
+            owner=owner_of(matched) if matched else None,
+            presented=bool(presented),
+            key=self._entries.get(matched) if matched else None,
+        )
         scope[CALLER_SCOPE_KEY] = caller
         if caller.admitted or scope["path"] in self._open:
             await self.app(scope, receive, send)
