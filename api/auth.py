@@ -1,7 +1,9 @@
 """Who the edge answers: optional API keys on the service routes, and the loopback rule for binding.
 
-API keys (``AISEMBLE_API_KEYS``, a JSON list): when the list is empty, every route is open (the edge then
-listens on a loopback address only, see below). When it is set, ``ApiKeyAuth`` is a FastAPI dependency
+API keys (``AISEMBLE_API_KEYS``, a JSON list of key strings or ``{"key", "name", "rpm", ...}`` objects,
+``streams.settings.ApiKey``; the quotas are applied by ``api.quota_gate``): when the list is empty, every route
+is open (the edge then listens on a loopback address only, see below).
+When it is set, ``ApiKeyAuth`` is a FastAPI dependency
 that lets a request through only if it carries one of the keys, in ``X-API-Key`` or as
 ``Authorization: Bearer <key>``; otherwise it raises ``api.errors.UnauthorizedError`` (401, code
 ``unauthorized``, ``WWW-Authenticate: Bearer realm="aisemble"``). ``api.app`` applies it to the service
@@ -39,7 +41,8 @@ matches has an ``owner``: a digest of that key's identity (SHA-256 over a fixed 
 SHA-256, hex), never the key itself. ``api.async_requests`` stores it with an asynchronous request's
 pending marker, so only the same key reads the result. The owner is the same on every edge and across
 restarts for the same key; removing a key from ``AISEMBLE_API_KEYS`` makes its kept results unreadable.
-Without keys every caller is anonymous (``owner`` None).
+Without keys every caller is anonymous (``owner`` None). ``Caller.key`` is the matching entry (its name and
+quotas); the owner id depends on the key string only, so giving a key a name or quotas keeps its results.
 
 What can go wrong: ``request_caller`` on a request the gate did not see raises ``RuntimeError`` (a 500):
 an app built without the gate fails closed rather than serving results to anyone.

@@ -20,6 +20,7 @@ from pydantic import SecretStr, ValidationError
 from redis.asyncio import Redis
 
 from aisemble.pipeline import free_port
+from api.auth import key_digests, owner_of
 from api.quota_store import QuotaStore
 from api.quotas import (
     KeyStats,
@@ -234,3 +235,9 @@ async def test_redis_away_each_store_enforces_alone_in_memory_and_logs_once(
     outage_lines = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
     assert len(outage_lines) == 1
     await away.aclose()
+
+
+def test_a_key_keeps_its_owner_id_whether_plain_or_with_quotas() -> None:
+    plain = key_digests(Settings(api_keys=[SECRET]))  # type: ignore[list-item]
+    named = key_digests(Settings(api_keys=[{"key": SECRET, "name": "team", "rpm": 5}]))  # type: ignore[list-item]
+    assert plain == named and owner_of(plain[0]) == owner_of(named[0])  # kept results stay readable
