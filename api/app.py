@@ -23,6 +23,7 @@ from api.errors import install_error_handlers
 from api.guards import ByteBudget
 from api.limits import BodyLimit
 from api.metrics import EdgeMetrics, RequestMetrics
+from api.quota_gate import QuotaGate
 from api.routes import data, health, lag, llm, metrics, nlp, requests, status, vision
 from api.routes import openai as openai_routes
 from streams.kafka_security import client_options
@@ -49,7 +50,8 @@ async def _refresh_models_forever(edge: Edge, interval_s: float) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The edge app; ``settings`` defaults to the environment's."""
     settings = settings or get_settings()
-    edge_metrics = EdgeMetrics()  # this app's own registry (api/metrics.py), served at /metrics
+    # this app's own registry (api/metrics.py), served at /metrics; per key name counts (api/quotas.py)
+    edge_metrics = EdgeMetrics([key.name for key in settings.api_keys])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -109,6 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Before any body is read: an in-flight slot and the body's bytes (api/admission.py), inside the key check.
     app.state.body_bytes = ByteBudget(settings.max_in_flight_bytes)
     app.add_middleware(AdmissionGate, settings=settings, budget=app.state.body_bytes)
+    # A key's quotas (api/quota_gate.py): its services (403), rpm and concurrency (429), before the edge's own.
+    app.add_middleware(QuotaGate, stats=edge_metrics.keys)
     # Outermost: no key, no body read (api/auth.py ApiKeyGate); the dependency below documents and re-checks
     # (declared in the OpenAPI document only when keys are configured: auth_dependencies).
     open_paths = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", *status.PAGE_PATHS}

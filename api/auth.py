@@ -1,7 +1,9 @@
 """Who the edge answers: optional API keys on the service routes, and the loopback rule for binding.
 
-API keys (``AISEMBLE_API_KEYS``, a JSON list): when the list is empty, every route is open (the edge then
-listens on a loopback address only, see below). When it is set, ``ApiKeyAuth`` is a FastAPI dependency
+API keys (``AISEMBLE_API_KEYS``, a JSON list of key strings or ``{"key", "name", "rpm", ...}`` objects,
+``streams.settings.ApiKey``; the quotas are applied by ``api.quota_gate``): when the list is empty, every route
+is open (the edge then listens on a loopback address only, see below).
+When it is set, ``ApiKeyAuth`` is a FastAPI dependency
 that lets a request through only if it carries one of the keys, in ``X-API-Key`` or as
 ``Authorization: Bearer <key>``; otherwise it raises ``api.errors.UnauthorizedError`` (401, code
 ``unauthorized``, ``WWW-Authenticate: Bearer realm="aisemble"``). ``api.app`` applies it to the service
@@ -39,7 +41,8 @@ matches has an ``owner``: a digest of that key's identity (SHA-256 over a fixed 
 SHA-256, hex), never the key itself. ``api.async_requests`` stores it with an asynchronous request's
 pending marker, so only the same key reads the result. The owner is the same on every edge and across
 restarts for the same key; removing a key from ``AISEMBLE_API_KEYS`` makes its kept results unreadable.
-Without keys every caller is anonymous (``owner`` None).
+Without keys every caller is anonymous (``owner`` None). ``Caller.key`` is the matching entry (its name and
+quotas); the owner id depends on the key string only, so giving a key a name or quotas keeps its results.
 
 What can go wrong: ``request_caller`` on a request the gate did not see raises ``RuntimeError`` (a 500):
 an app built without the gate fails closed rather than serving results to anyone.
@@ -64,7 +67,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.errors import UnauthorizedError, caller_id, error_response, is_openai_path, service_of
 from schemas import SERVICES
 from schemas.http import API_KEY_HEADER, API_KEY_SCHEME, BEARER_SCHEME, SECURITY_DESCRIPTION
-from streams.settings import Settings
+from streams.settings import ApiKey, Settings
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +155,14 @@ class Caller:
     """Who sent a request, as ``ApiKeyGate`` found it (see the module docstring).
 
     ``keys_on``: the edge has API keys. ``owner``: the matching key's owner id (None without keys, or when
-    no key matched). ``presented``: the request carried a key, matching or not.
+    no key matched). ``presented``: the request carried a key, matching or not. ``key``: the matching entry of
+    ``AISEMBLE_API_KEYS`` (its name and quotas, ``api.quotas``; never shown with its key), or None.
     """
 
     keys_on: bool
     owner: str | None
     presented: bool
+    key: ApiKey | None = None
 
     @property
     def admitted(self) -> bool:
@@ -253,6 +258,7 @@ class ApiKeyGate:
     def __init__(self, app: ASGIApp, settings: Settings, open_paths: frozenset[str]) -> None:
         self.app = app
         self._digests = key_digests(settings)
+        self._entries = dict(zip(self._digests, settings.api_keys, strict=True))  # digest -> its ApiKey entry
         self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -266,7 +272,12 @@ class ApiKeyGate:
         request = Request(scope)  # headers only: the body is never read here
         presented = presented_keys(request.headers)
         matched = identify(presented, self._digests)
-        caller = Caller(keys_on=True, owner=owner_of(matched) if matched else None, presented=bool(presented))
+        caller = Caller(
+            keys_on=True,
+            owner=owner_of(matched) if matched else None,
+            presented=bool(presented),
+            key=self._entries.get(matched) if matched else None,
+        )
         scope[CALLER_SCOPE_KEY] = caller
         if caller.admitted or scope["path"] in self._open:
             await self.app(scope, receive, send)

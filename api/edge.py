@@ -70,6 +70,7 @@ from redis.exceptions import RedisError
 from api.errors import DuplicateIdError, OverloadedError, ReplyTimeoutError, UnavailableError
 from api.guards import BrokerState, InFlightLimit, PendingPerOwner
 from api.metrics import EdgeMetrics, note_call
+from api.quota_store import SLOT_MARGIN_S, QuotaStore
 from schemas import ReplyEvent, Service
 from streams.cache import ResultCache, wants_cache
 from streams.cancel import cancel_key, cancel_value
@@ -196,6 +197,11 @@ class Edge:
         self.in_flight = InFlightLimit(settings.max_in_flight)
         self.pending_async = PendingPerOwner(settings.max_pending_async_per_key)  # api.async_requests
         self.broker = BrokerState()
+        # Per-key quotas (api.quota_gate): counters in Redis only when some key has a limit.
+        self.quotas: QuotaStore | None = None
+        if any(key.limited for key in settings.api_keys):
+            slot_ttl_s = settings.request_timeout_s + SLOT_MARGIN_S
+            self.quotas = QuotaStore(redis, settings.topic_prefix, slot_ttl_s)
         self._probe_now = asyncio.Event()
         self._probe_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()  # cancel-key writes, asynchronous requests
@@ -537,6 +543,7 @@ class EdgeStream:
         self.timeout_s = timeout_s
         self.finished = False
         self.closed = False
+        self.final: ReplyEvent | None = None  # the final reply, once ``next`` returned it
 
     @property
     def cached(self) -> bool:
@@ -568,7 +575,8 @@ class EdgeStream:
             ) from item
         if isinstance(item, ReplyEvent):
             self.finished = True
-            return _final(item, self._started)
+            self.final = _final(item, self._started)
+            return self.final
         return item
 
     def close(self) -> None:

@@ -10,11 +10,13 @@ instance converted from elsewhere may carry its own), a ``message``, the request
      ├── InvalidJsonError           400 invalid_json        the body is not JSON
      ├── InvalidInputError          422 invalid_input       the body does not validate (``param`` names the field)
      ├── UnauthorizedError          401 unauthorized        no matching API key (``WWW-Authenticate``)
+     ├── ForbiddenError             403 forbidden           the API key may not use this service (``api.quota_gate``)
      ├── NotFoundError              404 not_found           no such path or asynchronous result
      │    └── ModelNotFoundError    404 not_found           a /v1 request names a model nobody serves
      ├── DuplicateIdError           409 invalid_input       the X-Request-Id is already in flight or pending
      ├── PayloadTooLargeError       413 payload_too_large   the body or the image exceeds its limit
      ├── OverloadedError            429 unavailable         ``max_in_flight`` requests held (``Retry-After``)
+     ├── RateLimitedError           429 rate_limited        an API key past a quota (``Retry-After``, ``api.quotas``)
      ├── UnavailableError           503 unavailable         Kafka (or Redis, where needed) is unavailable
      └── ReplyTimeoutError          504 timeout             no reply, or a stream not ended, within the deadline
 
@@ -27,7 +29,8 @@ Two renderings, chosen by the request's path (``is_openai_path``: ``/v1`` and be
   ``ok: false``, ``output: null``, ``error: {code, message}``, ``cached``, ``model``, ``timings_ms``), so a
   client reads successes and failures the same way;
 * OpenAI's (``openai_body``): ``{"error": {"message", "type", "param", "code"}}``. 422 becomes 400 (OpenAI
-  answers every invalid request 400; 413 stays 413, the HTTP status of a body too large); ``type`` is
+  answers every invalid request 400; 413 stays 413, the HTTP status of a body too large); ``type`` is the
+  error's ``openai_type`` where it has one (a quota's 429: ``requests`` or ``tokens``, as OpenAI's), else
   ``rate_limit_error`` for 429, ``server_error`` for 5xx, else ``invalid_request_error``; ``code`` is
   ``invalid_api_key`` for 401, ``rate_limit_exceeded`` for 429, else the error's ``openai_code`` (OpenAI's
   own, e.g. ``unsupported_parameter``, ``model_not_found``) or its aisemble code. So the official ``openai``
@@ -97,6 +100,7 @@ class EdgeError(Exception):
     status = 500
     code: str = ErrorCode.INTERNAL
     openai_code: str | None = None
+    openai_type: str | None = None  # OpenAI's error type where it has its own (a quota's 429: requests, tokens)
 
     def __init__(
         self,
@@ -146,6 +150,14 @@ class UnauthorizedError(EdgeError):
     code = ErrorCode.UNAUTHORIZED
 
 
+class ForbiddenError(EdgeError):
+    """The caller's API key may not use this service (its ``services`` in ``AISEMBLE_API_KEYS``): 403."""
+
+    status = 403
+    code = ErrorCode.FORBIDDEN
+    openai_code = "service_not_allowed"
+
+
 class NotFoundError(EdgeError):
     status = 404
     code = ErrorCode.NOT_FOUND
@@ -182,6 +194,22 @@ class OverloadedError(EdgeError):
         headers = {"Retry-After": str(retry_after_s)}
         super().__init__(message, request_id=request_id, service=service, task=task, headers=headers)
         self.retry_after_s = retry_after_s
+
+
+class RateLimitedError(EdgeError):
+    """The caller's API key is past one of its quotas (``limit``: ``rpm``, ``tpm`` or ``max_in_flight``): 429 with
+    ``Retry-After``; in OpenAI's shape ``type`` is ``requests`` or ``tokens`` and ``code`` ``rate_limit_exceeded``."""
+
+    status = 429
+    code = ErrorCode.RATE_LIMITED
+
+    def __init__(
+        self, message: str, *, limit: str, retry_after_s: int, request_id: str | None = None, service: str = ""
+    ) -> None:
+        super().__init__(message, request_id=request_id, service=service, headers={"Retry-After": str(retry_after_s)})
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.openai_type = "tokens" if limit == "tpm" else "requests"
 
 
 class UnavailableError(EdgeError):
@@ -253,6 +281,7 @@ def openai_body(exc: EdgeError) -> dict[str, object]:
     """``exc`` in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
     status = openai_status(exc)
     kind = "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
+    kind = exc.openai_type or kind
     code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status, exc.openai_code or exc.code)
     return {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": code}}
 

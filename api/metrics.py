@@ -15,6 +15,12 @@ apps in one process (tests) never collide. The families, all prefixed ``aisemble
 * ``consumer_lag{service}`` and ``drain_seconds{service}``: the service's consumer group lag and the time
   its agents need to drain it at their recent rate, from the lag monitor at scrape time (``scrape``).
 
+Per API key *name* (``AISEMBLE_API_KEYS``; never the key), from ``keys`` (``api.quotas.KeyStats``) at scrape
+time: ``aisemble_key_requests_total{key_name,service}`` (requests to service routes the key's quotas let
+through), ``aisemble_key_tokens_total{key_name}`` (LLM tokens its answers used: prompt + completion) and
+``aisemble_key_rate_limited_total{key_name,limit}`` (its 429s, ``limit`` = ``rpm``, ``tpm``, ``max_in_flight``).
+These are this edge's counts; sum them over edges.
+
 What can go wrong: a label set is created on first use, so a service with no traffic yet has no
 ``requests_total`` sample (rate() treats that as 0). Counters restart at 0 with the process (Prometheus'
 rate() handles resets). The lag of a scrape is as fresh as the lag monitor's cache (about a second).
@@ -33,6 +39,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.quotas import KeyStats
 from schemas import SERVICES
 
 PREFIX = "aisemble_edge"
@@ -137,11 +144,43 @@ class _ScrapeCollector(Collector):
         yield drain
 
 
-class EdgeMetrics:
-    """The edge's metrics on their own registry; see the module docstring."""
+class _KeyCollector(Collector):
+    """The ``aisemble_key_*`` families, read from a ``KeyStats`` at scrape time."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: KeyStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "aisemble_key_requests", "Requests to service routes per API key name and service.",
+            labels=["key_name", "service"],
+        )  # fmt: skip
+        tokens = CounterMetricFamily(
+            "aisemble_key_tokens", "LLM tokens (prompt + completion) used per API key name.", labels=["key_name"]
+        )
+        limited = CounterMetricFamily(
+            "aisemble_key_rate_limited", "429s per API key name and limit (rpm, tpm, max_in_flight).",
+            labels=["key_name", "limit"],
+        )  # fmt: skip
+        for name, counts in sorted(self.stats.keys.items()):
+            for service, n in sorted(counts.requests.items()):
+                requests.add_metric([name, service], n)
+            tokens.add_metric([name], counts.tokens)
+            for limit, n in sorted(counts.limited.items()):
+                limited.add_metric([name, limit], n)
+        yield requests
+        yield tokens
+        yield limited
+
+
+class EdgeMetrics:
+    """The edge's metrics on their own registry; see the module docstring. ``key_names``: the names of
+    ``AISEMBLE_API_KEYS`` (each has its ``aisemble_key_tokens_total`` sample from the start)."""
+
+    def __init__(self, key_names: list[str] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.keys = KeyStats(key_names)
+        self.registry.register(_KeyCollector(self.keys))
         self.requests = Counter(
             f"{PREFIX}_requests", "Requests to service paths by service, task and HTTP status.",
             ["service", "task", "status"], registry=self.registry,

@@ -36,6 +36,7 @@ from api.auth import Caller, request_caller
 from api.deps import request_id
 from api.edge import Edge, EdgeStream
 from api.errors import service_of
+from api.quota_gate import QuotaTicket, quota_ticket
 from schemas import Service
 
 
@@ -76,6 +77,11 @@ class RequestServing:
     respond_async: bool
     caller: Caller
     admitted: bool = False  # api.admission holds this request's in-flight slot
+    quota: QuotaTicket | None = None  # the key's quotas (api.quota_gate): an LLM request charges its tokens
+
+    async def _charge(self, service: Service, payload: dict[str, object]) -> None:
+        if service == "llm" and self.quota is not None:
+            await self.quota.charge_tokens(payload, self.request_id)
 
     async def __call__(
         self,
@@ -87,18 +93,23 @@ class RequestServing:
         render: str = DEFAULT_RENDER,
         context: Mapping[str, object] | None = None,
     ) -> Response:
-        """The reply (synchronous) or a 202 (asynchronous); raises the edge's errors (``Edge.call``)."""
+        """The reply (synchronous) or a 202 (asynchronous); raises the edge's errors (``Edge.call``) and the
+        key's token quota (``QuotaTicket.charge_tokens``: an LLM request, corrected by its usage once answered)."""
+        await self._charge(service, payload)
         if self.respond_async:
             return await submit(self.edge, service, task, payload, cache=cache, request_id=self.request_id,
                                 render=render, context=context, owner=self.caller.owner)  # fmt: skip
         reply = await self.edge.call(
             service, task, payload, cache=cache, request_id=self.request_id, admitted=self.admitted
         )
+        if self.quota is not None and service == "llm":
+            await self.quota.settle(reply)
         return RENDERERS[render](reply, context or {})
 
     async def stream(self, service: Service, task: str, payload: dict[str, object], *, cache: bool | None = None
                      ) -> EdgeStream:  # fmt: skip
         """A streamed request (``Edge.stream``; a stream is its own way of not waiting: never asynchronous)."""
+        await self._charge(service, payload)
         return await self.edge.stream(
             service, task, payload, cache=cache, request_id=self.request_id, admitted=self.admitted
         )
@@ -125,4 +136,4 @@ async def serving(
     caller = request_caller(request)
     if respond_async and not edge.pending_async.check(caller.owner):
         raise too_many_pending(edge, rid, service_of(request), "")
-    return RequestServing(edge, rid, respond_async, caller, admitted(request))
+    return RequestServing(edge, rid, respond_async, caller, admitted(request), quota_ticket(request))

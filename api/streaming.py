@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -149,7 +149,8 @@ def _stream_error(stream: EdgeStream, message: str) -> EdgeError:
 
 
 class SseResponse(EventSourceResponse):
-    """``relay(stream, fmt, keepalive_s)`` as ``text/event-stream``; the stream is closed when the response ends."""
+    """``relay(stream, fmt, keepalive_s)`` as ``text/event-stream``; the stream is closed when the response ends,
+    then ``on_end`` (synchronous) is told its final reply (the quota's usage correction: ``api.quota_gate``)."""
 
     def __init__(
         self,
@@ -157,7 +158,9 @@ class SseResponse(EventSourceResponse):
         fmt: SseFormat,
         headers: Mapping[str, str] | None = None,
         keepalive_s: float | None = None,
+        on_end: Callable[[ReplyEvent | None], None] | None = None,
     ) -> None:
+        self.on_end = on_end  # told the final reply (None: none came) once the stream is closed
         super().__init__(
             relay(stream, fmt, keepalive_s),
             headers={
@@ -174,6 +177,8 @@ class SseResponse(EventSourceResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.stream.close()  # synchronous: runs even when a disconnect cancelled the body
+            if self.on_end is not None:
+                self.on_end(self.stream.final)
 
 
 class NativeFormat:

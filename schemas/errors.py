@@ -33,3 +33,5 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"  # no such path (404)
     METHOD_NOT_ALLOWED = "method_not_allowed"  # the path exists, not with this method (405)
     UNAUTHORIZED = "unauthorized"  # API keys are configured and the request carried none that matches (401)
+    FORBIDDEN = "forbidden"  # the API key may not use this service (403)
+    RATE_LIMITED = "rate_limited"  # the API key is past one of its quotas: rpm, tpm, max_in_flight (429)

@@ -116,13 +116,15 @@ STATUS_DESCRIPTIONS: dict[int, str] = {
     400: "The body could not be parsed: not JSON (code invalid_json) or a broken multipart body (invalid_input).",
     401: "API keys are configured and the request carried none that matches, in X-API-Key or as "
     "Authorization: Bearer (code unauthorized; WWW-Authenticate names the scheme).",
+    403: "The API key may not use this service (its services list in AISEMBLE_API_KEYS; code forbidden).",
     409: "A request with this X-Request-Id is already in flight at this edge, or (asynchronous) the id is in use: "
     "pending, or its result is kept; nothing was changed or produced (code invalid_input).",
     413: "The body, the image or the reply exceeds a limit (code payload_too_large).",
     422: "The body does not validate (code invalid_input; the message names the field), unknown_task, "
     "or claim_check_missing.",
     429: "The edge holds its maximum of requests or of body bytes in flight, or (asynchronous) this API key has its "
-    "maximum of requests pending; retry after Retry-After seconds (code unavailable).",
+    "maximum of requests pending (code unavailable), or the API key is past one of its quotas: requests or tokens "
+    "per minute, concurrent requests (code rate_limited); retry after Retry-After seconds.",
     500: "The model failed on this input (model_error) or a bug (internal).",
     501: "The task needs a model that is not configured (code model_not_configured).",
     503: "Kafka is unavailable: the request was not produced (code unavailable).",

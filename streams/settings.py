@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import SERVICES, Service
@@ -112,10 +112,46 @@ class VisionSettings(ServiceSettings):
     claim_ttl_s: int = Field(default=600, ge=1)
 
 
+class ApiKey(BaseModel):
+    """One entry of ``AISEMBLE_API_KEYS``: a key and, optionally, its quotas (``api.quota_gate``).
+
+    A plain string entry is ``ApiKey(key=...)``: no limits, every service. ``name`` labels the key in metrics,
+    logs and the status page (never the key itself); default ``key-<index>``, unique across entries. ``rpm``:
+    requests per minute; ``tpm``: LLM tokens per minute (prompt estimate + ``max_tokens`` at admission,
+    corrected by the reply's usage); ``max_in_flight``: concurrent requests across edges; ``services``: the
+    services the key may use (None: all). Validation errors name the entry's index, never its key
+    (``hide_input_in_errors``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    key: SecretStr
+    name: str = Field(default="", max_length=64, pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    rpm: int | None = Field(default=None, ge=1, description="Requests per minute (None: unlimited).")
+    tpm: int | None = Field(default=None, ge=1, description="LLM tokens per minute (None: unlimited).")
+    max_in_flight: int | None = Field(default=None, ge=1, description="Concurrent requests (None: unlimited).")
+    services: tuple[Service, ...] | None = Field(default=None, description="Services allowed (None: all).")
+
+    @property
+    def limited(self) -> bool:
+        """Whether any quota applies to this key (a plain-string key has none: the edge never asks Redis)."""
+        return self.rpm is not None or self.tpm is not None or self.max_in_flight is not None
+
+    def allows(self, service: str) -> bool:
+        return self.services is None or service in self.services
+
+    def get_secret_value(self) -> str:
+        """The key itself, as ``SecretStr.get_secret_value`` (what a plain-string entry was before)."""
+        return self.key.get_secret_value()
+
+
 class Settings(BaseSettings):
     """Everything a process of aisemble needs to know; one instance per process."""
 
-    model_config = SettingsConfigDict(env_prefix="AISEMBLE_", env_nested_delimiter="__", extra="ignore")
+    # hide_input_in_errors: a validation error never echoes a value (an API key, a password), only where it is.
+    model_config = SettingsConfigDict(
+        env_prefix="AISEMBLE_", env_nested_delimiter="__", extra="ignore", hide_input_in_errors=True
+    )
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -207,8 +243,10 @@ class Settings(BaseSettings):
         default_factory=lambda: ["{prefix}.replies.*", "{prefix}.edge.*.replies"],
         description="Globs a request's reply_to must match ({prefix} = topic_prefix); others are dead-lettered.",
     )
-    api_keys: list[SecretStr] = Field(
-        default_factory=list, description="When set, every service route needs one of these (X-API-Key or Bearer)."
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="When set, every service route needs one of these (X-API-Key or Bearer): a key string, or an "
+        'object {"key", "name", "rpm", "tpm", "max_in_flight", "services"} with its quotas (ApiKey).',
     )
     metrics_require_key: bool = Field(default=True, description="Whether /metrics needs an API key too.")
     agent_metrics_port: int | None = Field(
@@ -232,6 +270,35 @@ class Settings(BaseSettings):
     nlp: NlpSettings = NlpSettings()
     llm: LlmSettings = LlmSettings()
     vision: VisionSettings = VisionSettings()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_as_entries(cls, value: object) -> object:
+        """A string (or ``SecretStr``) entry is a key without limits; each entry gets its default name."""
+        if not isinstance(value, list | tuple):
+            return value
+        entries: list[object] = []
+        for index, entry in enumerate(value):
+            if isinstance(entry, str | SecretStr):
+                entry = {"key": entry}
+            if isinstance(entry, dict) and not entry.get("name"):
+                entry = {**entry, "name": f"key-{index}"}
+            elif isinstance(entry, ApiKey) and not entry.name:
+                entry = entry.model_copy(update={"name": f"key-{index}"})
+            entries.append(entry)
+        return entries
+
+    @model_validator(mode="after")
+    def _key_names_are_unique(self) -> Settings:
+        seen: dict[str, int] = {}
+        for index, entry in enumerate(self.api_keys):
+            if entry.name in seen:
+                raise ValueError(
+                    f"AISEMBLE_API_KEYS[{index}]: the name {entry.name!r} is the name of entry {seen[entry.name]} "
+                    "already (names label metrics and must be unique)"
+                )
+            seen[entry.name] = index
+        return self
 
     @model_validator(mode="after")
     def _one_upload_fits_the_byte_budget(self) -> Settings:

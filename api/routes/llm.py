@@ -7,6 +7,7 @@ from fastapi.responses import Response
 
 from api.async_requests import ASYNC_RESPONSES
 from api.errors import SERVICE_RESPONSES
+from api.quota_gate import settle_later
 from api.serving import RequestServing, serving
 from api.streaming import SSE_EVENT, NativeFormat, SseResponse
 from schemas.llm import LlmCompletionRequest
@@ -35,5 +36,7 @@ async def completion(body: LlmCompletionRequest, serve: RequestServing = Depends
     (``stream: true`` wins over ``Prefer: respond-async``: the preference is then not applied)."""
     if body.stream:
         stream = await serve.stream("llm", "completion", body.to_input(), cache=body.cache)
-        return SseResponse(stream, NativeFormat(stream), keepalive_s=serve.edge.settings.sse_keepalive_s)
+        quota = serve.quota
+        on_end = (lambda reply: settle_later(quota, reply)) if quota is not None else None
+        return SseResponse(stream, NativeFormat(stream), keepalive_s=serve.edge.settings.sse_keepalive_s, on_end=on_end)
     return await serve("llm", "completion", body.to_input(), cache=body.cache)

@@ -45,6 +45,7 @@ from api.openai import (
     to_input,
     validate,
 )
+from api.quota_gate import quota_ticket, settle_later
 from api.serving import wants_async
 from api.streaming import SseResponse
 from schemas import ReplyEvent
@@ -84,6 +85,9 @@ async def _generate(
     model = resolve_model(body.model, "llm", edge.models)
     payload = to_input(body)
     task = "chat" if chat else "completion"
+    quota = quota_ticket(request)
+    if quota is not None:
+        await quota.charge_tokens(payload, rid)  # the key's tpm (api.quota_gate); corrected by the usage below
     if body.stream:
         stream = await edge.stream("llm", task, payload, request_id=rid, admitted=admitted(request))
         chunk_id = f"{'chatcmpl' if chat else 'cmpl'}-{stream.request_id}"
@@ -92,12 +96,16 @@ async def _generate(
             if chat
             else CompletionChunks(chunk_id, model, body.include_usage)
         )
-        return SseResponse(stream, fmt, keepalive_s=edge.settings.sse_keepalive_s)
+        on_end = (lambda reply: settle_later(quota, reply)) if quota is not None else None
+        return SseResponse(stream, fmt, keepalive_s=edge.settings.sse_keepalive_s, on_end=on_end)
     context = {"model": model, "created": int(time.time()), "kind": CHAT if chat else COMPLETION}
     if respond_async:
         return await submit(edge, "llm", task, payload, request_id=rid, render=str(context["kind"]),
                             context=context, owner=request_caller(request).owner)  # fmt: skip
-    return _rendered(await edge.call("llm", task, payload, request_id=rid, admitted=admitted(request)), context)
+    reply = await edge.call("llm", task, payload, request_id=rid, admitted=admitted(request))
+    if quota is not None:
+        await quota.settle(reply)
+    return _rendered(reply, context)
 
 
 @router.post("/v1/chat/completions")

@@ -22,6 +22,8 @@ What the figures mean, and their limits:
   interpolated linearly inside its bucket (as Prometheus' ``histogram_quantile``), so it is an estimate at the
   buckets' resolution (1, 2.5, 5, 10, 25 ms ...); it counts every request to the service's paths, refusals
   (401, 413, 422, 429) included. Beyond the last finite bucket (60 s) it reports 60 s.
+* ``keys``: per API key *name* (never the key), this edge's counts since it started: ``requests`` (and
+  ``by_service``), ``tokens`` (LLM prompt + completion), ``rate_limited`` (429s, and ``by_limit``).
 * ``lag`` / ``drain_s``: null while Kafka is down (the monitor is not asked then) or when the monitor cannot
   answer within ``api.routes.metrics.LAG_READ_TIMEOUT_S``; ``draining`` false: lag that no agent consumes.
 
@@ -283,6 +285,7 @@ async def status_json(request: Request, edge: Edge = Depends(get_edge)) -> ORJSO
         "redis": {"ok": bool(redis.get("ok")), "breaker": redis.get("breaker"), "error": redis.get("error")},
         "edge": health_doc.edge,
         "services": services,
+        "keys": request.app.state.metrics.keys.snapshot(),  # per key name, at this edge (api.quotas.KeyStats)
     }
     return ORJSONResponse(body, headers={"Cache-Control": "no-store"})
 

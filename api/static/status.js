@@ -135,6 +135,26 @@
     for (const [name, service] of Object.entries(doc.services || {})) {
       renderService(name, service || {});
     }
+    renderKeys(doc.keys || {});
+  }
+
+  // One row per API key name (never the key): requests, tokens, 429s at this edge.
+  function renderKeys(keys) {
+    const names = Object.keys(keys);
+    $("keys").hidden = names.length === 0;
+    $("key-rows").replaceChildren(
+      ...names.map((name) => {
+        const row = document.createElement("tr");
+        const counts = keys[name] || {};
+        for (const value of [name, counts.requests, counts.tokens, counts.rate_limited]) {
+          const cell = document.createElement("td");
+          cell.textContent = known(value) ? String(value) : DASH;
+          row.appendChild(cell);
+        }
+        row.dataset.key = name;
+        return row;
+      }),
+    );
   }
 
   function askForKey(message) {
