@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Hashable
+from concurrent.futures import Executor
 from typing import Any
 
 import faust
@@ -118,10 +119,15 @@ def revoke_wait_s(settings: Settings) -> float:
 
 
 def create_agent_app(
-    service: Service, settings: Settings, runner: ModelRunner, observer: BatchObserver | None = None
+    service: Service,
+    settings: Settings,
+    runner: ModelRunner,
+    observer: BatchObserver | None = None,
+    executor: Executor | None = None,
 ) -> tuple[faust.App, BatchLoop[faust.EventT] | ContinuousLoop[faust.EventT]]:
     """The Faust app of one service's agent, with its agent and heartbeat timer registered; ``observer``
-    (e.g. ``agents.metrics.AgentMetrics``) is told what each batch did."""
+    (e.g. ``agents.metrics.AgentMetrics``) is told what each batch did; ``executor``: the thread that loaded
+    the runner, where its model computes (``agents.loop.BatchProcessor``)."""
     app = create_app(settings, service)
     topic = request_topic(app, settings, service)
     conf = settings.service(service)
@@ -140,6 +146,7 @@ def create_agent_app(
         retry_s=settings.delivery_retry_s,
         reply_policy=ReplyTopicPolicy.build(settings.topic_prefix, settings.reply_to_allow),
         observer=observer,
+        executor=executor,
     )
     view = FaustEvents()
     loop: BatchLoop[faust.EventT] | ContinuousLoop[faust.EventT]

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import faust
 from aiokafka.errors import KafkaConnectionError
@@ -112,11 +112,13 @@ def run_agent(service: Service, settings: Settings, runner_factory: str | None =
     runner = load_factory(runner_factory)(settings) if runner_factory else build_runner(service, settings)
     log.info("startup %s: runner built (its imports done)", service)
     started = time.perf_counter()
-    runner.load()
+    # The model loads, warms up and computes on one thread (agents.loop.BatchProcessor's ``executor``).
+    compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{service}-model")
+    compute.submit(runner.load).result()
     log.info("%s model(s) loaded and warm in %.1fs", service, time.perf_counter() - started)
     topics_ready.result()  # raises what the topic creation raised
     asyncio.set_event_loop(asyncio.new_event_loop())  # Faust wants the thread to have one
-    app, loop = create_agent_app(service, settings, runner, served[0] if served else None)
+    app, loop = create_agent_app(service, settings, runner, served[0] if served else None, compute)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), override_logging=False)
     try:
         worker.execute_from_commandline()

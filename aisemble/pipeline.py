@@ -42,6 +42,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+TEST_SESSION_ENV = "AISEMBLE_TEST_SESSION"
+
+
+def throwaway_prefix(length: int = 10) -> str:
+    """A fresh topic prefix for a test or a benchmark: ``t``, the test session's tag (``AISEMBLE_TEST_SESSION``,
+    hex digits; ``tests/conftest.py`` sets it, and deletes at the end the topics of its own tag only), then
+    random hex digits up to ``length``."""
+    tag = os.environ.get(TEST_SESSION_ENV, "")
+    return f"t{tag}{uuid.uuid4().hex[: max(4, length - len(tag))]}"
+
+
 class Pipeline:
     """An edge and a set of agents for one test module."""
 
@@ -79,7 +90,7 @@ class Pipeline:
     @classmethod
     def isolated(cls, base: Settings, services: list[str], log_dir: Path | None = None, **env: str) -> Pipeline:
         """A pipeline on a fresh topic prefix and a free port, sharing ``base``'s Kafka and Redis."""
-        prefix = f"t{uuid.uuid4().hex[:10]}"
+        prefix = throwaway_prefix()
         settings = base.model_copy(
             update={"topic_prefix": prefix, "edge_id": f"{prefix}-edge", "edge_port": free_port()}
         )

@@ -5,27 +5,34 @@
 otherwise starts them through ``infra`` and stops them afterwards. When neither works the fixture
 errors: an integration test fails, it never skips.
 
-At the end of the session it deletes the topics the session created on throw-away test prefixes (``t`` and
-hex digits, e.g. ``t3f9a0c1d2e.nlp.requests``): left behind, a few hundred per run became 13,000
-partitions on a developer's broker, 10% of a core at rest. Set ``AISEMBLE_TEST_KEEP_TOPICS=1`` to keep them
-(to look at them, or when several test sessions share one broker at once: one session's sweep would delete
-the other's topics).
+At the end of the session it deletes the topics of the session's own throw-away prefixes: a session tags
+its prefixes (``AISEMBLE_TEST_SESSION``, 4 hex digits, set here; ``aisemble.pipeline.throwaway_prefix``
+makes ``t<tag><random hex>``), so a session sharing the broker with another never deletes the other's. Left
+behind, a few hundred topics per run became 13,000 partitions on a developer's broker, 10% of a core at rest.
+``AISEMBLE_TEST_KEEP_TOPICS=1`` keeps them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
 import infra
+from aisemble.pipeline import TEST_SESSION_ENV
 from streams.settings import Settings
 from streams.topics import drop_topics, list_topics
 
-THROWAWAY_TOPIC = re.compile(r"^t[0-9a-f]{6,}[.-]")
+SESSION_TAG = os.environ.setdefault(TEST_SESSION_ENV, uuid.uuid4().hex[:4])
+
+
+def session_topic(name: str) -> bool:
+    """Whether ``name`` is a topic of this session's throw-away prefixes (``t<tag>...``)."""
+    return name.startswith(f"t{SESSION_TAG}")
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -39,19 +46,18 @@ def infra_settings() -> Iterator[Settings]:
     )
     local = infra.start_local(settings)
     keep = os.environ.get("AISEMBLE_TEST_KEEP_TOPICS", "") not in ("", "0")
-    before = set() if keep else asyncio.run(list_topics(settings))
     try:
         yield settings
     finally:
         if not keep:
-            asyncio.run(_sweep(settings, before))
+            asyncio.run(_sweep(settings))
         local.stop()
 
 
-async def _sweep(settings: Settings, before: set[str]) -> None:
-    """Delete the throw-away test topics created since ``before`` (best effort, logged)."""
+async def _sweep(settings: Settings) -> None:
+    """Delete this session's throw-away topics (best effort, logged)."""
     try:
-        created = await list_topics(settings) - before
+        topics = await list_topics(settings)
     except Exception:  # noqa: BLE001  (the broker may be the one a test stopped: nothing to sweep)
         return
-    await drop_topics(settings, [t for t in created if THROWAWAY_TOPIC.match(t)])
+    await drop_topics(settings, [t for t in topics if session_topic(t)])

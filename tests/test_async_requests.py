@@ -35,7 +35,7 @@ from PIL import Image
 from starlette.responses import JSONResponse, Response
 
 import infra
-from aisemble.pipeline import Pipeline, free_port
+from aisemble.pipeline import Pipeline, free_port, throwaway_prefix
 from api.async_requests import Pending, lookup, register_renderer
 from api.serving import prefers_async
 from schemas import ErrorCode, ReplyEvent
@@ -357,7 +357,7 @@ def test_a_renderer_gets_its_context_back(infra_settings: Settings, redis: redis
         return JSONResponse({"shaped": reply.ok, "model": context["model"]}, status_code=200 if reply.ok else 599)
 
     register_renderer("test-shape", shaped)
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     settings = infra_settings.model_copy(update={"topic_prefix": prefix, "request_timeout_s": 5.0})
     rid, late = uuid.uuid4().hex, uuid.uuid4().hex
     marker = Pending(service="data", task="analyze", deadline_ms=int(time.time() * 1000) + 60_000, render="test-shape",

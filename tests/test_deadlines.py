@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
 from agents.loop import BatchProcessor
-from aisemble.pipeline import free_port
+from aisemble.pipeline import free_port, throwaway_prefix
 from api.async_requests import submit
 from api.edge import Edge, agent_deadline_ms
 from api.errors import ReplyTimeoutError
@@ -75,7 +75,7 @@ def test_a_cancel_stops_the_given_up_attempt_never_a_retry(
 
 @pytest.fixture
 async def edge(infra_settings: Settings) -> AsyncIterator[Edge]:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     settings = infra_settings.model_copy(
         update={
             "topic_prefix": prefix,
@@ -155,7 +155,7 @@ async def test_an_asynchronous_request_carries_the_asynchronous_deadline(edge: E
 async def test_a_batch_item_whose_cancel_key_is_set_is_answered_cancelled_without_running(
     infra_settings: Settings,
 ) -> None:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     redis = connect(infra_settings)
     far = int(time.time() * 1000) + 60_000
     try:

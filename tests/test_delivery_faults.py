@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ from aiokafka.errors import TopicAuthorizationFailedError
 from agents.errors import DeadLetterRefusedError, DeliveryError
 from agents.loop import BatchProcessor
 from agents.sink import existing_topics
+from aisemble.pipeline import throwaway_prefix
 from streams.settings import Settings
 from streams.topics import ensure_topics
 from tests.kafka_client import RawClient
@@ -104,7 +104,7 @@ class Broker:
 
 
 async def _broker(settings: Settings, dlq_max_bytes: int | None = None) -> AsyncIterator[Broker]:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     results, dlq = f"{prefix}.data.results", f"{prefix}.data.dlq"
     if dlq_max_bytes is None:
         await ensure_topics(settings, [(dlq, 1)])

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
 
+from aisemble.pipeline import throwaway_prefix
 from streams.failures import Verdict, classify
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_a_record_over_the_producer_limit_is_refused_at_send_and_is_permanent(infra_settings: Settings) -> None:
-    topic = f"t{uuid.uuid4().hex[:8]}.size"
+    topic = f"{throwaway_prefix(8)}.size"
     await ensure_topics(infra_settings, [(topic, 1)])  # the broker creates no topic on demand
     producer = AIOKafkaProducer(bootstrap_servers=infra_settings.kafka_bootstrap, max_request_size=64 * 1024)
     await producer.start()
@@ -36,7 +37,7 @@ async def test_a_record_over_the_producer_limit_is_refused_at_send_and_is_perman
 
 
 async def test_a_record_over_the_topic_limit_fails_its_ack_and_is_permanent(infra_settings: Settings) -> None:
-    topic = f"t{uuid.uuid4().hex[:8]}.small"
+    topic = f"{throwaway_prefix(8)}.small"
     admin = AIOKafkaAdminClient(bootstrap_servers=infra_settings.kafka_bootstrap)
     await admin.start()
     try:

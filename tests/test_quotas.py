@@ -19,7 +19,7 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from pydantic import SecretStr, ValidationError
 from redis.asyncio import Redis
 
-from aisemble.pipeline import free_port
+from aisemble.pipeline import free_port, throwaway_prefix
 from api.auth import key_digests, owner_of
 from api.quota_store import QuotaStore
 from api.quotas import (
@@ -150,7 +150,7 @@ async def redis(infra_settings: Settings) -> AsyncIterator[Redis]:
 
 
 def _storages(redis: Redis) -> dict[str, RedisStorage | MemoryStorage]:
-    prefix = f"t{uuid.uuid4().hex[:10]}:quota"
+    prefix = f"{throwaway_prefix(10)}:quota"
     pool = {"connection_pool": redis.connection_pool}
     return {
         "redis": RedisStorage("async+redis://pool:6379", implementation="redispy", key_prefix=prefix, **pool),
@@ -188,7 +188,7 @@ async def test_sliding_window_counter_at_its_boundary(redis: Redis, kind: str) -
 
 @pytest.mark.integration
 async def test_store_shares_counts_through_redis(redis: Redis, infra_settings: Settings) -> None:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     one = QuotaStore(redis, prefix, 30.0)
     two = QuotaStore(redis, prefix, 30.0)  # another edge
     verdicts = [await store.hit("team", "rpm", 3) for store in (one, two, one, two)]
@@ -201,7 +201,7 @@ async def test_store_shares_counts_through_redis(redis: Redis, infra_settings: S
 
 @pytest.mark.integration
 async def test_slots_are_shared_released_and_expire_at_their_deadline(redis: Redis, infra_settings: Settings) -> None:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     one = QuotaStore(redis, prefix, 0.6)
     two = QuotaStore(redis, prefix, 0.6)
     first = await one.acquire("team", 1)

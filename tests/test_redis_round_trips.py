@@ -8,14 +8,13 @@ rest; with Redis away, nothing is cancelled, everything is a miss and runs.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
 
 from agents.loop import BatchProcessor
-from aisemble.pipeline import free_port
+from aisemble.pipeline import free_port, throwaway_prefix
 from schemas import ErrorCode, ReplyEvent
 from streams.cache import ResultCache
 from streams.cancel import cancel_key
@@ -39,7 +38,7 @@ def count_mgets(redis: Redis) -> list[int]:
 
 @pytest.mark.integration
 async def test_cancels_and_cache_hits_of_a_batch_are_read_in_one_round_trip(infra_settings: Settings) -> None:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     redis = connect(infra_settings)
     try:
         cache = ResultCache(redis, prefix)

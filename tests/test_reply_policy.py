@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aisemble.pipeline import Pipeline
+from aisemble.pipeline import Pipeline, throwaway_prefix
 from streams.settings import Settings
 from streams.topics import ensure_service_topics, partitions_of
 from tests.kafka_client import RawClient
@@ -73,7 +73,7 @@ def test_topics_create_makes_the_service_and_reply_topics(infra_settings: Settin
     import subprocess
     import sys
 
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     env = {**os.environ, "AISEMBLE_KAFKA_BOOTSTRAP": infra_settings.kafka_bootstrap, "AISEMBLE_TOPIC_PREFIX": prefix,
            "AISEMBLE_SERVICES": '["data"]'}  # fmt: skip
     out = subprocess.run(

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from aisemble.pipeline import throwaway_prefix
 from api.async_requests import Pending, lookup
 from schemas import ErrorCode, ErrorInfo, ReplyEvent
 from streams.redis import connect
@@ -40,7 +41,7 @@ def _error(rid: str, code: str) -> ReplyEvent:
 
 @pytest.fixture
 async def store(infra_settings: Settings) -> AsyncIterator[SimpleNamespace]:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     settings = infra_settings.model_copy(update={"topic_prefix": prefix, "request_timeout_s": 5.0})
     client = connect(settings)
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
@@ -24,6 +23,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import NotLeaderForPartitionError
 
 from agents.sink import KNOWN_TTL_S, FaustSink
+from aisemble.pipeline import throwaway_prefix
 from streams.replay import delete_topics
 from streams.settings import Settings
 from streams.topics import ensure_topics, partitions_of
@@ -58,7 +58,7 @@ async def producer(infra_settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
 
 async def _two_topics(settings: Settings, producer: AIOKafkaProducer) -> tuple[str, str]:
     """``old`` in the producer's view of all topics (as an agent's producer has), ``new`` created after it."""
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     old, new = f"{prefix}.data.dlq", f"{prefix}.replies.new"
     await ensure_topics(settings, [(old, 1)])
     await producer.client.force_metadata_update()  # tracks no topic: a view of all topics
@@ -95,7 +95,7 @@ async def test_the_sink_keeps_the_view_whole_so_no_record_is_stranded(
 async def test_missing_topics_sees_a_deleted_topic_within_seconds_and_creates_none(
     infra_settings: Settings, producer: AIOKafkaProducer
 ) -> None:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     doomed, never = f"{prefix}.replies.doomed", f"{prefix}.replies.never"
     await ensure_topics(infra_settings, [(doomed, 1)])
     sink = FaustSink(SimpleNamespace(producer=_FaustProducer(producer)))  # type: ignore[arg-type]

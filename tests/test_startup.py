@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +28,7 @@ import pytest
 from aiokafka.errors import KafkaConnectionError
 
 from agents.worker import ensure_topics_when_up
-from aisemble.pipeline import Pipeline, free_port
+from aisemble.pipeline import Pipeline, free_port, throwaway_prefix
 from infra.kafka import KafkaHandle, cds_archive, cds_options, stop_kafka
 from streams.app import TablelessManager, create_app
 from streams.settings import Settings
@@ -76,7 +75,7 @@ async def late_proxy(port: int, target: tuple[str, int], after_s: float) -> Asyn
 async def test_an_agent_waits_for_a_broker_that_is_not_up_yet_then_makes_its_topics(infra_settings: Settings) -> None:
     host, port = infra_settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)
     late = free_port()
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     settings = infra_settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{late}", "topic_prefix": prefix})
     started = time.monotonic()
     async with late_proxy(late, (host, int(port)), after_s=2.0):
@@ -104,7 +103,7 @@ class _Recovery:
 
 
 async def test_the_agents_table_manager_starts_without_fausts_one_second_sleep(infra_settings: Settings) -> None:
-    app = create_app(infra_settings.model_copy(update={"topic_prefix": f"t{uuid.uuid4().hex[:10]}"}), "data")
+    app = create_app(infra_settings.model_copy(update={"topic_prefix": throwaway_prefix()}), "data")
     manager = app.tables
     assert isinstance(manager, TablelessManager)
     recovery = _Recovery()
@@ -132,7 +131,7 @@ def test_an_agent_is_live_in_health_once_its_partitions_are_assigned_not_an_inte
     infra_settings: Settings, tmp_path: Path
 ) -> None:
     # A long heartbeat interval: the old first beat came one interval after the app started.
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     settings = infra_settings.model_copy(
         update={"topic_prefix": prefix, "edge_id": f"{prefix}-edge", "edge_port": free_port()}
     )
@@ -158,7 +157,7 @@ def test_an_agent_is_live_in_health_once_its_partitions_are_assigned_not_an_inte
 def test_a_warm_aisemble_run_is_healthy_within_the_bound_and_ctrl_c_stops_every_process(
     infra_settings: Settings, tmp_path: Path
 ) -> None:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     port = free_port()
     env = {
         **os.environ,

@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
-from aisemble.pipeline import free_port
+from aisemble.pipeline import free_port, throwaway_prefix
 from aisemble.supervisor import RestartPolicy
 from streams.settings import Settings
 
@@ -68,7 +67,7 @@ def _agent_pids(health: dict[str, object]) -> list[int]:
 @pytest.mark.integration
 @pytest.mark.fault
 def test_aisemble_run_restarts_a_killed_agent_and_ctrl_c_stops_all(infra_settings: Settings, tmp_path: Path) -> None:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
     port = free_port()
     env = {
         **os.environ,

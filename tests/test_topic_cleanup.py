@@ -7,26 +7,26 @@ created; benchmarks drop their pipeline's prefix when they stop.
 
 from __future__ import annotations
 
-import uuid
+from conftest import SESSION_TAG, session_topic
 
-from conftest import THROWAWAY_TOPIC
-
-from aisemble.pipeline import Pipeline
+from aisemble.pipeline import Pipeline, throwaway_prefix
 from streams.settings import Settings
 from streams.topics import drop_topics, ensure_topics, list_topics, prefix_topics
 
 
-def test_prefix_topics_takes_only_that_prefix_and_the_sweep_pattern_spares_real_prefixes() -> None:
+def test_prefix_topics_takes_only_that_prefix_and_the_sweep_takes_only_this_sessions_tag() -> None:
     names = ["t12ab34cd56.nlp.requests", "t12ab34cd56x.nlp.requests", "t12ab34cd56.edge.e1.replies", "aisemble.x"]
     assert prefix_topics(names, "t12ab34cd56") == ["t12ab34cd56.nlp.requests", "t12ab34cd56.edge.e1.replies"]
-    assert THROWAWAY_TOPIC.match("t3f9a0c1d2e.nlp.requests") and THROWAWAY_TOPIC.match("tdeadbeef-x")
-    assert not THROWAWAY_TOPIC.match("aisemble.nlp.requests") and not THROWAWAY_TOPIC.match("team.nlp.requests")
-    assert not THROWAWAY_TOPIC.match("t12.nlp")  # too short to be a generated prefix
+    ours, other_tag = throwaway_prefix(), "0000" if SESSION_TAG != "0000" else "1111"
+    assert ours.startswith(f"t{SESSION_TAG}") and len(ours) == 11 and throwaway_prefix() != ours
+    assert session_topic(f"{ours}.nlp.requests") and session_topic(f"{throwaway_prefix(8)}.size")
+    assert not session_topic(f"t{other_tag}abcdef.nlp.requests")  # another session's: never swept by this one
+    assert not session_topic("aisemble.nlp.requests") and not session_topic("team.nlp.requests")
 
 
 async def test_drop_topics_deletes_what_it_is_given_and_nothing_else(infra_settings: Settings) -> None:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
-    other = f"t{uuid.uuid4().hex[:10]}"
+    prefix = throwaway_prefix()
+    other = throwaway_prefix()
     names = [f"{prefix}.a.requests", f"{prefix}.b.requests", f"{other}.a.requests"]
     await ensure_topics(infra_settings, [(n, 1) for n in names])
     assert set(names) <= await list_topics(infra_settings)

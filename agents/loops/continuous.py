@@ -45,7 +45,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar
 
@@ -151,10 +151,9 @@ class ContinuousLoop(LoopBase[E]):
         self._deliveries: set[asyncio.Future[None]] = set()
         self._partials: deque[asyncio.Future[object]] = deque()
         self._last_enqueued: asyncio.Event | None = None  # the latest partial handed to the producer
-        # The runner's own compute thread when it has one (llama.cpp: all its work on one thread), else ours.
-        executor = getattr(runner, "executor", None)
-        self._own_executor = executor is None
-        self._executor: Executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-engine")
+        # The runner's own compute thread when it has one (llama.cpp: all its work on one thread), else the
+        # processor's (in an agent, the thread that loaded the model).
+        self._executor: Executor = getattr(runner, "executor", None) or processor.executor
         self._stopping = False
         self._redis_down_logged = False
         self._admitting = 0
@@ -186,8 +185,6 @@ class ContinuousLoop(LoopBase[E]):
             self._halted = True  # a burst still running on the engine's thread ends after its current step
             self.buffer.close()
             await self._stop_tasks(feeder, poller, admitter)
-            if self._own_executor:
-                self._executor.shutdown(wait=False)
         if self.failure is not None:
             raise AgentLoopFailed(str(self.failure))
 
