@@ -245,6 +245,68 @@ class _Row(RowState):
     seq: int = -1  # the llama.cpp sequence it owns once prefilling starts
     pos: int = 0  # tokens of the row in its sequence
     started: bool = False  # its whole prompt is in the cache (or is in this step's batch)
+    grammar: str | None = None  # GBNF of its response_format (schemas.structured), None when unconstrained
+    constraint: _Constraint | None = None  # the grammar's llama.cpp sampler, made when the row takes a sequence
+
+
+class _Constraint:
+    """A row's grammar as llama.cpp's grammar sampler: which tokens may come next (structured outputs).
+
+    ``choose`` picks the row's next token inside the grammar: a greedy row first asks whether its argmax is
+    allowed (one candidate: the common case inside a JSON string or number costs next to nothing) and only
+    otherwise masks the whole vocabulary; a sampled row always draws from the masked logits. Each chosen
+    token is accepted into the grammar's state. Used on the engine's thread only; ``close`` frees it."""
+
+    def __init__(self, lib: Any, vocab: Any, grammar: str, n_vocab: int) -> None:
+        self._lib = lib
+        self._n_vocab = n_vocab
+        self._sampler = lib.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+        if not self._sampler:
+            raise ValueError("llama.cpp could not parse the response_format's grammar")
+        self._one = (lib.llama_token_data * 1)()
+        self._one_array = lib.llama_token_data_array(self._one, 1, -1, False)
+        self._all: Any = None
+        self._all_view: np.ndarray | None = None
+
+    def choose(self, logits: np.ndarray, row: _Row) -> int:
+        if row.rng is None:
+            token = int(logits.argmax())
+            if not self._allows(token):
+                token = int(self._masked(logits).argmax())
+        else:
+            token = _sample(self._masked(logits), row)
+        self._lib.llama_sampler_accept(self._sampler, token)
+        return token
+
+    def _allows(self, token: int) -> bool:
+        one = self._one[0]
+        one.id, one.logit, one.p = token, 0.0, 0.0
+        array = self._one_array
+        array.size, array.selected, array.sorted = 1, -1, False
+        self._lib.llama_sampler_apply(self._sampler, ctypes.byref(array))
+        return bool(np.isfinite(self._one[0].logit))
+
+    def _masked(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` with every token the grammar forbids at -inf."""
+        n = self._n_vocab
+        if self._all is None:
+            self._all = (self._lib.llama_token_data * n)()
+            self._all_view = np.ctypeslib.as_array(self._all)
+        view = self._all_view
+        assert view is not None
+        view["id"] = np.arange(n, dtype=np.int32)
+        view["logit"] = logits[:n]
+        view["p"] = 0.0
+        array = self._lib.llama_token_data_array(self._all, n, -1, False)
+        self._lib.llama_sampler_apply(self._sampler, ctypes.byref(array))
+        masked = np.full(n, -np.inf, dtype=np.float32)
+        masked[view["id"][: array.size]] = view["logit"][: array.size]
+        return masked
+
+    def close(self) -> None:
+        if self._sampler:
+            self._lib.llama_sampler_free(self._sampler)
+            self._sampler = None
 
 
 class LlamaEngine:
@@ -333,7 +395,7 @@ class LlamaEngine:
         """Queue a row; it is prefilled by a coming step (thread-safe)."""
         params = request.params
         rng = np.random.default_rng(params.seed) if params.temperature > 0.0 else None
-        row = _Row(request, ids=np.asarray(request.ids, dtype=np.int32), rng=rng)
+        row = _Row(request, ids=np.asarray(request.ids, dtype=np.int32), rng=rng, grammar=request.grammar)
         with self._lock:
             self._incoming.append(row)
 
@@ -385,7 +447,10 @@ class LlamaEngine:
         chosen = logits.argmax(axis=1).tolist()
         done: list[_Row] = []
         for index, row in enumerate(with_logits):
-            token = chosen[index] if row.rng is None else _sample(logits[index], row)
+            if row.constraint is not None:
+                token = row.constraint.choose(logits[index], row)
+            else:
+                token = chosen[index] if row.rng is None else _sample(logits[index], row)
             if advance(row, token, self._eos_ids, self._decode, report):
                 done.append(row)
         for row in done:
@@ -437,6 +502,12 @@ class LlamaEngine:
                 )
                 report.finished.append(Finished(row.key, Failure(ErrorCode.INVALID_INPUT, message)))
                 continue
+            if row.grammar is not None:
+                try:
+                    row.constraint = _Constraint(self._lib, self._weights.vocab, row.grammar, self._weights.n_vocab)
+                except ValueError as exc:
+                    report.finished.append(Finished(row.key, Failure(ErrorCode.INVALID_INPUT, str(exc))))
+                    continue
             row.seq, kept_shared = self._free_seq(row.ids)
             self._live[row.seq] = row
             self._restore(row, kept_shared)
@@ -544,6 +615,9 @@ class LlamaEngine:
     def _release(self, row: _Row, *, keep: bool = False) -> None:
         """Free the row's sequence. ``keep`` (a row that finished): its cells stay for the next row that takes
         the sequence (``_reuse``); otherwise (cancelled, failed, past its deadline) they are removed."""
+        if row.constraint is not None:
+            row.constraint.close()
+            row.constraint = None
         seq = row.seq
         if seq < 0:
             return

@@ -42,6 +42,7 @@ class RowRequest:
     params: SamplingInput
     deadline_ms: float | None = None
     stream: bool = False
+    grammar: str | None = None  # GBNF the tokens must follow (``schemas.structured``; the llama.cpp runtime)
 
 
 @dataclass(frozen=True, slots=True)
