@@ -882,7 +882,7 @@ class LlamaRunner:
             return Failure(ErrorCode.MODEL_ERROR, f"tokenisation failed: {type(exc).__name__}")
         if not ids:
             return Failure(ErrorCode.INVALID_INPUT, "the prompt has no tokens")
-        return RowRequest(key, ids, parsed, item.deadline_ms, stream)
+        return RowRequest(key, ids, parsed, item.deadline_ms, stream, parsed.grammar)
 
     # -- internals --------------------------------------------------------------------------------
 

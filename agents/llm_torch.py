@@ -327,6 +327,12 @@ class LlmRunner:
             return parsed
         if isinstance(parsed, ChatInput) and not loaded.tokenizer.chat_template:
             return Failure(ErrorCode.INVALID_INPUT, "task chat: the model has no chat template; use completion")
+        if parsed.grammar is not None:
+            return Failure(
+                ErrorCode.INVALID_INPUT,
+                "response_format json_object/json_schema needs the llama_cpp runtime (a GGUF model on CPU); "
+                "this agent runs torch",
+            )
         try:
             return parsed, self._encode(loaded, parsed)
         except Exception as exc:

@@ -9,7 +9,9 @@ OpenAI's shapes for the fields that apply, so the official ``openai`` client wor
   one string), ``max_tokens`` / ``max_completion_tokens`` (1..``MAX_NEW_TOKENS``; default 100 for chat, 16
   for completions as OpenAI's), ``temperature`` (0..2, default 1), ``top_p`` (0..1], default 1), ``seed``
   (>= 0), ``stop`` (a string or up to 4), ``n`` (1 only), ``stream``, ``stream_options.include_usage``
-  (only with ``stream``), ``user`` (ignored).
+  (only with ``stream``), ``user`` (ignored), ``response_format`` (``text``, ``json_object``, ``json_schema``:
+  the output is decoded inside the schema's grammar, ``schemas.structured``; a schema that cannot be compiled
+  is a 400 naming ``response_format`` before anything is queued).
 * ``POST /v1/embeddings`` -> the nlp task ``embed`` (L2-normalised vectors): ``input`` a string or a list of
   up to ``MAX_TEXTS`` strings (token arrays are refused), ``encoding_format`` float or base64 (little-endian
   float32, as OpenAI's), ``user`` (ignored).
@@ -46,6 +48,7 @@ from api.streaming import sse
 from schemas import ReplyEvent, Service
 from schemas.llm import MAX_MESSAGES, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, ChatInput, CompletionInput
 from schemas.nlp import MAX_TEXT_CHARS, MAX_TEXTS
+from schemas.structured import ResponseFormat
 
 MODEL_TASKS: dict[Service, tuple[str, ...]] = {"llm": ("completion", "chat"), "nlp": ("embed",)}
 DONE = sse("[DONE]")
@@ -110,6 +113,7 @@ class _Generation(_Strict):
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    response_format: ResponseFormat | None = None
 
     def check(self) -> None:
         """The rules between fields (``InvalidInputError``, OpenAI's 400, naming the field)."""
@@ -128,6 +132,7 @@ class _Generation(_Strict):
             "top_p": 1.0 if self.top_p is None else self.top_p,
             "seed": self.seed,
             "stop": self.stop,
+            "response_format": None if self.response_format is None else self.response_format.model_dump(),
         }
 
 

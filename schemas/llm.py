@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from schemas.http import JsonInt, WireSafe
+from schemas.structured import ResponseFormat, StructuredOutputError, grammar_for
 
 LLM_TASKS = ("completion", "chat")
 MAX_MESSAGES = 256
@@ -44,6 +45,28 @@ class SamplingInput(BaseModel):
             }
         ),
     ] = Field(default=None, max_length=4)
+
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description=(
+            "OpenAI's response_format: text, json_object or json_schema ({name, schema, strict}); the output is "
+            "generated inside the schema's grammar (schemas.structured; the llama.cpp runtime)."
+        ),
+    )
+
+    @field_validator("response_format")
+    @classmethod
+    def _format_compiles(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        try:
+            grammar_for(value)
+        except StructuredOutputError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+    @property
+    def grammar(self) -> str | None:
+        """The GBNF grammar of ``response_format`` (compiled once per schema), None when unconstrained."""
+        return grammar_for(self.response_format)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -104,5 +127,19 @@ class LlmCompletionRequest(CompletionInput, WireSafe):
         description="true: answer as server-sent events (event: delta {text}, then event: done with the reply event).",
     )
 
+    json_schema: dict[str, object] | None = Field(
+        default=None,
+        description="A JSON Schema the output must follow (response_format json_schema, shorter).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_schema_as_format(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("json_schema") is not None:
+            if data.get("response_format") is not None:
+                raise ValueError("give json_schema or response_format, not both")
+            data = {**data, "response_format": {"type": "json_schema", "json_schema": {"schema": data["json_schema"]}}}
+        return data
+
     def to_input(self) -> dict[str, object]:
-        return self.model_dump(exclude={"cache", "stream"}, exclude_none=True)
+        return self.model_dump(exclude={"cache", "stream", "json_schema"}, exclude_none=True)

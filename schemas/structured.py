@@ -38,11 +38,11 @@ class StructuredOutputError(ValueError):
 class JsonSchemaFormat(BaseModel):
     """``response_format.json_schema``, as OpenAI defines it."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
     name: str = Field(default="response", min_length=1, max_length=64)
     description: str | None = Field(default=None, max_length=4096)
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema", serialization_alias="schema")
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
@@ -77,7 +77,7 @@ def grammar_for(fmt: ResponseFormat | None) -> str | None:
 def _json_object_grammar() -> str:
     from llama_cpp.llama_grammar import JSON_GBNF
 
-    return JSON_GBNF.replace("root   ::= object", "root ::= object", 1)
+    return JSON_GBNF.replace("root   ::= object", "root ::= object", 1).strip() + "\n"
 
 
 @functools.lru_cache(maxsize=256)
