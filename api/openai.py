@@ -9,7 +9,9 @@ OpenAI's shapes for the fields that apply, so the official ``openai`` client wor
   one string), ``max_tokens`` / ``max_completion_tokens`` (1..``MAX_NEW_TOKENS``; default 100 for chat, 16
   for completions as OpenAI's), ``temperature`` (0..2, default 1), ``top_p`` (0..1], default 1), ``seed``
   (>= 0), ``stop`` (a string or up to 4), ``n`` (1 only), ``stream``, ``stream_options.include_usage``
-  (only with ``stream``), ``user`` (ignored).
+  (only with ``stream``), ``user`` (ignored), and vLLM's extensions that benchmarks send to fix output
+  lengths, as top-level fields: ``ignore_eos`` (default false) and ``min_tokens`` (0..``max_tokens``; more is
+  a 400 naming both, ``param`` ``min_tokens``).
 * ``POST /v1/embeddings`` -> the nlp task ``embed`` (L2-normalised vectors): ``input`` a string or a list of
   up to ``MAX_TEXTS`` strings (token arrays are refused), ``encoding_format`` float or base64 (little-endian
   float32, as OpenAI's), ``user`` (ignored).
@@ -110,6 +112,8 @@ class _Generation(_Strict):
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    ignore_eos: StrictBool | None = None  # vLLM's extension
+    min_tokens: int | None = Field(default=None, ge=0, le=MAX_NEW_TOKENS)  # vLLM's extension
 
     def check(self) -> None:
         """The rules between fields (``InvalidInputError``, OpenAI's 400, naming the field)."""
@@ -128,6 +132,8 @@ class _Generation(_Strict):
             "top_p": 1.0 if self.top_p is None else self.top_p,
             "seed": self.seed,
             "stop": self.stop,
+            "ignore_eos": bool(self.ignore_eos),
+            "min_tokens": self.min_tokens or 0,
         }
 
 
