@@ -131,6 +131,10 @@ PROMPT_SETS: dict[str, tuple[str, ...]] = {"short": PROMPTS, "long": long_prompt
 # --- pure parts -------------------------------------------------------------------------------------------
 
 
+class ServerUnavailable(RuntimeError):
+    """A server this bench would start is not there (llama-server not built, the GGUF missing): a skipped line."""
+
+
 class SloError(ValueError):
     """A ``--goodput`` spec that cannot be read; the message names it and what is expected."""
 
@@ -499,8 +503,8 @@ def aisemble_server() -> Iterator[str]:
 
 @contextlib.contextmanager
 def llama_server() -> Iterator[str]:
-    """llama.cpp's llama-server on the shipped GGUF (as ``bench.llm_server`` starts it); RuntimeError when the
-    binary is not built (``make llama-server``) or the GGUF is missing. Stopped by PID afterwards."""
+    """llama.cpp's llama-server on the shipped GGUF (as ``bench.llm_server`` starts it); :class:`ServerUnavailable`
+    when the binary is not built (``make llama-server``) or the GGUF is missing. Stopped by PID afterwards."""
     from bench.llm_server import (
         Tracked,
         _free_port,
@@ -513,7 +517,7 @@ def llama_server() -> Iterator[str]:
 
     binary, gguf = cached_binary(build_paths()), find_gguf()
     if binary is None or gguf is None:
-        raise RuntimeError("llama-server is not built (make llama-server) or the shipped GGUF is missing")
+        raise ServerUnavailable("llama-server is not built (make llama-server) or the shipped GGUF is missing")
     help_text = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60).stdout
     port = _free_port()
     log = Path(tempfile.mkdtemp(prefix="aisemble-bench-llm-serve-")) / "llama-server.log"
@@ -572,6 +576,8 @@ def run(
             with server as target:
                 out["lines"][name] = {"url": target, "points": sweep(target, sets, slos, duration, tokens, seed,
                                                                      model, f"{name} ")}  # fmt: skip
+        except ServerUnavailable as exc:
+            out["lines"][name] = {"skipped": str(exc)}
         except Exception as exc:  # noqa: BLE001 - one server that fails must not lose the others' figures
             out["lines"][name] = {"failed": f"{type(exc).__name__}: {exc}"[:3000]}
     return out

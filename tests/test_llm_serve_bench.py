@@ -185,3 +185,15 @@ def test_aisemble_bench_llm_refuses_bad_arguments_before_starting_anything(args:
     result = CliRunner().invoke(app, ["bench", "llm", *args])
     assert result.exit_code == 2
     assert says in " ".join(result.output.replace("│", " ").split())
+
+
+def test_summary_rows_show_the_table_or_why_there_is_none() -> None:
+    point = ls.point_figures([_timeline([0.1, 0.2], 0.3, 2)], 1.0, {}, 0.0, 2)
+    section = {"output_tokens": 2, "duration_s": 1.0, "slos": {}, "lines": {"aisemble": {"points": {"long": [
+        {"concurrency": 4, **point}]}}, "llama-server": {"skipped": "llama-server is not built"}}}  # fmt: skip
+    rows = "\n".join(ls.summary_rows({"llm_serve": section}))
+    assert rows.startswith("## 12.") and "| aisemble | long | c=4 |" in rows
+    assert "| llama-server | — | llama-server is not built |" in rows
+    failed = ls.summary_rows({"llm_serve": {"failed": "TimeoutError: edge not healthy"}})
+    assert "failed: TimeoutError: edge not healthy" in failed
+    assert "not run" in ls.summary_rows({})
