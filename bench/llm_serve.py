@@ -12,7 +12,9 @@ wall / CPUs) is reported with every point, as it shares the machine with the ser
 message, ``temperature`` 0, ``stream: true`` with ``stream_options.include_usage``, and vLLM's ``ignore_eos``
 with ``max_tokens`` = ``min_tokens`` = the output length (default :data:`OUTPUT_TOKENS`), so every answer is
 that long whatever the model would have said. Two prompt sets: ``short`` (``bench.samples_llm.PROMPTS``,
-one-line questions) and ``long`` (:func:`long_prompts`, a few hundred tokens of text each).
+one-line questions) and ``long`` (:func:`long_prompts`, a few hundred tokens of text each). Every request's
+message starts with its own number (:func:`unique_prompt`), so no server's prefix or prompt cache answers its
+prefill from an earlier request (as vLLM's random dataset): the figures are those of new conversations.
 
 Two kinds of load point:
 
@@ -257,6 +259,12 @@ def point_figures(
     }
 
 
+def unique_prompt(prompts: Sequence[str], i: int) -> str:
+    """Request ``i``'s message: prompt ``i`` of the cycled set, after the request's number, so that no two
+    requests share more than a few tokens of prefix (a prompt cache cannot skip their prefill)."""
+    return f"Request {i}. {prompts[i % len(prompts)]}"
+
+
 def chat_body(prompt: str, output_tokens: int, model: str) -> dict[str, object]:
     """One streamed, greedy request whose answer is exactly ``output_tokens`` long (vLLM's ``ignore_eos``)."""
     return {
@@ -338,7 +346,7 @@ class Load:
     model: str = "llm"
 
     def body(self, i: int) -> bytes:
-        return orjson.dumps(chat_body(self.prompts[i % len(self.prompts)], self.output_tokens, self.model))
+        return orjson.dumps(chat_body(unique_prompt(self.prompts, i), self.output_tokens, self.model))
 
 
 async def run_point(url: str, load: Load, slos: Mapping[str, float]) -> dict[str, Any]:

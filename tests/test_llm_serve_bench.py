@@ -197,3 +197,11 @@ def test_summary_rows_show_the_table_or_why_there_is_none() -> None:
     failed = ls.summary_rows({"llm_serve": {"failed": "TimeoutError: edge not healthy"}})
     assert "failed: TimeoutError: edge not healthy" in failed
     assert "not run" in ls.summary_rows({})
+
+
+def test_every_request_has_its_own_prompt_start_so_no_prompt_cache_skips_its_prefill() -> None:
+    load = ls.Load(ls.long_prompts(), 8, 1.0, concurrency=1)
+    messages = [orjson.loads(load.body(i))["messages"][0]["content"] for i in range(12)]
+    assert len(set(messages)) == 12
+    assert len({m.split(".")[0] for m in messages}) == 12  # distinct within the first words
+    assert messages[5].endswith(ls.long_prompts()[5 % 4])
