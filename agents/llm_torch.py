@@ -458,7 +458,8 @@ class LlmRunner:
         config.min_new_tokens = None
         config.min_length = 0
         config.pad_token_id = loaded.tokenizer.pad_token_id
-        config.eos_token_id = None if request.ignore_eos else sorted(self._eos_ids) or None
+        # ignore_eos: no EOS at all ([]: generate would take None as "unset" and fill in the model's own)
+        config.eos_token_id = [] if request.ignore_eos else sorted(self._eos_ids) or None
         if request.min_tokens and not request.ignore_eos:
             config.min_new_tokens = request.min_tokens  # EOS masked until then (vLLM's min_tokens does the same)
         config.num_beams = 1
