@@ -25,7 +25,8 @@ Two kinds of load point:
   ``--seed``), none waiting for another, as ``vllm bench serve --request-rate r``.
 
 Every point is bounded: each request by :data:`REQUEST_TIMEOUT_S`, the whole point by ``duration_s`` +
-:data:`DRAIN_S` (requests still running then are cancelled and counted in ``unfinished``).
+``drain_s`` (:data:`DRAIN_S`; 20 s in the quick profile, so make bench's section stays within about 3 minutes
+even when every point stalls): requests still running then are cancelled and counted in ``unfinished``.
 
 Per request, from a timeline of the SSE chunks (:func:`request_metrics`; times from the moment it was sent):
 
@@ -87,7 +88,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {"duration_s": 3.0, "output_tokens": 8, "sets": {"short": {"concurrency": [1], "rates": [1.0]}}},
     # quick: make bench's section (under ~2 minutes on 2 cores)
     "quick": {
-        "duration_s": 10.0, "output_tokens": 32,
+        "duration_s": 10.0, "output_tokens": 32, "drain_s": 20.0,
         "sets": {"short": {"concurrency": [1, 4], "rates": [0.5, 1.0]}, "long": {"concurrency": [4], "rates": []}},
     },
     # default: `aisemble bench llm` and `python bench/llm_serve.py` without a profile
@@ -344,6 +345,7 @@ class Load:
     rate: float | None = None
     seed: int = 0
     model: str = "llm"
+    drain_s: float = DRAIN_S
 
     def body(self, i: int) -> bytes:
         return orjson.dumps(chat_body(unique_prompt(self.prompts, i), self.output_tokens, self.model))
@@ -391,7 +393,7 @@ async def run_point(url: str, load: Load, slos: Mapping[str, float]) -> dict[str
                 await send(i)
 
             tasks = [asyncio.create_task(at(offset, i)) for i, offset in enumerate(schedule, start=1)]
-        _, pending = await asyncio.wait(tasks, timeout=load.duration_s + DRAIN_S)
+        _, pending = await asyncio.wait(tasks, timeout=load.duration_s + load.drain_s)
         for task in pending:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -419,6 +421,7 @@ def sweep(
     seed: int = 0,
     model: str = "llm",
     label: str = "",
+    drain_s: float = DRAIN_S,
 ) -> dict[str, Any]:
     """Every point of ``sets`` (``{prompt set: {"concurrency": [...], "rates": [...]}}``) against ``url``."""
     out: dict[str, Any] = {}
@@ -426,11 +429,11 @@ def sweep(
         prompts = PROMPT_SETS[name]
         results: list[dict[str, Any]] = []
         for c in points.get("concurrency", []):
-            load = Load(prompts, output_tokens, duration_s, concurrency=int(c), seed=seed, model=model)
+            load = Load(prompts, output_tokens, duration_s, int(c), None, seed, model, drain_s)
             results.append(asyncio.run(run_point(url, load, slos)))
             _progress(label, name, results[-1])
         for r in points.get("rates", []):
-            load = Load(prompts, output_tokens, duration_s, rate=float(r), seed=seed, model=model)
+            load = Load(prompts, output_tokens, duration_s, None, float(r), seed, model, drain_s)
             results.append(asyncio.run(run_point(url, load, slos)))
             _progress(label, name, results[-1])
         out[name] = results
@@ -557,6 +560,7 @@ def run(
     prof = PROFILES[profile]
     duration = float(duration_s if duration_s is not None else prof["duration_s"])
     tokens = int(output_tokens if output_tokens is not None else prof["output_tokens"])
+    drain = float(prof.get("drain_s", DRAIN_S))
     names = list(prompt_sets) if prompt_sets is not None else list(prof["sets"])
     unknown = [n for n in names if n not in PROMPT_SETS]
     if unknown:
@@ -570,7 +574,7 @@ def run(
         }
     out: dict[str, Any] = {
         "profile": profile, "path": PATH, "output_tokens": tokens, "duration_s": duration, "slos": slos,
-        "seed": seed, "sets": sets, "lines": {},
+        "drain_s": drain, "seed": seed, "sets": sets, "lines": {},
     }  # fmt: skip
     servers: list[tuple[str, Any]] = []
     if url is not None:
@@ -582,8 +586,8 @@ def run(
     for name, server in servers:
         try:
             with server as target:
-                out["lines"][name] = {"url": target, "points": sweep(target, sets, slos, duration, tokens, seed,
-                                                                     model, f"{name} ")}  # fmt: skip
+                points = sweep(target, sets, slos, duration, tokens, seed, model, f"{name} ", drain)
+                out["lines"][name] = {"url": target, "points": points}
         except ServerUnavailable as exc:
             out["lines"][name] = {"skipped": str(exc)}
         except Exception as exc:  # noqa: BLE001 - one server that fails must not lose the others' figures
