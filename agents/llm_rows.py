@@ -9,7 +9,14 @@ Guarantees (both engines, through ``advance``):
   (length), or at its first stop string (stop; the text is cut before it, ``tokens`` counts the tokens that
   spell it);
 - a streaming row's deltas concatenate to its final text: text that might still be the start of a stop string,
-  or half a UTF-8 character (U+FFFD at the end of the decoded text), is held back until it is known.
+  or half a UTF-8 character (U+FFFD at the end of the decoded text), is held back until it is known;
+- vLLM's ``ignore_eos`` and ``min_tokens`` (:func:`eos_ends`): with ``ignore_eos`` an EOS never ends a row;
+  with ``min_tokens`` an EOS ends it only after ``min_tokens`` other generated tokens, and a stop string only
+  when it ends in the text of generated token ``min_tokens`` or later (vLLM checks stops from then on). An EOS
+  that does not end a row is kept and counted in ``tokens`` (vLLM counts it too) but its text never appears:
+  ``Decode`` skips control tokens in both runtimes (``skip_special_tokens``, llama.cpp's pieces without
+  ``special``), as vLLM's detokenizer does by default. Neither runtime masks EOS out of the sampling as vLLM's
+  ``min_tokens`` does: a row may generate EOS and go on, which only a benchmark asks for.
 
 What can go wrong: ``decode`` raising propagates to the engine, which fails the row's pass.
 """
@@ -25,7 +32,7 @@ from agents.runner import Failure, Outcome
 from schemas import ErrorCode
 from schemas.llm import SamplingInput
 
-Decode = Callable[[Sequence[int]], str]
+Decode = Callable[[Sequence[int]], str]  # token ids -> text, control tokens (EOS) rendered as nothing
 
 
 def epoch_ms() -> float:
@@ -108,14 +115,28 @@ class StepEngine(Protocol):
 # -- output arithmetic shared with the static path (agents.llm_torch) ---------------------------------------
 
 
-def first_stop(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
-    """``(start, end)`` of the earliest stop string in ``text``, or ``None``."""
+def first_stop(text: str, stops: Sequence[str], after: int = 0) -> tuple[int, int] | None:
+    """``(start, end)`` of the earliest stop string in ``text`` that ends past character ``after``, or ``None``."""
     best: tuple[int, int] | None = None
     for stop in stops:
-        at = text.find(stop)
+        at = text.find(stop, max(0, after - len(stop) + 1))
         if at >= 0 and (best is None or at < best[0]):
             best = (at, at + len(stop))
     return best
+
+
+def eos_ends(token: int, generated: int, params: SamplingInput, eos_ids: frozenset[int]) -> bool:
+    """Whether ``token``, the row's ``generated``-th token, is an EOS that ends it (not under ``ignore_eos``,
+    nor before ``min_tokens`` other tokens)."""
+    return token in eos_ids and not params.ignore_eos and generated > params.min_tokens
+
+
+def stops_after(ids: Sequence[int], params: SamplingInput, decode: Decode) -> int:
+    """Characters of text a stop string must end past: the text of the first ``min_tokens - 1`` tokens (a stop
+    string counts once it ends in the text of token ``min_tokens`` or later); 0 without ``min_tokens``."""
+    if params.min_tokens <= 1:
+        return 0
+    return len(decode(ids[: params.min_tokens - 1]).rstrip("\ufffd"))
 
 
 def tokens_to_cover(ids: list[int], prefix: str, decode: Decode) -> int:
@@ -133,7 +154,8 @@ def tokens_to_cover(ids: list[int], prefix: str, decode: Decode) -> int:
 def finish_output(
     ids: list[int], params: SamplingInput, eos_ids: frozenset[int], decode: Decode, prompt_tokens: int
 ) -> dict[str, object]:
-    """The output dict of a row that generated ``ids``: cut at ``max_tokens``, EOS, or the first stop string.
+    """The output dict of a row that generated ``ids``: cut at ``max_tokens``, EOS, or the first stop string
+    (EOS and stop strings as ``ignore_eos`` and ``min_tokens`` allow: see the module docstring).
 
     ``tokens`` counts up to the cut: the EOS token when it ended the row, the tokens spelling the stop string
     when one did (the stop string itself is cut from ``text``).
@@ -142,12 +164,12 @@ def finish_output(
     finish = "length"
     body = kept
     for position, token in enumerate(kept):
-        if token in eos_ids:
+        if eos_ends(token, position + 1, params, eos_ids):
             kept, body, finish = kept[: position + 1], kept[:position], "stop"
             break
     text = decode(body)
     tokens = len(kept)
-    hit = first_stop(text, params.stop or [])
+    hit = first_stop(text, params.stop or [], stops_after(body, params, decode)) if params.stop else None
     if hit is not None:
         start, end = hit
         tokens = tokens_to_cover(body, text[:end], decode)
@@ -197,14 +219,18 @@ def advance(row: RowState, token: int, eos_ids: frozenset[int], decode: Decode, 
     row.generated.append(token)
     request = row.request
     params = request.params
-    done = token in eos_ids or len(row.generated) >= params.max_tokens
+    count = len(row.generated)
+    done = count >= params.max_tokens or eos_ends(token, count, params, eos_ids)
     if not done and not request.stream and not params.stop:
         return False  # the common case: nothing to decode
-    stops = params.stop or []
+    stops = (params.stop or []) if count >= params.min_tokens else []  # none counts before min_tokens (vLLM)
     text: str | None = None
     if not done and request.stream:
         text = decode(row.generated)  # the whole text: deltas are cut from it
-        done = first_stop(text, stops) is not None
+        done = bool(stops) and first_stop(text, stops, stops_after(row.generated, params, decode)) is not None
+    elif not done and stops and params.min_tokens > 1:
+        text = decode(row.generated)  # a stop string must end past the first min_tokens - 1 tokens' text
+        done = first_stop(text, stops, stops_after(row.generated, params, decode)) is not None
     elif not done and stops:
         # Only a tail long enough to hold the longest stop string (UTF-8 is <= 4 bytes a character): a stop
         # string ends in the tokens of the step that completes it, so no earlier one can be missed.
@@ -217,7 +243,7 @@ def advance(row: RowState, token: int, eos_ids: frozenset[int], decode: Decode, 
         report.finished.append(Finished(row.key, outcome, tuple(row.generated)))
         return True
     if request.stream and text is not None:
-        safe = text[: len(text) - held_back(text, stops)]
+        safe = text[: len(text) - held_back(text, params.stop or [])]  # before min_tokens too: it may count later
         _delta(row, safe, len(row.generated), report)
     return False
 

@@ -27,7 +27,10 @@ Grouping rule (``plan_groups``), which is what makes outputs reproducible:
 - seeded sampled requests each run ALONE, under ``torch.manual_seed(seed)`` inside ``fork_rng``: in a
   shared batch the rows would consume one random stream, so a row's text would depend on its
   neighbours. Alone, the same request gives the same text in any batch;
-- unseeded sampled requests are grouped by ``(temperature, top_p)``; they promise nothing.
+- unseeded sampled requests are grouped by ``(temperature, top_p)``; they promise nothing;
+- rows with vLLM's ``ignore_eos`` or ``min_tokens`` group apart by those two: their group's ``generate`` has
+  no EOS (``ignore_eos``) or masks it until ``min_new_tokens`` (``min_tokens``); ``RowStops`` matches no stop
+  string before ``min_tokens``, and the cut is ``agents.llm_rows.finish_output``'s, as the engines'.
 Groups are split to at most ``settings.llm.max_batch`` rows. Sampling uses exactly ``temperature``
 and ``top_p`` (top-k is switched off); other generation defaults of the model (e.g. a repetition
 penalty in a hub model's ``generation_config.json``) still apply. The seeded path draws from torch's
@@ -73,7 +76,14 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from agents.llm_engine import DecodeEngine, EngineUnsupported, RowRequest, deadline_failure, finish_output
+from agents.llm_engine import (
+    DecodeEngine,
+    EngineUnsupported,
+    RowRequest,
+    deadline_failure,
+    finish_output,
+    first_stop,
+)
 from agents.llm_model import LoadedModel, ModelSpec, ensure_local, load_model, model_spec
 from agents.runner import Failure, Item, Outcome, parse_input, unknown_task
 from schemas import ErrorCode
@@ -88,12 +98,16 @@ _STOP_WINDOW_SLACK = 2  # tokens decoded beyond 4 per stop-string character (UTF
 
 
 def group_key(request: SamplingInput, index: int) -> tuple[object, ...]:
-    """The generation group of one request (see the module docstring for the rule)."""
+    """The generation group of one request (see the module docstring for the rule); rows with ``ignore_eos`` or
+    ``min_tokens`` group apart by those two (``generate``'s EOS settings are the group's)."""
+    fixed: tuple[object, ...] = (
+        ("fixed", request.ignore_eos, request.min_tokens) if request.ignore_eos or request.min_tokens else ()
+    )
     if request.temperature == 0.0:
-        return ("greedy",)
+        return ("greedy", *fixed)
     if request.seed is not None:
-        return ("seeded", index)
-    return ("sample", request.temperature, request.top_p)
+        return ("seeded", index, *fixed)
+    return ("sample", request.temperature, request.top_p, *fixed)
 
 
 def plan_groups(requests: Sequence[SamplingInput], max_batch: int) -> list[list[int]]:
@@ -132,8 +146,10 @@ class RowStops(StoppingCriteria):
         deadlines: Sequence[float | None] | None = None,
         eos_ids: frozenset[int] = frozenset(),
         clock_ms: Callable[[], float] = epoch_ms,
+        min_tokens: Sequence[int] | None = None,
     ) -> None:
         self._prompt_len = prompt_len
+        self._min_tokens = list(min_tokens) if min_tokens is not None else [0] * len(max_tokens)
         self._max_tokens = list(max_tokens)
         self._stops = [list(s) for s in stops]
         self._windows = [4 * max((len(s) for s in row), default=0) + _STOP_WINDOW_SLACK for row in stops]
@@ -160,11 +176,17 @@ class RowStops(StoppingCriteria):
                 reason = "eos"  # generate finished the row itself; noted so a deadline cannot claim it
             elif generated >= self._max_tokens[row]:
                 reason = "length"
-            elif self._stops[row] and generated > 0:
-                start = max(self._prompt_len, input_ids.shape[1] - self._windows[row])
-                tail = self._decode(input_ids[row, start:].tolist())
-                if any(stop in tail for stop in self._stops[row]):
-                    reason = "stop"
+            elif self._stops[row] and generated > 0 and generated >= self._min_tokens[row]:
+                if self._min_tokens[row] > 1:  # a stop string must end past the first min_tokens - 1 tokens' text
+                    ids = input_ids[row, self._prompt_len :].tolist()
+                    after = len(self._decode(ids[: self._min_tokens[row] - 1]).rstrip("\ufffd"))
+                    if first_stop(self._decode(ids), self._stops[row], after) is not None:
+                        reason = "stop"
+                else:
+                    start = max(self._prompt_len, input_ids.shape[1] - self._windows[row])
+                    tail = self._decode(input_ids[row, start:].tolist())
+                    if any(stop in tail for stop in self._stops[row]):
+                        reason = "stop"
             deadline = self._deadlines[row]
             if reason is None and deadline is not None:
                 now = self._clock_ms() if now is None else now
@@ -411,8 +433,9 @@ class LlmRunner:
             [r.request.stop or [] for r in rows],
             self._decode,
             deadlines=[r.deadline_ms for r in rows],
-            eos_ids=self._eos_ids,
+            eos_ids=frozenset() if first.ignore_eos else self._eos_ids,
             clock_ms=self._clock_ms,
+            min_tokens=[r.request.min_tokens for r in rows],
         )
         config = self._generation_config(loaded, first, max(r.request.max_tokens for r in rows))
         seed = first.seed if first.temperature > 0.0 and len(rows) == 1 else None
@@ -441,7 +464,10 @@ class LlmRunner:
         config.min_new_tokens = None
         config.min_length = 0
         config.pad_token_id = loaded.tokenizer.pad_token_id
-        config.eos_token_id = sorted(self._eos_ids) or None
+        # ignore_eos: no EOS at all ([]: generate would take None as "unset" and fill in the model's own)
+        config.eos_token_id = [] if request.ignore_eos else sorted(self._eos_ids) or None
+        if request.min_tokens and not request.ignore_eos:
+            config.min_new_tokens = request.min_tokens  # EOS masked until then (vLLM's min_tokens does the same)
         config.num_beams = 1
         if request.temperature == 0.0:
             config.do_sample = False

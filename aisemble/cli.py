@@ -6,6 +6,7 @@ aisemble agent SERVICE        one service's agent (data, nlp, llm, vision)
 aisemble infra up|down|status the local Kafka (KRaft) and Redis
 aisemble schemas export|check the JSON Schema files of the wire contract
 aisemble monitor              the brief's performance monitor: latency and success per endpoint
+aisemble bench llm            TTFT, ITL, TPOT, e2e, tokens/s and goodput of the LLM (bench/llm_serve.py)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ app.add_typer(infra_app, name="infra")
 app.add_typer(schemas_app, name="schemas")
 topics_app = typer.Typer(no_args_is_help=True, help="Create aisemble's topics (the broker creates none on demand).")
 app.add_typer(topics_app, name="topics")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (the bench extra's drivers, run from a checkout).")
+app.add_typer(bench_app, name="bench")
 app.command("lag")(lag_cmd.lag)  # aisemble/lag_cmd.py
 app.command("monitor")(monitor.monitor)  # aisemble/monitor.py
 
@@ -247,6 +250,54 @@ def run(
         pipeline.stop()
         if local is not None:
             local.stop()  # only what this command started
+
+
+@bench_app.command("llm")
+def bench_llm(
+    url: Annotated[
+        str | None, typer.Option(help="An OpenAI-compatible server; default: an isolated pipeline with the llm agent.")
+    ] = None,
+    goodput: Annotated[
+        list[str] | None,
+        typer.Option(help="SLOs in ms, METRIC:MS (ttft, tpot, itl, e2el): 'ttft:500 tpot:100', or repeat the option."),
+    ] = None,
+    concurrency: Annotated[str | None, typer.Option(help="Fixed-concurrency points, e.g. 1,4,8.")] = None,
+    rates: Annotated[str | None, typer.Option(help="Poisson request rates in req/s, e.g. 0.5,1; '' for none.")] = None,
+    duration: Annotated[float | None, typer.Option(help="Seconds per load point.")] = None,
+    output_tokens: Annotated[int | None, typer.Option(help="Tokens per answer (ignore_eos); default 64.")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Prompt sets: short, long or short,long.")] = None,
+    profile: Annotated[str, typer.Option(help="Points and durations: smoke, quick or default.")] = "default",
+    with_llama_server: Annotated[bool, typer.Option(help="Measure llama.cpp's llama-server too (if built).")] = False,
+    out: Annotated[Path | None, typer.Option(help="Directory of llm_serve.json (default bench/results).")] = None,
+) -> None:
+    """The LLM through the streaming /v1/chat/completions in the field's terms (vllm bench serve, AIPerf):
+    TTFT, ITL, TPOT, e2e latency (p50/p90/p99), output tokens/s and goodput, at fixed concurrency and Poisson
+    request rates; prints the table and writes llm_serve.json. Needs a source checkout (bench/)."""
+    try:
+        from bench import llm_serve
+        from bench.common import RESULTS, write_result
+    except ImportError as exc:
+        typer.echo(f"aisemble: the benchmarks need a source checkout (bench/): {exc}", err=True)
+        raise typer.Exit(2) from None
+    if profile not in llm_serve.PROFILES:
+        raise typer.BadParameter(f"unknown profile {profile!r}; expected one of {', '.join(llm_serve.PROFILES)}")
+    specs = [part for spec in goodput or llm_serve.DEFAULT_SLOS for part in spec.replace(",", " ").split()]
+    try:
+        llm_serve.parse_slos(specs)
+        points, per_s = llm_serve.int_list(concurrency), llm_serve.float_list(rates)
+        sets = None if prompts is None else [p.strip() for p in prompts.split(",") if p.strip()]
+        for name in sets or []:
+            if name not in llm_serve.PROMPT_SETS:
+                raise ValueError(f"unknown prompt set {name!r}; expected {', '.join(llm_serve.PROMPT_SETS)}")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    result = llm_serve.run(
+        url, profile, specs, points, per_s, duration, output_tokens,
+        sets, with_llama_server=with_llama_server,
+    )  # fmt: skip
+    path = write_result("llm_serve", result, out or RESULTS)
+    typer.echo(llm_serve.table(result))
+    typer.echo(f"-> {path}")
 
 
 from aisemble import streams_cmd  # noqa: E402  (produce, record, replay)

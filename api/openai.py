@@ -12,6 +12,9 @@ OpenAI's shapes for the fields that apply, so the official ``openai`` client wor
   (only with ``stream``), ``user`` (ignored), ``response_format`` (``text``, ``json_object``, ``json_schema``:
   the output is decoded inside the schema's grammar, ``schemas.structured``; a schema that cannot be compiled
   is a 400 naming ``response_format`` before anything is queued).
+  (only with ``stream``), ``user`` (ignored), and vLLM's extensions that benchmarks send to fix output
+  lengths, as top-level fields: ``ignore_eos`` (default false) and ``min_tokens`` (0..``max_tokens``; more is
+  a 400 naming both, ``param`` ``min_tokens``).
 * ``POST /v1/embeddings`` -> the nlp task ``embed`` (L2-normalised vectors): ``input`` a string or a list of
   up to ``MAX_TEXTS`` strings (token arrays are refused), ``encoding_format`` float or base64 (little-endian
   float32, as OpenAI's), ``user`` (ignored).
@@ -114,6 +117,8 @@ class _Generation(_Strict):
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     response_format: ResponseFormat | None = None
+    ignore_eos: StrictBool | None = None  # vLLM's extension
+    min_tokens: int | None = Field(default=None, ge=0, le=MAX_NEW_TOKENS)  # vLLM's extension
 
     def check(self) -> None:
         """The rules between fields (``InvalidInputError``, OpenAI's 400, naming the field)."""
@@ -133,6 +138,8 @@ class _Generation(_Strict):
             "seed": self.seed,
             "stop": self.stop,
             "response_format": None if self.response_format is None else self.response_format.model_dump(),
+            "ignore_eos": bool(self.ignore_eos),
+            "min_tokens": self.min_tokens or 0,
         }
 
 

@@ -36,6 +36,10 @@ under bench/results/smoke/, git-ignored). Sections (numbers as in issue #10):
 11. LLM against llama.cpp's C++ ``llama-server`` (``bench.llm_server``): the same GGUF, /v1/chat/completions,
    greedy, 32 tokens, 1 and 8 clients, one server at a time; skipped, with the reason, until
    ``make llama-server`` has built it (``make bench`` does).
+12. LLM serving figures in the field's terms (``bench.llm_serve``, a pipeline of its own with only the llm
+   agent): TTFT, ITL, TPOT, e2e (p50/p90/p99), output tokens/s and goodput (TTFT <= 500 ms, TPOT <= 100 ms)
+   through the streaming /v1/chat/completions, fixed concurrency and Poisson request rates, output lengths
+   fixed by ``ignore_eos`` (quick: about 2 minutes).
 
 What can go wrong: Kafka and Redis are started when they do not answer (and stopped only if started
 here); every process started is stopped by PID (Ray's processes included, checked afterwards). A
@@ -85,6 +89,7 @@ from bench.common import (
 from bench.edge_cost import run as edge_cost
 from bench.floor import FLOOR_RATE_DEFAULT, run_floor
 from bench.kafka_direct import direct, fairness
+from bench.llm_serve import run as llm_serve_run
 from bench.llm_server import compare as llm_server_compare
 from bench.llm_stream import streaming
 from bench.model_limit import llm_greedy
@@ -686,6 +691,9 @@ def main() -> None:
                           profile_dir=out_dir / "profile"),
     )  # fmt: skip
     section("11. LLM vs llama.cpp's llama-server", result, "llm_server", lambda: llm_server_compare(name))
+    serve_profile = {"full": "default"}.get(name, name)  # smoke, quick; full: the bench's own default sweep
+    section("12. LLM serving figures (TTFT/ITL/TPOT/goodput)", result, "llm_serve",
+            lambda: llm_serve_run(profile=serve_profile))  # fmt: skip
     section(
         "9b. LLM continuous vs static batching",
         result,

@@ -1,18 +1,23 @@
 """LLM service (``llm``): text completion.
 
-Task ``completion``: input ``{"prompt", "max_tokens", "temperature", "top_p", "seed", "stop"}``,
-output ``{"text", "tokens", "finish_reason", "prompt_tokens"}``.
+Task ``completion``: input ``{"prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos",
+"min_tokens"}``, output ``{"text", "tokens", "finish_reason", "prompt_tokens"}``.
 
 Task ``chat``: input ``{"messages": [{"role", "content"}, ...], "max_tokens", "temperature", "top_p", "seed",
-"stop"}``; the agent renders the messages with the model's chat template (generation prompt added) and
-completes that; output as ``completion``.
+"stop", "ignore_eos", "min_tokens"}``; the agent renders the messages with the model's chat template (generation
+prompt added) and completes that; output as ``completion``.
+
+``ignore_eos`` and ``min_tokens`` are vLLM's extensions, which benchmarks (``vllm bench serve``, AIPerf) send to
+fix output lengths: with ``ignore_eos`` an end-of-sequence token does not end the row (it ends at
+``max_tokens`` or a stop string); with ``min_tokens`` neither an EOS nor a stop string ends it before
+``min_tokens`` generated tokens. ``min_tokens > max_tokens`` is refused, naming both.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
 
 from schemas.http import JsonInt, WireSafe
 from schemas.structured import ResponseFormat, StructuredOutputError, grammar_for
@@ -45,6 +50,15 @@ class SamplingInput(BaseModel):
             }
         ),
     ] = Field(default=None, max_length=4)
+    ignore_eos: bool = Field(
+        default=False, description="true: an end-of-sequence token does not end the output (vLLM's extension)."
+    )
+    min_tokens: JsonInt = Field(
+        default=0,
+        ge=0,
+        le=MAX_NEW_TOKENS,
+        description="Neither EOS nor a stop string ends the output before this many generated tokens (vLLM's).",
+    )
 
     response_format: ResponseFormat | None = Field(
         default=None,
@@ -78,6 +92,14 @@ class SamplingInput(BaseModel):
     def _stop_not_empty(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and any(not s for s in value):
             raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_within_max(cls, value: int, info: ValidationInfo) -> int:
+        max_tokens = info.data.get("max_tokens")
+        if isinstance(max_tokens, int) and value > max_tokens:
+            raise ValueError(f"min_tokens ({value}) must not exceed max_tokens ({max_tokens})")
         return value
 
     @property

@@ -273,6 +273,36 @@ def test_stop_string_cut_and_stream_deltas_concatenate_to_the_final_text(runner:
     assert sum(d.tokens for d in plain) == _ok(finished["plain"])["tokens"]
 
 
+def test_ignore_eos_runs_a_quickly_ending_prompt_to_max_tokens_and_min_tokens_past_its_eos(
+    runner: LlamaRunner,
+) -> None:
+    eos = runner.weights().eos_ids
+    plain, _ = _run(runner.make_engine(), {0: [_row(runner, "plain", "Hi", max_tokens=40)]})
+    ended = _ok(plain["plain"])
+    assert ended["finish_reason"] == "stop" and int(str(ended["tokens"])) < 40, ended
+    assert plain["plain"].ids[-1] in eos
+    rows = [
+        _row(runner, "forced", "Hi", True, max_tokens=40, ignore_eos=True),
+        _row(runner, "forced-quiet", "Hi", False, max_tokens=40, ignore_eos=True),
+        _row(runner, "min", "Hi", False, max_tokens=40, min_tokens=len(plain["plain"].ids) + 2),
+    ]
+    finished, reports = _run(runner.make_engine(), {0: rows})
+    forced = _ok(finished["forced"])
+    assert (forced["finish_reason"], forced["tokens"], len(finished["forced"].ids)) == ("length", 40, 40)
+    assert finished["forced"].ids[: len(plain["plain"].ids)] == plain["plain"].ids  # greedy: it went on past EOS
+    assert str(forced["text"]).startswith(str(ended["text"]))
+    assert eos & set(finished["forced"].ids), "the row generated no EOS to go past"
+    assert "<|im_end|>" not in str(forced["text"]) and "<|endoftext|>" not in str(forced["text"])  # EOS unseen
+    assert _ok(finished["forced-quiet"]) == forced
+    deltas = [d for r in reports for d in r.deltas if d.key == "forced"]
+    assert "".join(d.text for d in deltas) == forced["text"] and sum(d.tokens for d in deltas) == 40
+    at_least = _ok(finished["min"])
+    assert int(str(at_least["tokens"])) > len(plain["plain"].ids) + 2 or at_least["finish_reason"] == "length"
+    static = runner.run_batch([Item("completion", {"prompt": "Hi", "max_tokens": 40, "temperature": 0,
+                                                   "ignore_eos": True})])[0]  # fmt: skip
+    assert static == forced
+
+
 def test_deadline_and_cancel_stop_a_row_and_the_others_go_on(
     runner: LlamaRunner, reference: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

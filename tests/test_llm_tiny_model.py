@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from agents import llm_model
 from agents.llm import LlmRunner, build_runner, plan_groups
 from agents.llm_model import ModelUnavailableError, resolve_device, resolve_dtype
+from agents.llm_rows import RowRequest
 from agents.runner import Failure, Item
 from schemas.llm import CompletionInput
 from streams.settings import LlmSettings, Settings
@@ -214,6 +215,31 @@ def test_eos_finishes_with_stop(tmp_path: Path) -> None:
     out = _ok(runner.run_batch([_item("Paris", max_tokens=5, temperature=0)])[0])
     prompt_tokens = len(runner._ready().tokenizer("Paris")["input_ids"])
     assert out == {"text": "", "tokens": 1, "finish_reason": "stop", "prompt_tokens": prompt_tokens}
+
+
+def test_ignore_eos_and_min_tokens_go_past_eos_in_generate_and_in_the_step_engine(tmp_path: Path) -> None:
+    folder = _save_model(tmp_path / "eos-model", zero_head=True)  # EOS (id 0) is every step's greedy pick
+    runner = build_runner(_settings(folder, tmp_path / "cache", chat_template=False))
+    fields = [{"ignore_eos": True}, {"min_tokens": 3}, {}]
+    static = [
+        _ok(o) for o in runner.run_batch([_item("Paris", max_tokens=5, temperature=0, **f) for f in fields])
+    ]  # three generation groups: generate without EOS, generate with min_new_tokens, the plain one
+    engine = runner.make_engine()
+    loaded = runner._ready()
+    for key, f in enumerate(fields):
+        request = CompletionInput.model_validate({"prompt": "Paris", "max_tokens": 5, "temperature": 0, **f})
+        engine.add(RowRequest(str(key), runner._encode(loaded, request), request))
+    stepped: dict[str, object] = {}
+    for _ in range(20):
+        stepped.update({done.key: done.outcome for done in engine.step().finished})
+        if len(stepped) == len(fields):
+            break
+    prompt_tokens = static[2]["prompt_tokens"]
+    assert static[2] == {"text": "", "tokens": 1, "finish_reason": "stop", "prompt_tokens": prompt_tokens}
+    assert static[0] == {"text": "", "tokens": 5, "finish_reason": "length", "prompt_tokens": prompt_tokens}
+    # generate masks EOS for 3 tokens (as vLLM does); the step engine keeps the 3 EOS it drew: both end at token 4
+    assert static[1] == {"text": "", "tokens": 4, "finish_reason": "stop", "prompt_tokens": prompt_tokens}
+    assert [stepped[str(key)] for key in range(3)] == static
 
 
 def test_prompt_is_truncated_from_the_start(tiny_dir: Path, tmp_path: Path) -> None:
