@@ -100,16 +100,16 @@ _backend_ready = False
 
 
 def default_threads() -> int:
-    """Threads of llama.cpp when ``llm.threads`` is unset: the cores this process may use, at most 8 (llama.cpp's
-    own default is the physical cores). Through the pipeline on 2 cores, 2 threads gave 86-91 tokens/s for one
-    sequence where 1 thread gave 56-58 (once every computation ran on one calling thread: ``LlamaRunner``). Set
-    ``llm.threads`` lower where other agents keep the same cores busy: llama.cpp's threads meet at a barrier per
-    operation, and one that is descheduled stalls the others."""
+    """Threads of llama.cpp when ``llm.threads`` is unset: the cores this process may use minus one, at least 1,
+    at most 8. llama.cpp's threads meet at a barrier per operation, and one that is descheduled stalls the
+    others: through the pipeline on 2 cores, 2 threads gave 86-91 tokens/s for one sequence on a quiet machine
+    (1 thread: 56-58), but 6-17 tokens/s with stalls of 11 s while another process kept a core busy, where 1
+    thread held 57-60. Set ``llm.threads`` to the core count on a machine the LLM has to itself."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_DEFAULT_THREADS))
+    return max(1, min(cores - 1, MAX_DEFAULT_THREADS))
 
 
 def _bindings() -> Any:

@@ -67,7 +67,7 @@ class LlmSettings(ServiceSettings):
     threads: int | None = Field(
         default=None,
         ge=1,
-        description="CPU threads of the model; None: torch's default, for llama.cpp the usable cores (1 to 8).",
+        description="CPU threads of the model; None: torch's default, for llama.cpp the usable cores - 1 (1 to 8).",
     )
     model: str = Field(
         default="", description="HF causal LM name or path; empty = shipped SmolLM2-135M-Instruct."

@@ -85,10 +85,21 @@ def test_targets_met_not_met_and_no_figure() -> None:
 
     rows = lb.target_rows(section(90.0, 100.0, 99.0))
     assert [met for _, _, met in rows] == [True, False]  # 0.90x >= 0.9 met; 0.99x < 1 not met
-    assert rows[0][1] == "90.0 / 100.0 (llama-server -t 1) = 0.90x"
+    assert rows[0][1] == "90.0 (aisemble (default threads)) / 100.0 (llama-server -t 1) = 0.90x"
     assert [met for _, _, met in lb.target_rows(section(89.0, 100.0, 100.0))] == [False, True]
     assert [met for _, _, met in lb.target_rows(section(89.0, 100.0, None))][1] is None
     assert [met for _, _, met in lb.target_rows({"llm_server": {"skipped": "x"}})] == [None, None]
+    # aisemble at 2 threads faster than at its default: the faster one is compared, named
+    both = section(60.0, 100.0, 99.0)
+    both["llm_server"]["aisemble_t2"] = {"points": [{"clients": 1, "tokens_per_s": 95.0}]}  # type: ignore[index]
+    both["llm_server"]["aisemble_best"] = lb.best_reference(both["llm_server"], list(lb.AISEMBLE_LINES))  # type: ignore[index,arg-type]
+    rows = lb.target_rows(both)
+    assert rows[0][1] == "95.0 (aisemble, AISEMBLE_LLM__THREADS=2) / 100.0 (llama-server -t 1) = 0.95x"
+    assert rows[0][2] is True and rows[1][2] is False
+    assert lb.best_ratios(both["llm_server"]["aisemble_best"], both["llm_server"]["reference"]) == {
+        "1": 0.95,
+        "8": 0.99,
+    }  # type: ignore[index,arg-type]
 
 
 def test_summary_rows_show_each_line_and_a_skipped_line_with_its_reason() -> None:
@@ -110,7 +121,7 @@ def test_summary_rows_show_each_line_and_a_skipped_line_with_its_reason() -> Non
     )
     assert "| llama-server -t 2 | 1 | 80.0 | 1.2 | 800.0 | 900.0 | 0 | 1.00x |" in md
     assert "| llama-server -t 1 | failed: TimeoutError: no /health |" in md
-    assert "| aisemble | 1 | 40.0 | 1.2 | 800.0 | 900.0 | 0 | 0.50x | 1.0% | 90.0% |" in md
+    assert "| aisemble (default threads) | 1 | 40.0 | 1.2 | 800.0 | 900.0 | 0 | 0.50x | 1.0% | 90.0% |" in md
     assert "| llama-cpp-python server | skipped: llama_cpp.server does not import |" in md
     assert lb.summary_rows({"llm_server": {"skipped": "no gguf"}})[-2] == "skipped: no gguf"
 
