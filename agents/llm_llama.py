@@ -252,10 +252,14 @@ class _Row(RowState):
 class _Constraint:
     """A row's grammar as llama.cpp's grammar sampler: which tokens may come next (structured outputs).
 
-    ``choose`` picks the row's next token inside the grammar: a greedy row first asks whether its argmax is
-    allowed (one candidate: the common case inside a JSON string or number costs next to nothing) and only
-    otherwise masks the whole vocabulary; a sampled row always draws from the masked logits. Each chosen
-    token is accepted into the grammar's state. Used on the engine's thread only; ``close`` frees it."""
+    ``choose`` picks the row's next token inside the grammar: a row first asks whether the token it would take
+    unconstrained (its argmax, or its draw) is allowed (one candidate: the common case inside a JSON string or
+    number costs next to nothing) and only otherwise masks the whole vocabulary and takes the masked argmax, or
+    draws again from the masked distribution. For a sampled row that is rejection sampling: a draw from p kept
+    when allowed, else a draw from p restricted to the allowed set, is a draw from that restricted set with
+    probabilities p(t) / p(allowed), exactly the masked distribution (with ``top_p`` below 1 the first draw's
+    nucleus is the unconstrained one, as in llama.cpp's own sampler). Each chosen token is accepted into the
+    grammar's state. Used on the engine's thread only; ``close`` frees it."""
 
     def __init__(self, lib: Any, vocab: Any, grammar: str, n_vocab: int) -> None:
         self._lib = lib
@@ -274,7 +278,9 @@ class _Constraint:
             if not self._allows(token):
                 token = int(self._masked(logits).argmax())
         else:
-            token = _sample(self._masked(logits), row)
+            token = _sample(logits, row)
+            if not self._allows(token):
+                token = _sample(self._masked(logits), row)
         self._lib.llama_sampler_accept(self._sampler, token)
         return token
 
