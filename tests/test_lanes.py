@@ -1,0 +1,157 @@
+"""Priority lanes against the real broker, Redis and agent process (streams.batching.BulkLane, streams.app's
+topic pause): a slow data agent (``tests.fault_runners:slow_data``, 0.1 s per batch of at most 16) with a bulk
+backlog produced Kafka-direct to ``{prefix}.data.bulk``.
+
+* interactive requests through the edge are answered while the bulk backlog is still large, each within about
+  two batches: few bulk replies are written between an interactive request and its answer (FIFO, it would
+  wait behind every bulk event buffered between the broker and the model, 64 and more here);
+* under a flood of interactive events that fills every batch, bulk still advances (its min share);
+* every event of both lanes is answered exactly once (no faults here: no redelivery either).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from aisemble.pipeline import Pipeline
+from streams.settings import Settings
+from streams.topics import service_topics
+from tests.kafka_client import RawClient
+
+pytestmark = pytest.mark.integration
+
+BULK = 1500  # at most 16 per 0.1 s batch: >= 9 s of backlog
+FLOOD = 600  # interactive events that keep every batch full of interactive work for a while
+BATCH_S = 0.1
+MAX_BATCH = 16
+MIN_SHARE = 0.25  # 4 bulk slots of 16 under a full interactive load
+
+
+@pytest.fixture
+def pipeline(infra_settings: Settings, tmp_path: Path) -> Iterator[Pipeline]:
+    p = Pipeline.isolated(
+        infra_settings,
+        ["data"],
+        tmp_path,
+        AISEMBLE_DATA__MAX_BATCH=str(MAX_BATCH),
+        AISEMBLE_DATA__BULK_MIN_SHARE=str(MIN_SHARE),
+        AISEMBLE_TEST_BATCH_S=str(BATCH_S),
+    )
+    p.add_agent("data", "--runner", "tests.fault_runners:slow_data")
+    p.spawn_edge()
+    try:
+        yield p.wait_healthy()
+    finally:
+        p.stop()
+
+
+class Replies:
+    """Reads a reply topic from its start in the background: how many times each id was answered, and when."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.settings, self.topic = settings, topic
+        self.count: Counter[str] = Counter()
+        self.stamp_ms: dict[str, int] = {}  # the reply record's timestamp (the agent's producer clock)
+
+    def answered(self, prefix: str) -> int:
+        return sum(1 for rid in self.count if rid.startswith(prefix))
+
+    def answered_between(self, prefix: str, start_ms: int, end_ms: int) -> int:
+        return sum(1 for rid, ms in self.stamp_ms.items() if rid.startswith(prefix) and start_ms <= ms <= end_ms)
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tp = TopicPartition(self.topic, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            while True:
+                for records in (await consumer.getmany(timeout_ms=100)).values():
+                    for r in records:
+                        rid = str(orjson.loads(r.value or b"{}")["id"])
+                        self.count[rid] += 1
+                        self.stamp_ms.setdefault(rid, r.timestamp)
+        finally:
+            await consumer.stop()
+
+
+def _event(rid: str, reply_to: str) -> bytes:
+    return orjson.dumps({"id": rid, "task": "analyze", "input": {"records": [{"v": 1.0, "id": rid}]},
+                         "reply_to": reply_to, "cache": False})  # fmt: skip
+
+
+async def _wait_for(predicate: object, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_interactive_goes_first_bulk_keeps_its_share_and_both_lanes_are_answered_once(
+    pipeline: Pipeline,
+) -> None:
+    topics = service_topics(pipeline.prefix, "data")
+    async with RawClient(pipeline.settings) as client, httpx.AsyncClient(base_url=pipeline.url, timeout=60) as http:
+        replies = Replies(pipeline.settings, client.reply_topic)
+        reading = asyncio.create_task(replies.run())
+        try:
+            bulk_ids = [f"b{n}-{uuid.uuid4().hex[:6]}" for n in range(BULK)]
+            sends = [await client.producer.send(topics.bulk, _event(rid, client.reply_topic), key=rid.encode())
+                     for rid in bulk_ids]  # fmt: skip
+            await asyncio.gather(*sends)
+            await _wait_for(lambda: replies.answered("b") >= 2 * MAX_BATCH, 60)  # the agent is in the backlog
+
+            # 1. Interactive through the edge, one after another: each answered long before the backlog drains.
+            latencies, windows = [], []
+            for n in range(10):
+                payload = {"operation": "analyze", "data": {"records": [{"v": float(n), "id": uuid.uuid4().hex}]}}
+                started, started_ms = time.monotonic(), int(time.time() * 1000)
+                response = await http.post("/data/process", json=payload)
+                latencies.append(time.monotonic() - started)
+                windows.append((started_ms, int(time.time() * 1000)))
+                assert response.status_code == 200, response.text
+            backlog_left = BULK - replies.answered("b")
+            await asyncio.sleep(0.5)  # the reader has caught up with the replies of the windows
+            ahead = [replies.answered_between("b", start, end) for start, end in windows]
+            # In front of the bulk lane: the batch in hand and the one it joins (<= 31 bulk), with a batch to spare.
+            assert max(ahead) <= 3 * MAX_BATCH, ahead
+            # Behind the backlog one would wait seconds (>= 1,500 / 16 x 0.1 s in all); in front, ~1-2 batches.
+            assert max(latencies) < 3.0, latencies
+            assert backlog_left > BULK // 3, f"the backlog drained first ({backlog_left} left)"
+
+            # 2. A flood of interactive events fills every batch; bulk still advances by its min share.
+            flood_ids = [f"i{n}-{uuid.uuid4().hex[:6]}" for n in range(FLOOD)]
+            sends = [await client.producer.send(topics.requests, _event(rid, client.reply_topic), key=rid.encode())
+                     for rid in flood_ids]  # fmt: skip
+            await asyncio.gather(*sends)
+            await _wait_for(lambda: replies.answered("i") >= 2 * MAX_BATCH, 60)
+            bulk_at_start = replies.answered("b")
+            await _wait_for(lambda: replies.answered("i") >= FLOOD // 2, 120)
+            bulk_during = replies.answered("b") - bulk_at_start
+            interactive_during = replies.answered("i") - 2 * MAX_BATCH
+            # Full interactive batches would leave bulk nothing; its share is 4 of 16 (>= 1/5 of the interactive
+            # answered meanwhile, with room for batches the flood did not fill).
+            assert bulk_during >= interactive_during // 5, (bulk_during, interactive_during)
+            assert replies.answered("i") < FLOOD  # the flood was still there all along
+
+            # 3. Everything of both lanes answered, each once.
+            await _wait_for(lambda: replies.answered("b") == BULK and replies.answered("i") == FLOOD, 240)
+            await asyncio.sleep(1.0)  # a duplicate would show up now
+            assert {rid: n for rid, n in replies.count.items() if n != 1} == {}
+            assert set(replies.count) == set(bulk_ids) | set(flood_ids)
+        finally:
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
