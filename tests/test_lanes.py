@@ -6,13 +6,16 @@ backlog produced Kafka-direct to ``{prefix}.data.bulk``.
   two batches: few bulk replies are written between an interactive request and its answer (FIFO, it would
   wait behind every bulk event buffered between the broker and the model, 64 and more here);
 * under a flood of interactive events that fills every batch, bulk still advances (its min share);
-* every event of both lanes is answered exactly once (no faults here: no redelivery either).
+* every event of both lanes is answered exactly once (no faults here: no redelivery either);
+* the lag of each lane shows in ``aisemble lag --json`` and ``/status.json`` (a stopped agent, then drained).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 import uuid
 from collections import Counter
@@ -26,8 +29,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from aisemble.pipeline import Pipeline
 from streams.settings import Settings
-from streams.topics import service_topics
+from streams.topics import consumer_group, service_topics
 from tests.kafka_client import RawClient
+from tests.test_lag import _cli_lag, _group, _http_lag
 
 pytestmark = pytest.mark.integration
 
@@ -155,3 +159,50 @@ async def test_interactive_goes_first_bulk_keeps_its_share_and_both_lanes_are_an
             reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reading
+
+
+async def test_each_lanes_lag_and_drain_show_in_aisemble_lag_and_the_status_page(
+    infra_settings: Settings, tmp_path: Path
+) -> None:
+    pipeline = Pipeline.isolated(infra_settings, ["data"], tmp_path).start()
+    topics = service_topics(pipeline.prefix, "data")
+    group = consumer_group(pipeline.prefix, "data")
+    pid = pipeline.procs["data"].pid
+    stopped = False
+    try:
+        async with httpx.AsyncClient(timeout=30) as http, RawClient(pipeline.settings) as client:
+            deadline = time.monotonic() + 60
+            while _group(await _http_lag(http, pipeline.url), group)["state"] != "Stable":
+                assert time.monotonic() < deadline, "the data agents' group never became Stable"
+                await asyncio.sleep(0.5)
+            os.kill(pid, signal.SIGSTOP)
+            stopped = True
+            for topic, count in ((topics.bulk, 120), (topics.requests, 30)):
+                sends = [await client.producer.send(topic, _event(f"l{n}-{uuid.uuid4().hex[:6]}", client.reply_topic))
+                         for n in range(count)]  # fmt: skip
+                await asyncio.gather(*sends)
+
+            lanes = _group(_cli_lag(pipeline, "--interval", "0.5"), group)["lanes"]
+            assert isinstance(lanes, dict)
+            assert {k: (v["lag"], v["drain"]) for k, v in lanes.items()} == {
+                "interactive": (30, "not draining"),
+                "bulk": (120, "not draining"),
+            }
+            status = (await http.get(f"{pipeline.url}/status.json")).json()["services"]["data"]
+            assert status["lag"] == 150
+            assert {k: v["lag"] for k, v in status["lanes"].items()} == {"interactive": 30, "bulk": 120}
+
+            os.kill(pid, signal.SIGCONT)
+            stopped = False
+            deadline = time.monotonic() + 120
+            while True:
+                status = (await http.get(f"{pipeline.url}/status.json")).json()["services"]["data"]
+                if {k: v["lag"] for k, v in status["lanes"].items()} == {"interactive": 0, "bulk": 0}:
+                    break
+                assert time.monotonic() < deadline, status
+                await asyncio.sleep(0.5)
+            assert all(v["drain_s"] == 0.0 and v["draining"] for v in status["lanes"].values()), status
+    finally:
+        if stopped:
+            os.kill(pid, signal.SIGCONT)
+        pipeline.stop()
