@@ -7,7 +7,8 @@ backlog produced Kafka-direct to ``{prefix}.data.bulk``.
   wait behind every bulk event buffered between the broker and the model, 64 and more here);
 * under a flood of interactive events that fills every batch, bulk still advances (its min share);
 * every event of both lanes is answered exactly once (no faults here: no redelivery either);
-* the lag of each lane shows in ``aisemble lag --json`` and ``/status.json`` (a stopped agent, then drained).
+* the lag of each lane shows in ``aisemble lag --json`` and ``/status.json`` (a stopped agent, then drained);
+* ``aisemble produce --bulk`` sends to the bulk topic, and its requests are answered.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aisemble.pipeline import Pipeline
 from streams.settings import Settings
 from streams.topics import consumer_group, service_topics
-from tests.kafka_client import RawClient
+from tests.kafka_client import RawClient, committed_and_end
 from tests.test_lag import _cli_lag, _group, _http_lag
+from tests.test_replay import _cli, _json
 
 pytestmark = pytest.mark.integration
 
@@ -202,6 +204,14 @@ async def test_each_lanes_lag_and_drain_show_in_aisemble_lag_and_the_status_page
                 assert time.monotonic() < deadline, status
                 await asyncio.sleep(0.5)
             assert all(v["drain_s"] == 0.0 and v["draining"] for v in status["lanes"].values()), status
+
+            inputs = tmp_path / "bulk.jsonl"
+            inputs.write_bytes(b"".join(orjson.dumps({"records": [{"v": n}]}) + b"\n" for n in range(40)))
+            args = ("produce", "data", str(inputs), "--task", "analyze", "--bulk", "--collect", "--json")
+            produced = _json(await asyncio.to_thread(_cli, pipeline.env, *args, timeout=120))
+            assert produced["sent"] == 40 and produced["answered"] == 40 and produced["errors"] == {}
+            assert (await committed_and_end(pipeline.settings, group, topics.bulk))[1] == 120 + 40
+            assert (await committed_and_end(pipeline.settings, group, topics.requests))[1] == 30
     finally:
         if stopped:
             os.kill(pid, signal.SIGCONT)
