@@ -36,6 +36,9 @@ under bench/results/smoke/, git-ignored). Sections (numbers as in issue #10):
 11. LLM against llama.cpp's C++ ``llama-server`` (``bench.llm_server``): the same GGUF, /v1/chat/completions,
    greedy, 32 tokens, 1 and 8 clients, one server at a time; skipped, with the reason, until
    ``make llama-server`` has built it (``make bench`` does).
+12. priority lanes (``bench.lanes``, a pipeline of its own): 1-client interactive ``/v1/embeddings`` p50/p99
+   idle and while a bulk embedding batch (2,000; 10,000 in --full) produced Kafka-direct to the bulk topic is
+   answered; the bulk batch's items/s alone against the same batch on the interactive topic.
 
 What can go wrong: Kafka and Redis are started when they do not answer (and stopped only if started
 here); every process started is stopped by PID (Ray's processes included, checked afterwards). A
@@ -85,6 +88,7 @@ from bench.common import (
 from bench.edge_cost import run as edge_cost
 from bench.floor import FLOOR_RATE_DEFAULT, run_floor
 from bench.kafka_direct import direct, fairness
+from bench.lanes import run as lanes_run
 from bench.llm_server import compare as llm_server_compare
 from bench.llm_stream import streaming
 from bench.model_limit import llm_greedy
@@ -686,6 +690,7 @@ def main() -> None:
                           profile_dir=out_dir / "profile"),
     )  # fmt: skip
     section("11. LLM vs llama.cpp's llama-server", result, "llm_server", lambda: llm_server_compare(name))
+    section("12. priority lanes (interactive embed during a bulk batch)", result, "lanes", lambda: lanes_run(name))
     section(
         "9b. LLM continuous vs static batching",
         result,
