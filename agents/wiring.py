@@ -145,6 +145,7 @@ def bulk_lane(app: faust.App, settings: Settings, service: Service, max_batch: i
     return BulkLane(
         is_bulk,
         min_share=conf.bulk_min_share,
+        fill_while_interactive=conf.bulk_fill_while_interactive,
         pause_at=BULK_PAUSE_BATCHES * max_batch,
         resume_at=max_batch,
         capacity=BULK_CAPACITY_BATCHES * max_batch,

@@ -23,20 +23,24 @@
   the items of one partition never overtake each other.
 * cost (``cost_of`` and ``max_cost`` given, e.g. bytes of an image or characters of a text): a batch stops
   before its total cost would pass ``max_cost``; the first item is always taken, however costly.
-
 * lanes (``bulk`` given, a ``BulkLane``): each item is interactive or bulk. A batch takes the waiting
-  interactive items first (up to ``max_batch``) and fills the rest with bulk, so bulk uses all the spare
-  capacity and an interactive item never waits behind bulk ones. Starvation is bounded by a credit
-  (deficit round robin): every take adds ``min_share`` x its slots to bulk's credit while bulk waits, and
-  a take holds ``floor(credit)`` slots for bulk before interactive fills the rest; what bulk takes is paid
-  from the credit. So bulk gets at least ``floor(min_share x slots)`` of the slots taken while it waits,
-  whatever the interactive load, and this also holds for takes of one slot (the continuous loop admits a
-  row at a time: every ``1 / min_share``-th row is bulk). The two classes have their own room: interactive
-  items are bounded by ``capacity`` (and ``max_waiting_cost``), bulk items by the lane's own ``capacity``,
-  so a bulk flood never blocks the ``put`` of an interactive item. ``BulkLane.gate(True)`` is called when
-  ``pause_at`` bulk items (or ``max_waiting_cost`` of bulk bytes) wait, ``gate(False)`` once ``resume_at``
-  or fewer do: the consumer stops fetching bulk meanwhile (``streams.app.CommittingConsumer.pause_topics``),
-  so bulk waits in Kafka, not in memory, and the feed never stalls on it.
+  interactive items first (up to ``max_batch``) and fills the rest with bulk, so an interactive item never
+  waits behind bulk ones that arrived before it. With no interactive traffic, bulk batches are full
+  (``max_batch``): bulk alone runs at the pipeline's full rate. While interactive traffic is live (a take saw
+  interactive items within the last ``live_s``), a batch carries at most ``fill_while_interactive`` bulk
+  items beyond bulk's credit: an interactive request arriving meanwhile waits for a short batch, not a full
+  one (a batch's duration grows with its size: what the wait of the next interactive request is made of), so
+  interactive latency stays near its idle value and bulk takes the capacity that is left. Starvation is
+  bounded by a credit (deficit round robin): while both lanes wait, every take adds ``min_share`` x the
+  batch's size to bulk's credit, and a take holds ``floor(credit)`` slots for bulk before interactive fills
+  the rest; what bulk takes is paid from the credit. So bulk gets at least ``min_share`` of the items taken
+  (rounded down) while it waits, whatever the interactive load, and this also holds for takes of one slot
+  (the continuous loop admits a row at a time: every ``1 / min_share``-th row is bulk). The two classes have their
+  own room: interactive items are bounded by ``capacity`` (and ``max_waiting_cost``), bulk items by the lane's own
+  ``capacity``, so a bulk flood never blocks the ``put`` of an interactive item. ``BulkLane.gate(True)`` is called
+  when ``pause_at`` bulk items (or ``max_waiting_cost`` of bulk bytes) wait, ``gate(False)`` once ``resume_at`` or
+  fewer do: the consumer stops fetching bulk meanwhile (``streams.app.CommittingConsumer.pause_topics``), so bulk
+  waits in Kafka, not in memory, and the feed never stalls on it.
 
 The clock is injectable (``clock`` returns seconds) so the linger rules are unit-tested without sleeping
 on a wall clock.
@@ -69,6 +73,8 @@ class BulkLane(Generic[T]):
 
     is_bulk: Callable[[T], bool]
     min_share: float = 0.1
+    fill_while_interactive: int = 2
+    live_s: float = 1.0
     pause_at: int = 64
     resume_at: int = 32
     capacity: int = 4096
@@ -77,6 +83,8 @@ class BulkLane(Generic[T]):
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_share <= 1.0:
             raise ValueError("min_share must be within [0, 1]")
+        if self.fill_while_interactive < 0 or self.live_s < 0:
+            raise ValueError("fill_while_interactive and live_s must be >= 0")
         if not 0 <= self.resume_at < self.pause_at <= self.capacity:
             raise ValueError("need 0 <= resume_at < pause_at <= capacity")
 
@@ -141,6 +149,7 @@ class BatchBuffer(Generic[T]):
         self._bulk_waiting = 0
         self._bulk_paused = False
         self._credit = 0.0
+        self._interactive_at: float | None = None  # when interactive items were last seen by a take
 
     def __len__(self) -> int:
         return len(self._items)
@@ -259,18 +268,26 @@ class BatchBuffer(Generic[T]):
         return batch
 
     def _lanes_order(self) -> list[int]:
-        """Positions of the next batch with lanes: bulk's credited slots, then interactive, then bulk."""
+        """Positions of the next batch with lanes: bulk's credited slots, then interactive, then bulk (no more
+        than ``fill_while_interactive`` bulk beyond its credit while interactive traffic is live)."""
         assert self.bulk is not None
+        lane = self.bulk
         interactive: list[int] = []
         bulk: list[int] = []
         for n, (_, item) in enumerate(self._items):
             (bulk if self._is_bulk(item) else interactive).append(n)
-        slots = self.max_batch
-        if bulk and interactive:  # contention: bulk earns its share (at most one batch's worth is kept)
-            self._credit = min(self._credit + self.bulk.min_share * slots, float(slots))
-        held = min(int(self._credit + CREDIT_EPSILON), len(bulk), slots)
-        first = self._fair_order(interactive)[: slots - held]
-        rest = self._fair_order(bulk)[: slots - len(first)]
+        now = self._clock()
+        if interactive:
+            self._interactive_at = now
+        live = self._interactive_at is not None and now - self._interactive_at <= lane.live_s
+        size = min(self.max_batch, len(interactive) + len(bulk))
+        if live:
+            size = min(size, len(interactive) + lane.fill_while_interactive)
+        if bulk and interactive:  # contention: bulk earns its share of the batch (at most one batch's worth kept)
+            self._credit = min(self._credit + lane.min_share * size, float(self.max_batch))
+        held = min(int(self._credit + CREDIT_EPSILON), len(bulk), self.max_batch)
+        first = self._fair_order(interactive)[: max(size - held, 0)]
+        rest = self._fair_order(bulk)[: max(size, held) - len(first)]
         return rest[:held] + first + rest[held:]
 
     def _fair_order(self, positions: Iterable[int]) -> list[int]:

@@ -50,6 +50,16 @@ class ServiceSettings(BaseModel):
             "waits (bounds bulk's starvation; 0: bulk only gets the slots interactive leaves)."
         ),
     )
+    bulk_fill_while_interactive: int = Field(
+        default=2,
+        ge=0,
+        le=4096,
+        description=(
+            "Most bulk events a micro-batch carries beyond bulk's min share while interactive traffic is live "
+            "(seen within the last second): keeps batches short so interactive latency stays near idle; with no "
+            "interactive traffic bulk batches are full (max_batch)."
+        ),
+    )
 
 
 class DataSettings(ServiceSettings):

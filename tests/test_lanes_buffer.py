@@ -18,10 +18,21 @@ def is_bulk(item: Item) -> bool:
     return item[0] == "b"
 
 
-def lanes_buffer(max_batch: int, share: float = 0.0, **lane: object) -> tuple[BatchBuffer[Item], list[bool]]:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def lanes_buffer(
+    max_batch: int, share: float = 0.0, fill: int = 1000, clock: Clock | None = None, **lane: object
+) -> tuple[BatchBuffer[Item], list[bool]]:
+    """``fill``: bulk beyond its credit while interactive is live (large: bulk fills every slot left)."""
     gates: list[bool] = []
-    bulk = BulkLane(is_bulk, min_share=share, gate=gates.append, **lane)  # type: ignore[arg-type]
-    return BatchBuffer(max_batch, capacity=1000, bulk=bulk), gates
+    bulk = BulkLane(is_bulk, min_share=share, fill_while_interactive=fill, gate=gates.append, **lane)  # type: ignore[arg-type]
+    return BatchBuffer(max_batch, capacity=1000, bulk=bulk, clock=clock or Clock()), gates
 
 
 async def put_all(buf: BatchBuffer[Item], items: list[Item]) -> None:
@@ -42,6 +53,31 @@ async def test_bulk_fills_every_slot_interactive_leaves() -> None:
     await put_all(buf, [("b", n) for n in range(20)] + [("i", 0)])
     batch = await buf.take()
     assert len(batch) == 8 and batch.count(("i", 0)) == 1 and sum(map(is_bulk, batch)) == 7
+
+
+async def test_while_interactive_is_live_a_batch_carries_few_bulk_items_and_full_ones_after() -> None:
+    clock = Clock()
+    buf, _ = lanes_buffer(8, share=0.0, fill=2, clock=clock, live_s=1.0)
+    await put_all(buf, [("b", n) for n in range(40)])
+    assert len(await buf.take()) == 8  # bulk alone: full batches
+    await put_all(buf, [("i", 0)])
+    assert await buf.take() == [("i", 0), ("b", 8), ("b", 9)]
+    clock.now += 0.9  # no interactive waits, but it was seen within live_s: the batch stays short
+    assert await buf.take() == [("b", 10), ("b", 11)]
+    clock.now += 0.2
+    assert len(await buf.take()) == 8  # interactive gone quiet: full batches again
+
+
+async def test_min_share_holds_beyond_the_fill_while_interactive_is_live() -> None:
+    buf, _ = lanes_buffer(10, share=0.5, fill=0)
+    await put_all(buf, [("b", n) for n in range(50)])
+    bulk_taken = 0
+    for round_ in range(4):
+        await put_all(buf, [("i", round_ * 100 + k) for k in range(10)])
+        batch = await buf.take()
+        bulk_taken += sum(map(is_bulk, batch))
+        buf.drop(lambda item: item[0] == "i")  # a fresh full load of interactive every round
+    assert bulk_taken == 20  # half of 4 batches of 10, although no bulk fill is allowed
 
 
 async def test_without_a_min_share_a_steady_interactive_load_takes_every_slot() -> None:
@@ -113,7 +149,7 @@ async def test_dropping_bulk_items_reopens_the_gate() -> None:
 
 
 async def test_lanes_keep_each_partition_in_order_within_a_lane() -> None:
-    bulk: BulkLane[tuple[str, int, int]] = BulkLane(lambda item: item[0] == "b")
+    bulk: BulkLane[tuple[str, int, int]] = BulkLane(lambda item: item[0] == "b", fill_while_interactive=100)
     buf: BatchBuffer[tuple[str, int, int]] = BatchBuffer(
         6, capacity=100, bulk=bulk, lane_of=lambda item: (item[0], item[1]), age_of=lambda item: float(item[2])
     )
@@ -127,3 +163,5 @@ def test_bulk_lane_settings_are_checked() -> None:
         BulkLane(is_bulk, min_share=1.5)
     with pytest.raises(ValueError, match="resume_at"):
         BulkLane(is_bulk, pause_at=4, resume_at=4)
+    with pytest.raises(ValueError, match="fill_while_interactive"):
+        BulkLane(is_bulk, fill_while_interactive=-1)
