@@ -119,7 +119,8 @@ class FaustEvents:
 
 
 BULK_PAUSE_BATCHES = 2  # bulk events waiting in the loop (in batches) at which the bulk topic is paused
-BULK_CAPACITY_BATCHES = 64  # the safety net: a bulk put blocks the feed past this many batches of bulk
+BULK_CAPACITY_BATCHES = 64  # the safety net: a bulk put blocks the feed past this many batches of bulk (above
+# BULK_PAUSE_BATCHES + streams.app.POLL_BATCHES + Faust's stream buffer: what may still come in after a pause)
 
 
 def bulk_lane(app: faust.App, settings: Settings, service: Service, max_batch: int) -> BulkLane[faust.EventT] | None:

@@ -5,11 +5,11 @@
 One pipeline (edge + nlp agent with its default MiniLM model), in one run:
 
 1. ``interactive_idle``: one closed-loop client on ``POST /v1/embeddings`` (a unique short text each time, so
-   no cache hit) for ``duration_s``: p50/p99 with nothing else running;
+   no cache hit), twice ``duration_s / 2`` (first and last): p50/p99 with nothing else running;
 2. ``direct_interactive``: ``bulk_n`` embed requests produced at once, Kafka-direct, to the interactive request
-   topic (``bench.kafka_direct.direct``): the agent's rate with no lanes involved (the reference);
-3. ``bulk_alone``: the same to the bulk topic (``{prefix}.nlp.bulk``) with no interactive load: items/s, and
-   its ratio to (2) (target >= 0.85);
+   topic (``bench.kafka_direct.direct``): the agent's rate with no lanes involved (the reference), twice;
+3. ``bulk_alone``: the same to the bulk topic (``{prefix}.nlp.bulk``) with no interactive load, twice
+   (alternating with 2): items/s, and its ratio to (2) (target >= 0.85);
 4. ``during_batch``: ``bulk_n`` produced to the bulk topic again, and the one interactive client runs while
    that batch is answered (from the first send until the last bulk reply): p50/p99, and their ratios to (1)
    (targets: p50 <= 1.5x, p99 <= 2x).
@@ -81,7 +81,7 @@ async def interactive(url: str, until: asyncio.Future[Any] | float) -> dict[str,
                 errors += 1
         seconds = time.perf_counter() - start
     return {"answered": len(latencies), "errors": errors, "seconds": round(seconds, 3),
-            "latency_ms": summary_ms(latencies)}  # fmt: skip
+            "latency_ms": summary_ms(latencies), "_latencies": latencies}  # fmt: skip
 
 
 async def during_batch(url: str, settings: Any, n: int) -> dict[str, object]:
@@ -97,21 +97,41 @@ def _ratio(a: object, b: object) -> float | None:
     return round(float(a) / float(b), 3)
 
 
+def _rate(runs: list[dict[str, object]]) -> float:
+    """Items per second over several runs together."""
+    ok = sum(float(r["answered_ok"]) for r in runs)  # type: ignore[arg-type]
+    return round(ok / sum(float(r["seconds"]) for r in runs), 2)  # type: ignore[arg-type]
+
+
 def run(profile: str = "quick") -> dict[str, Any]:
+    """The points in the order idle, (reference, bulk alone), during, (reference, bulk alone), idle: what a
+    neighbour's load does to one side falls on the other as well (a shared machine)."""
     prof = PROFILES[profile]
+    n, duration_s = prof["bulk_n"], float(prof["duration_s"])
+    idle: list[dict[str, Any]] = []
+    reference: list[dict[str, object]] = []
+    alone: list[dict[str, object]] = []
     with running_pipeline(["nlp"]) as pipeline:
         settings, url = pipeline.settings, pipeline.url
         asyncio.run(direct(settings, "nlp", short_items(64)))  # warm the model and the reply path
-        idle = asyncio.run(interactive(url, float(prof["duration_s"])))
-        reference = asyncio.run(direct(settings, "nlp", short_items(prof["bulk_n"])))
-        alone = asyncio.run(direct(settings, "nlp", short_items(prof["bulk_n"]), bulk=True))
-        during = asyncio.run(during_batch(url, settings, prof["bulk_n"]))
-    idle_ms: dict[str, float] = idle["latency_ms"]  # type: ignore[assignment]
+        idle.append(asyncio.run(interactive(url, duration_s / 2)))
+        reference.append(asyncio.run(direct(settings, "nlp", short_items(n))))
+        alone.append(asyncio.run(direct(settings, "nlp", short_items(n), bulk=True)))
+        during = asyncio.run(during_batch(url, settings, n))
+        reference.append(asyncio.run(direct(settings, "nlp", short_items(n))))
+        alone.append(asyncio.run(direct(settings, "nlp", short_items(n), bulk=True)))
+        idle.append(asyncio.run(interactive(url, duration_s / 2)))
+    idle_ms = summary_ms([ms for point in idle for ms in point.pop("_latencies")])
     during_ms: dict[str, float] = during["interactive"]["latency_ms"]  # type: ignore[index]
+    during["interactive"].pop("_latencies")  # type: ignore[attr-defined]
     figures = {
+        "interactive_idle_ms": idle_ms,
+        "interactive_during_ms": during_ms,
         "interactive_p50_ratio": _ratio(during_ms["p50"], idle_ms["p50"]),
         "interactive_p99_ratio": _ratio(during_ms["p99"], idle_ms["p99"]),
-        "bulk_alone_vs_direct": _ratio(alone["items_per_s"], reference["items_per_s"]),
+        "direct_interactive_items_per_s": _rate(reference),
+        "bulk_alone_items_per_s": _rate(alone),
+        "bulk_alone_vs_direct": _ratio(_rate(alone), _rate(reference)),
         "bulk_during_items_per_s": during["bulk"]["items_per_s"],  # type: ignore[index]
     }
     targets = {

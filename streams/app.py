@@ -323,8 +323,23 @@ def stream_buffer_events(settings: Settings, service: Service) -> int:
     return max(1, events)
 
 
+POLL_BATCHES = 8  # one fetch hands out at most this many batches' worth of records (poll_records)
+
+
+def poll_records(settings: Settings, service: Service) -> int:
+    """Faust's ``broker_max_poll_records`` for ``service``: the most records one fetch hands out.
+
+    Unbounded (Faust's default) a fetch of a backlog hands out all aiokafka holds (a megabyte per partition:
+    thousands of small events), and a paused topic stops only after the fetch in hand is handed out
+    (``CommittingConsumer.pause_topics``): every bulk event of it would sit between the broker and the loop,
+    ahead of any interactive event of the next fetch. ``POLL_BATCHES`` batches' worth bounds that.
+    """
+    return POLL_BATCHES * stream_buffer_events(settings, service)
+
+
 def create_app(settings: Settings, service: Service) -> faust.App:
-    """A Faust app for one service's agents (its stream buffer sized by ``stream_buffer_events``)."""
+    """A Faust app for one service's agents (its stream buffer sized by ``stream_buffer_events``, a fetch bounded
+    by ``poll_records``)."""
     datadir = settings.cache_dir / "faust" / f"{settings.topic_prefix}-{service}"
     datadir.parent.mkdir(parents=True, exist_ok=True)
     return faust.App(
@@ -354,6 +369,7 @@ def create_app(settings: Settings, service: Service) -> faust.App:
         producer_request_timeout=settings.delivery_retry_s,
         stream_wait_empty=False,
         stream_buffer_maxsize=stream_buffer_events(settings, service),
+        broker_max_poll_records=poll_records(settings, service),
         logging_config=None,
     )
 
