@@ -135,8 +135,7 @@ async def test_interactive_goes_first_bulk_keeps_its_share_and_both_lanes_are_an
                 waits_ms.append(float(response.json()["timings_ms"]["queue_ms"]))
             backlog_left = BULK - replies.answered("b")
             # queue_ms: from the edge's produce to the agent taking the request. Behind the backlog's buffered bulk
-            # it would be seconds (lanes off: 8.2 s; lanes on but a fetch unbounded: 2.9 s, the 1,500 events of the
-            # fetch in hand first); in front, a batch or two of 0.1 s.
+            # it is seconds (lanes off: 8.2 s for the first request, measured); in front, a batch or two of 0.1 s.
             assert max(waits_ms) < 2000, waits_ms
             assert backlog_left > BULK // 3, f"the backlog drained first ({backlog_left} left)"
 
