@@ -73,7 +73,7 @@ class BulkLane(Generic[T]):
 
     is_bulk: Callable[[T], bool]
     min_share: float = 0.1
-    fill_while_interactive: int = 2
+    fill_while_interactive: int = 1
     live_s: float = 1.0
     pause_at: int = 64
     resume_at: int = 32

@@ -51,7 +51,7 @@ class ServiceSettings(BaseModel):
         ),
     )
     bulk_fill_while_interactive: int = Field(
-        default=2,
+        default=1,
         ge=0,
         le=4096,
         description=(
