@@ -4,7 +4,11 @@
 reply-topic policy, the service's ``prepare``/``release`` hooks), the loop (``agents.loops``: the batch loop,
 or the continuous loop for a step-wise LLM runner), registers the agent (one per process, concurrency 1),
 the loop as the consumer's rebalance listener (``streams.app.listen_rebalance``) and the heartbeat timer.
-``FaustEvents`` is how the loops see Faust's events. A loop that fails (``AgentStopped``) crashes the app and
+``FaustEvents`` is how the loops see Faust's events. Lanes: the agent reads the interactive request topic and
+the bulk one (``streams.topics``) as one stream; ``bulk_lane`` builds the loop's ``streams.batching.BulkLane``
+(an event is bulk by its topic; the gate pauses and resumes the bulk topic at the consumer,
+``streams.app.CommittingConsumer.pause_topics``), so bulk waits in Kafka, not between the broker and the loop.
+A loop that fails (``AgentStopped``) crashes the app and
 ends the process with ``EXIT_AGENT_FAILED`` after a bounded wait.
 """
 
@@ -34,13 +38,15 @@ from agents.loops import AgentStopped, BatchLoop, ContinuousLoop, stepwise
 from agents.runner import ModelRunner
 from agents.sink import FaustSink
 from schemas import Service
-from streams.app import create_app, listen_rebalance, request_topic
+from streams.app import CommittingConsumer, create_app, listen_rebalance, request_topic
+from streams.batching import BulkLane
 from streams.cache import ResultCache
 from streams.codec import Record
 from streams.policy import ReplyTopicPolicy
 from streams.redis import connect
 from streams.registry import AgentInfo, beat
 from streams.settings import Settings
+from streams.topics import service_topics
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +118,42 @@ class FaustEvents:
         return time.monotonic() + (deadline_ms / 1000.0 - time.time())
 
 
+BULK_PAUSE_BATCHES = 2  # bulk events waiting in the loop (in batches) at which the bulk topic is paused
+BULK_CAPACITY_BATCHES = 64  # the safety net: a bulk put blocks the feed past this many batches of bulk (above
+# BULK_PAUSE_BATCHES + streams.app.POLL_BATCHES + Faust's stream buffer: what may still come in after a pause)
+
+
+def bulk_lane(app: faust.App, settings: Settings, service: Service, max_batch: int) -> BulkLane[faust.EventT] | None:
+    """The loop's bulk lane (None when the service's ``bulk_lane`` is off): bulk by topic; the gate pauses the
+    bulk topic once ``BULK_PAUSE_BATCHES`` batches of it wait in the loop and resumes it at one batch."""
+    conf = settings.service(service)
+    if not conf.bulk_lane:
+        return None
+    topic = service_topics(settings.topic_prefix, service).bulk
+    consumer = app.consumer
+
+    def gate(pause: bool) -> None:
+        if not isinstance(consumer, CommittingConsumer):
+            return
+        if pause:
+            consumer.pause_topics([topic])
+        else:
+            consumer.resume_topics([topic])
+
+    def is_bulk(event: faust.EventT) -> bool:
+        return bool(event.message.topic == topic)
+
+    return BulkLane(
+        is_bulk,
+        min_share=conf.bulk_min_share,
+        fill_while_interactive=conf.bulk_fill_while_interactive,
+        pause_at=BULK_PAUSE_BATCHES * max_batch,
+        resume_at=max_batch,
+        capacity=BULK_CAPACITY_BATCHES * max_batch,
+        gate=gate,
+    )
+
+
 def revoke_wait_s(settings: Settings) -> float:
     """How long a revoke waits for the events taken of its partitions to settle: the shutdown grace, within
     half the session timeout (the group's other members wait for this member's rejoin meanwhile)."""
@@ -154,12 +196,13 @@ def create_agent_app(
         loop = ContinuousLoop[faust.EventT](
             processor, runner, FaustSink(app), view, worker_id=worker_id, redis=redis,
             topic_prefix=settings.topic_prefix, max_batch=conf.max_batch, grace_s=settings.shutdown_grace_s,
-            revoke_wait_s=revoke_wait_s(settings),
+            revoke_wait_s=revoke_wait_s(settings), bulk=bulk_lane(app, settings, service, conf.max_batch),
         )  # fmt: skip
     else:
         loop = BatchLoop[faust.EventT](
             processor, view, max_batch=conf.max_batch, linger_ms=conf.max_wait_ms, grace_s=settings.shutdown_grace_s,
             max_batch_bytes=conf.max_batch_bytes, revoke_wait_s=revoke_wait_s(settings),
+            bulk=bulk_lane(app, settings, service, conf.max_batch),
         )  # fmt: skip
     listen_rebalance(app, loop)
     info = AgentInfo(

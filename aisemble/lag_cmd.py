@@ -27,7 +27,8 @@ def _number(value: float | None, unit: str = "") -> str:
 
 
 def render(report: LagReport, prefix: str) -> Table:
-    """A rich table: one bold row per group (its totals), then one row per partition."""
+    """A rich table: one bold row per group (its totals), a row per lane of a service's group (interactive,
+    bulk), then one row per partition."""
     from rich.table import Table
 
     from streams.lag import drain_text
@@ -43,6 +44,10 @@ def render(report: LagReport, prefix: str) -> Table:
             group.group, group.state, str(group.members), "(all)", "", "", "", f"{total.lag:,}",
             _number(total.rate_per_s), drain_text(total.lag, total.drain_s), style="bold",
         )
+        for lane, t in group.lanes.items():  # a service's lanes, each with its own time to drain
+            table.add_row(
+                "", "", "", f"({lane})", "", "", "", f"{t.lag:,}", _number(t.rate_per_s), drain_text(t.lag, t.drain_s),
+            )
         for p in group.partitions:
             table.add_row(
                 "", "", "", p.topic, str(p.partition), "-" if p.committed is None else f"{p.committed:,}",

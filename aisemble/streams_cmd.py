@@ -115,9 +115,12 @@ def produce(
         float | None, typer.Option(min=0.1, help="Seconds the run may take (default: the send schedule + 30).")
     ] = None,
     report: Annotated[Path | None, typer.Option(help="With --collect: write report.json and plots here.")] = None,
+    bulk: Annotated[
+        bool, typer.Option("--bulk", help="Send to the bulk lane ({prefix}.SERVICE.bulk): served with spare capacity.")
+    ] = False,
     json_out: JsonOut = False,
 ) -> None:
-    """Publish requests from FILE to SERVICE's request topic at --rate per second.
+    """Publish requests from FILE to SERVICE's request topic (with --bulk: its bulk topic) at --rate per second.
 
     With --collect the events' reply_to is a reply topic created for the run (and kept, so `aisemble record
     --with-replies` finds the replies); the replies are gathered and counts and latencies printed.
@@ -141,7 +144,8 @@ def produce(
     budget = timeout if timeout is not None else (len(outgoing) / rate if rate else 0.0) + 30.0
     with _logging_quiet(), _progress(f"produce {service}", json_out) as progress:
         result = _run(run_produce(
-            settings, service, outgoing, rate=rate, reply_name=reply_name, timeout_s=budget, progress=progress
+            settings, service, outgoing, rate=rate, reply_name=reply_name, timeout_s=budget, progress=progress,
+            bulk=bulk,
         ))
     meta = {**result.meta, "title": f"produce {service}", "reply_topic": result.reply_topic, "file": str(file)}
     summary = build_report(result.samples, meta=meta)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextvars
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -84,10 +84,12 @@ def service_of_path(path: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ServiceLag:
-    """One service's consumer lag (records not yet consumed) and its estimated drain time (None: unknown)."""
+    """One service's consumer lag (records not yet consumed) and its estimated drain time (None: unknown);
+    ``lanes``: the same per lane (``interactive``, ``bulk``; ``streams.lag.LANES``)."""
 
     records: float
     drain_s: float | None
+    lanes: Mapping[str, ServiceLag] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

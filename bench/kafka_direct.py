@@ -44,9 +44,15 @@ from streams.topics import ensure_topics, reply_topic_name, wait_for_partitions
 
 
 async def direct(
-    settings: Settings, service: str, items: list[Item], timeout_s: float = 300.0, reply_topic: str | None = None
+    settings: Settings,
+    service: str,
+    items: list[Item],
+    timeout_s: float = 300.0,
+    reply_topic: str | None = None,
+    bulk: bool = False,
 ) -> dict[str, object]:
-    """All ``items`` produced at once to ``service``'s request topic; time until every reply is back.
+    """All ``items`` produced at once to ``service``'s request topic (``bulk``: its bulk topic); time until every
+    reply is back.
 
     ``reply_topic``: reuse this reply topic (created if missing, kept afterwards; e.g. a warm-up run's, so the
     timed run does not include the agent's first look-up of a new topic); default a fresh one, deleted after.
@@ -66,7 +72,7 @@ async def direct(
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100, **options
     )
-    topic = f"{settings.topic_prefix}.{service}.requests"
+    topic = f"{settings.topic_prefix}.{service}.{'bulk' if bulk else 'requests'}"
     run = uuid.uuid4().hex[:8]
     ids = [f"{run}-{i}" for i in range(len(items))]
     events = [

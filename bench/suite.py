@@ -40,6 +40,9 @@ under bench/results/smoke/, git-ignored). Sections (numbers as in issue #10):
    agent): TTFT, ITL, TPOT, e2e (p50/p90/p99), output tokens/s and goodput (TTFT <= 500 ms, TPOT <= 100 ms)
    through the streaming /v1/chat/completions, fixed concurrency and Poisson request rates, output lengths
    fixed by ``ignore_eos`` (quick: about 2 minutes).
+13. priority lanes (``bench.lanes``, a pipeline of its own): 1-client interactive ``/v1/embeddings`` p50/p99
+   idle and while a bulk embedding batch (2,000; 10,000 in --full) produced Kafka-direct to the bulk topic is
+   answered; the bulk batch's items/s alone against the same batch on the interactive topic.
 
 What can go wrong: Kafka and Redis are started when they do not answer (and stopped only if started
 here); every process started is stopped by PID (Ray's processes included, checked afterwards). A
@@ -89,6 +92,7 @@ from bench.common import (
 from bench.edge_cost import run as edge_cost
 from bench.floor import FLOOR_RATE_DEFAULT, run_floor
 from bench.kafka_direct import direct, fairness
+from bench.lanes import run as lanes_run
 from bench.llm_serve import run as llm_serve_run
 from bench.llm_server import compare as llm_server_compare
 from bench.llm_stream import streaming
@@ -694,6 +698,7 @@ def main() -> None:
     serve_profile = {"full": "default"}.get(name, name)  # smoke, quick; full: the bench's own default sweep
     section("12. LLM serving figures (TTFT/ITL/TPOT/goodput)", result, "llm_serve",
             lambda: llm_serve_run(profile=serve_profile))  # fmt: skip
+    section("13. priority lanes (interactive embed during a bulk batch)", result, "lanes", lambda: lanes_run(name))
     section(
         "9b. LLM continuous vs static batching",
         result,

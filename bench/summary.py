@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bench.lanes import target_rows as lanes_targets
 from bench.llm_serve import summary_rows as llm_serve_rows
 from bench.llm_server import summary_rows as llm_server_rows
 from bench.llm_server import target_rows as llm_server_targets
@@ -383,6 +384,7 @@ def targets(result: dict[str, Any], top: int) -> list[str]:
         )
     )
     rows += llm_server_targets(result)
+    rows += lanes_targets(result)
     lines = ["## Targets", "", "| target | figure | verdict |", "|---|---|---|"]
     lines += [f"| {t} | {fig} | {verdict(ok)} |" for t, fig, ok in rows]
     return [*lines, ""]

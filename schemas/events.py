@@ -2,7 +2,8 @@
 
 The contract (docs/wire-format.md) in short:
 
-* request topic ``{prefix}.{service}.requests``: key = request id (UTF-8), value = JSON ``RequestEvent``;
+* request topic ``{prefix}.{service}.requests``: key = request id (UTF-8), value = JSON ``RequestEvent``; the
+  bulk lane ``{prefix}.{service}.bulk`` takes the same events, served with the capacity interactive work leaves;
 * replies go to the request's ``reply_to`` topic, or to ``{prefix}.{service}.results`` when it names none;
 * events that cannot be read go to ``{prefix}.{service}.dlq`` as ``DeadLetterEvent``.
 

@@ -21,6 +21,18 @@ rebalance suspends the flow. The hand-over only suspends when the flow is suspen
 over its bound, or a channel queue is full; when none holds (checked just before, with no await in between),
 ``CommittingConsumer`` awaits it directly, and uses ``wait_first`` otherwise. What is delivered, in what order,
 and when the flow is abandoned do not change.
+
+Pausing a lane (``CommittingConsumer.pause_topics``; the bulk lane, ``streams.batching.BulkLane``). Faust's own
+``pause_partitions`` removes the partitions from the live set that ``Consumer.getmany`` also filters the records
+of the fetch being handed out by: records aiokafka already returned (its position moved past them) of a
+partition paused mid-hand-out are skipped, and the next record of that partition then looks like a gap, which
+Faust counts as acknowledged (``_add_gap``): a commit past events never served. So a pause asked for is applied
+only between two ``getmany`` calls of ``_drain_messages`` (nothing of a fetch is in hand then), and again before
+every later one (Faust's stream-buffer hand-back ``on_buffer_drop`` may have put the partition back in the live
+set). A resume is applied at once (adding to the set drops nothing) and, while a topic is paused, ``getmany``
+waits at most ``PAUSED_FETCH_WAIT_S`` for records, so records of a resumed partition already fetched by aiokafka
+are handed out within that instead of after a whole one-second wait. Acknowledgement and commits stay per
+partition and are not touched: a paused partition's settled events are committed as before.
 """
 
 from __future__ import annotations
@@ -72,11 +84,39 @@ class RebalanceListener(Protocol):
         """Partitions revoked, after their acknowledged offsets were committed (or the commit failed)."""
 
 
+PAUSED_FETCH_WAIT_S = 0.05
+
+
 class CommittingConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer that commits acknowledged offsets of revoked partitions before Faust forgets
-    them (see the module docstring); ``listener`` is told of assignments and revokes first."""
+    them (see the module docstring); ``listener`` is told of assignments and revokes first; whole topics can be
+    paused and resumed safely (``pause_topics``)."""
 
     listener: RebalanceListener | None = None
+    _topics_paused: frozenset[str] = frozenset()
+
+    def pause_topics(self, topics: Iterable[str]) -> None:
+        """Stop handing out (and so fetching past one fetch of) ``topics``' partitions, from the next fetch on."""
+        self._topics_paused = self._topics_paused | set(topics)
+
+    def resume_topics(self, topics: Iterable[str]) -> None:
+        """Hand out ``topics``' partitions again, now."""
+        names = set(topics)
+        self._topics_paused = self._topics_paused - names
+        tps = {tp for tp in self._paused_partitions if tp.topic in names}
+        if tps:
+            self.resume_partitions(tps)
+
+    @property
+    def topics_paused(self) -> frozenset[str]:
+        return self._topics_paused
+
+    def _apply_pauses(self) -> None:
+        """Between two fetches: pause the assigned partitions of the paused topics (module docstring)."""
+        if self._topics_paused:
+            tps = {tp for tp in self.assignment() if tp.topic in self._topics_paused}
+            if tps:
+                self.pause_partitions(tps)
 
     async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
         if revoked:
@@ -141,7 +181,9 @@ class CommittingConsumer(faust_aiokafka.Consumer):
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
-                ait = cast(AsyncIterator[tuple[TP, Message]], getmany(timeout=1.0))
+                self._apply_pauses()
+                wait_s = PAUSED_FETCH_WAIT_S if self._topics_paused else 1.0
+                ait = cast(AsyncIterator[tuple[TP, Message]], getmany(timeout=wait_s))
                 await self.sleep(0)
                 if not self.should_stop:
                     async for tp, message in ait:
@@ -281,8 +323,23 @@ def stream_buffer_events(settings: Settings, service: Service) -> int:
     return max(1, events)
 
 
+POLL_BATCHES = 8  # one fetch hands out at most this many batches' worth of records (poll_records)
+
+
+def poll_records(settings: Settings, service: Service) -> int:
+    """Faust's ``broker_max_poll_records`` for ``service``: the most records one fetch hands out.
+
+    Unbounded (Faust's default) a fetch of a backlog hands out all aiokafka holds (a megabyte per partition:
+    thousands of small events), and a paused topic stops only after the fetch in hand is handed out
+    (``CommittingConsumer.pause_topics``): every bulk event of it would sit between the broker and the loop,
+    ahead of any interactive event of the next fetch. ``POLL_BATCHES`` batches' worth bounds that.
+    """
+    return POLL_BATCHES * stream_buffer_events(settings, service)
+
+
 def create_app(settings: Settings, service: Service) -> faust.App:
-    """A Faust app for one service's agents (its stream buffer sized by ``stream_buffer_events``)."""
+    """A Faust app for one service's agents (its stream buffer sized by ``stream_buffer_events``, a fetch bounded
+    by ``poll_records``)."""
     datadir = settings.cache_dir / "faust" / f"{settings.topic_prefix}-{service}"
     datadir.parent.mkdir(parents=True, exist_ok=True)
     return faust.App(
@@ -312,14 +369,18 @@ def create_app(settings: Settings, service: Service) -> faust.App:
         producer_request_timeout=settings.delivery_retry_s,
         stream_wait_empty=False,
         stream_buffer_maxsize=stream_buffer_events(settings, service),
+        broker_max_poll_records=poll_records(settings, service),
         logging_config=None,
     )
 
 
 def request_topic(app: faust.App, settings: Settings, service: Service) -> faust.TopicT:
-    """The service's request topic, read as raw bytes."""
+    """The service's request topics, read as raw bytes: the interactive one, and the bulk one unless the
+    service's ``bulk_lane`` is off (one stream: the agent's loop tells them apart by topic)."""
+    topics = service_topics(settings.topic_prefix, service)
+    names = [topics.requests, topics.bulk] if settings.service(service).bulk_lane else [topics.requests]
     return app.topic(
-        service_topics(settings.topic_prefix, service).requests,
+        *names,
         key_type=bytes,
         value_type=bytes,
         key_serializer="raw",

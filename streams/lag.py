@@ -20,7 +20,9 @@ Definitions (per group, topic and partition):
   the lag is 0; None when the rate is unknown or 0 while there is lag ("not draining": the group is paused,
   dead, or has no members).
 
-Group totals add the partitions up (rates over the partitions whose rate is known).
+Group totals add the partitions up (rates over the partitions whose rate is known). A service's agent group
+also has totals per lane (``lanes``): ``interactive`` over its ``.requests`` topic, ``bulk`` over its ``.bulk``
+topic (``streams.topics``), so the time to drain of each lane shows on its own.
 
 What can go wrong: nothing here raises on broker data; offsets that make no sense (an end below the start)
 are clipped so the lag stays >= 0.
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+LANES: tuple[str, ...] = ("interactive", "bulk")
 
 TopicPartitionKey = tuple[str, int]
 """(topic, partition): the key of every offset map here (aiokafka's ``TopicPartition`` is such a tuple)."""
@@ -128,6 +132,7 @@ class GroupLag:
     partitions: tuple[PartitionLag, ...]
     topics: Mapping[str, Totals] = field(default_factory=dict)
     total: Totals = field(default_factory=lambda: Totals(0, None, None))
+    lanes: Mapping[str, Totals] = field(default_factory=dict)
 
     @property
     def lag(self) -> int:
@@ -149,6 +154,7 @@ class GroupLag:
             "members": self.members,
             **self.total.as_dict(),
             "topics": {topic: totals.as_dict() for topic, totals in self.topics.items()},
+            **({"lanes": {lane: t.as_dict() for lane, t in self.lanes.items()}} if self.lanes else {}),
             "partitions": [p.as_dict() for p in self.partitions],
         }
 
@@ -181,6 +187,15 @@ class LagReport:
 def lag_document(report: LagReport, prefix: str) -> dict[str, object]:
     """The JSON document of ``aisemble lag --json`` and ``GET /lag``: the report with the topic prefix."""
     return {"prefix": prefix, **report.as_dict()}
+
+
+def lane_of_topic(topic: str) -> str | None:
+    """The lane of a service's request topic: ``interactive`` (``….requests``), ``bulk`` (``….bulk``), else None."""
+    if topic.endswith(".requests"):
+        return "interactive"
+    if topic.endswith(".bulk"):
+        return "bulk"
+    return None
 
 
 def resume_position(committed: int | None, start: int) -> int:
@@ -253,6 +268,9 @@ def compute(current: Snapshot, previous: Snapshot | None = None) -> LagReport:
                 rows.append(PartitionLag(sample.group, topic, partition, committed, start, end, lag, per_s,
                                          drain_time(lag, per_s)))
         by_topic = {topic: totals(r for r in rows if r.topic == topic) for topic in sample.topics}
+        lanes = {}
+        if sample.service is not None:
+            lanes = {lane: totals(r for r in rows if lane_of_topic(r.topic) == lane) for lane in LANES}
         groups.append(
             GroupLag(
                 group=sample.group,
@@ -262,6 +280,7 @@ def compute(current: Snapshot, previous: Snapshot | None = None) -> LagReport:
                 partitions=tuple(rows),
                 topics=by_topic,
                 total=totals(rows),
+                lanes=lanes,
             )
         )
     return LagReport(wall_time=current.wall_time, interval_s=seconds, groups=tuple(groups))

@@ -196,7 +196,7 @@ class LagMonitor:
             committed = {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
             topics = {t for t, _ in committed} | subscribed
             if service is not None:
-                topics.add(service_topics(prefix, service).requests)
+                topics |= {service_topics(prefix, service).requests, service_topics(prefix, service).bulk}
             samples.append((group, service, state, members, topics, committed))
         all_topics = sorted({t for *_, topics, _ in samples for t in topics})
         partitions = [

@@ -8,7 +8,7 @@ the allowed globs (``Settings.reply_to_allow``, default ``{prefix}.replies.*`` a
 fails either rule is not run: it is dead-lettered at once as ``reply_to_refused``.
 
 Globs follow ``fnmatch`` (``*`` also matches dots), matched case-sensitively. A pattern never lets a reply
-into the service topics (``{prefix}.<service>.requests|results|dlq``): those are refused whatever the
+into the service topics (``{prefix}.<service>.requests|bulk|results|dlq``): those are refused whatever the
 patterns say, so a broad operator pattern (``{prefix}.*``) cannot create a loop.
 """
 
@@ -35,7 +35,7 @@ class ReplyTopicPolicy:
         forbidden = set()
         for service in SERVICES:
             topics = service_topics(prefix, service)
-            forbidden |= {topics.requests, topics.results, topics.dlq}
+            forbidden |= {topics.requests, topics.bulk, topics.results, topics.dlq}
         return cls(expanded, frozenset(forbidden))
 
     def refusal(self, topic: str) -> str | None:

@@ -1,8 +1,8 @@
 """Traffic on Kafka: produce requests at a rate, and replay a recording, open loop, gathering the replies.
 
-* ``produce``: publishes request events to ``{prefix}.{service}.requests`` on a uniform schedule; with a
-  reply name, ``reply_to`` is ``{prefix}.replies.NAME`` (created with ``ensure_topics`` and kept, so
-  ``aisemble record --with-replies`` finds the replies later) and the replies are gathered.
+* ``produce``: publishes request events to ``{prefix}.{service}.requests`` (or its bulk lane, ``.bulk``) on a
+  uniform schedule; with a reply name, ``reply_to`` is ``{prefix}.replies.NAME`` (created with ``ensure_topics``
+  and kept, so ``aisemble record --with-replies`` finds the replies later) and the replies are gathered.
 * ``replay``: re-publishes a recording (``streams.recording``; captured by ``streams.recorder``) open loop:
   sends follow the schedule whatever the replies do. New ids ``r<run>-<n>`` map back to the originals;
   ``reply_to`` is its own ``{prefix}.replies.replay-<run>`` (created first, deleted at the end); deadlines
@@ -281,10 +281,11 @@ async def produce(
     reply_name: str | None,
     timeout_s: float,
     progress: Progress | None = None,
+    bulk: bool = False,
 ) -> RunResult:
-    """Send ``outgoing`` at ``rate`` per second; with ``reply_name``, to ``{prefix}.replies.{reply_name}``
-    (created when missing, kept) and gather the replies."""
-    topic = service_topics(settings.topic_prefix, service).requests  # type: ignore[arg-type]
+    """Send ``outgoing`` at ``rate`` per second to the service's request topic (``bulk``: its bulk topic); with
+    ``reply_name``, to ``{prefix}.replies.{reply_name}`` (created when missing, kept) and gather the replies."""
+    topic = service_topics(settings.topic_prefix, service).lane(bulk)  # type: ignore[arg-type]
     reply_topic = reply_topic_name(settings.topic_prefix, reply_name) if reply_name else None
     if reply_topic is not None:
         await ensure_topics(settings, [(reply_topic, 1)])
@@ -294,7 +295,8 @@ async def produce(
     samples = await run_open_loop(
         settings, topic, outgoing, schedule, reply_topic=reply_topic, timeout_s=timeout_s, progress=progress
     )
-    return RunResult(samples, reply_topic, {"service": service, "prefix": settings.topic_prefix, "rate": rate})
+    meta: dict[str, object] = {"service": service, "prefix": settings.topic_prefix, "rate": rate, "topic": topic}
+    return RunResult(samples, reply_topic, meta)
 
 
 # --- replay --------------------------------------------------------------------------------------------

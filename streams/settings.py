@@ -34,6 +34,32 @@ class ServiceSettings(BaseModel):
     threads: int | None = Field(
         default=None, ge=1, description="Torch/OpenCV threads; None = library default."
     )
+    bulk_lane: bool = Field(
+        default=True,
+        description=(
+            "Serve the bulk lane (``{prefix}.{service}.bulk``) too; False: the agents read only the interactive "
+            "request topic and bulk events wait in their topic (served once it is switched back on)."
+        ),
+    )
+    bulk_min_share: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Share of the micro-batch slots kept for bulk events while bulk waits, however much interactive work "
+            "waits (bounds bulk's starvation; 0: bulk only gets the slots interactive leaves)."
+        ),
+    )
+    bulk_fill_while_interactive: int = Field(
+        default=1,
+        ge=0,
+        le=4096,
+        description=(
+            "Most bulk events a micro-batch carries beyond bulk's min share while interactive traffic is live "
+            "(seen within the last second): keeps batches short so interactive latency stays near idle; with no "
+            "interactive traffic bulk batches are full (max_batch)."
+        ),
+    )
 
 
 class DataSettings(ServiceSettings):

@@ -2,7 +2,10 @@
 
 Names (``prefix`` from settings, default ``aisemble``):
 
-* ``{prefix}.{service}.requests``: partitioned request topic, consumed by the service's agents;
+* ``{prefix}.{service}.requests``: partitioned request topic, consumed by the service's agents (the
+  interactive lane: the edge's synchronous and streaming calls);
+* ``{prefix}.{service}.bulk``: the bulk lane, same partitions and same event format as the requests topic,
+  consumed by the same agents, which serve it with the capacity interactive work leaves (``streams.batching``);
 * ``{prefix}.{service}.results``: replies to requests that named no ``reply_to``;
 * ``{prefix}.{service}.dlq``: events that could not be read, with the reason;
 * ``{prefix}.edge.{edge_id}.replies``: one reply topic per edge instance;
@@ -37,16 +40,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ServiceTopics:
-    """The three topics of one service."""
+    """The topics of one service."""
 
     requests: str
     results: str
     dlq: str
+    bulk: str
+
+    def lane(self, bulk: bool) -> str:
+        """The request topic of a lane: ``bulk`` or the interactive ``requests``."""
+        return self.bulk if bulk else self.requests
 
 
 def service_topics(prefix: str, service: Service) -> ServiceTopics:
     base = f"{prefix}.{service}"
-    return ServiceTopics(requests=f"{base}.requests", results=f"{base}.results", dlq=f"{base}.dlq")
+    return ServiceTopics(requests=f"{base}.requests", results=f"{base}.results", dlq=f"{base}.dlq", bulk=f"{base}.bulk")
 
 
 def edge_reply_topic(prefix: str, edge_id: str) -> str:
@@ -114,11 +122,12 @@ async def _create_missing(settings: Settings, names_partitions: Iterable[tuple[s
 
 
 async def ensure_service_topics(settings: Settings, services: Iterable[Service] = SERVICES) -> list[str]:
-    """Create every service's request, results and dead-letter topics."""
+    """Create every service's request (both lanes: interactive and bulk), results and dead-letter topics."""
     wanted: list[tuple[str, int]] = []
     for service in services:
         topics = service_topics(settings.topic_prefix, service)
-        wanted += [(topics.requests, settings.partitions), (topics.results, 1), (topics.dlq, 1)]
+        wanted += [(topics.requests, settings.partitions), (topics.bulk, settings.partitions)]
+        wanted += [(topics.results, 1), (topics.dlq, 1)]
     return await ensure_topics(settings, wanted)
 
 

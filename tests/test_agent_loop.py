@@ -261,7 +261,15 @@ async def test_reply_to_a_missing_topic_is_refused_before_running_and_never_sent
 
 @pytest.mark.parametrize(
     "reply_to",
-    ["p.nlp.requests", "p.data.results", "p.llm.dlq", "__consumer_offsets", "elsewhere", "q.replies.x"],
+    [
+        "p.nlp.requests",
+        "p.vision.bulk",
+        "p.data.results",
+        "p.llm.dlq",
+        "__consumer_offsets",
+        "elsewhere",
+        "q.replies.x",
+    ],
 )
 async def test_reply_to_outside_the_policy_is_refused_at_once_and_not_run(reply_to: str) -> None:
     runner, sink = EchoRunner(), ListSink()

@@ -110,7 +110,8 @@ async def test_a_paused_agents_lag_matches_the_broker_and_drains(infra_settings:
             partitions = cli_data["partitions"]
             assert isinstance(partitions, list)
             assert sorted(p["partition"] for p in partitions if p["topic"] == topic) == list(range(settings.partitions))
-            assert {p["topic"] for p in partitions} == {topic}  # not Faust's leader topic
+            bulk = service_topics(pipeline.prefix, "data").bulk  # the bulk lane: the agents read it too
+            assert {p["topic"] for p in partitions} == {topic, bulk}  # not Faust's leader topic
             figures["paused"] = {"cli": {k: cli_data[k] for k in ("state", "members", "lag", "rate_per_s", "drain")},
                                  "admin_lag": expected}
 

@@ -11,6 +11,8 @@
   and the delivery outstanding are finished within ``grace_s`` and acknowledged (Faust's consumer commits
   acknowledged offsets on stop, then leaves the group). Past the grace period they are abandoned
   unacknowledged and are delivered again to whichever agent owns their partitions next.
+* Lanes (``bulk``): interactive events first, bulk fills the rest of each batch (``streams.batching``). The two
+  lanes are different topics, so different partitions: acknowledgement and commits stay per partition.
 * Rebalance: see ``agents.loops.base`` (what was taken settles before the partition goes, then is committed).
 * Anything that escapes (a delivery retry that ran out, a bug) stops the process with an error instead of
   letting Faust restart the agent past events it holds unacknowledged.
@@ -26,7 +28,7 @@ from typing import TypeVar
 from agents.errors import DeliveryError
 from agents.loop import BatchProcessor, Settlement
 from agents.loops.base import AgentStopped, EventView, LoopBase
-from streams.batching import BatchBuffer
+from streams.batching import BatchBuffer, BulkLane
 from streams.codec import Record
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,10 @@ class BatchLoop(LoopBase[E]):
         grace_s: float,
         max_batch_bytes: int | None = None,
         revoke_wait_s: float | None = None,
+        bulk: BulkLane[E] | None = None,
     ) -> None:
+        """``bulk``: the bulk lane (``streams.batching.BulkLane``): a batch takes every waiting interactive
+        event first and fills the rest with bulk, bulk keeping its ``min_share`` of the slots."""
         super().__init__(processor, view, grace_s=grace_s, revoke_wait_s=revoke_wait_s)
         # Oldest first across partitions (each partition in order), within what waits here; a batch's
         # events together stay under max_batch_bytes when it is set (always one event at least), and what
@@ -65,6 +70,7 @@ class BatchLoop(LoopBase[E]):
             max_cost=max_batch_bytes,
             accept=self._accepts,
             max_waiting_cost=WAITING_BATCHES * max_batch_bytes if max_batch_bytes else None,
+            bulk=bulk,
         )
         self._delivering: asyncio.Task[None] | None = None
 

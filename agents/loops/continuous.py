@@ -56,7 +56,7 @@ from agents.loop import BatchProcessor, Settlement, _Pending
 from agents.loops.base import AgentStopped, EventView, LoopBase
 from agents.runner import Failure, Item
 from schemas import ErrorCode, PartialBatchEvent, PartialDelta
-from streams.batching import BatchBuffer
+from streams.batching import BatchBuffer, BulkLane
 from streams.cancel import cancel_key, cancels
 from streams.codec import encode
 from streams.redis import guarded
@@ -136,14 +136,17 @@ class ContinuousLoop(LoopBase[E]):
         max_batch: int,
         grace_s: float,
         revoke_wait_s: float | None = None,
+        bulk: BulkLane[E] | None = None,
     ) -> None:
+        """``bulk``: the bulk lane (``streams.batching.BulkLane``): admission takes interactive rows first, and
+        bulk gets every free row slot interactive leaves plus its ``min_share`` of the admissions."""
         super().__init__(processor, view, grace_s=grace_s, revoke_wait_s=revoke_wait_s)
         self.runner = runner
         self._sink = sink
         self._worker_id = worker_id.encode()
         self._redis = redis
         self._prefix = topic_prefix
-        self.buffer = BatchBuffer(max_batch, capacity=2 * max_batch, accept=self._accepts)
+        self.buffer = BatchBuffer(max_batch, capacity=2 * max_batch, accept=self._accepts, bulk=bulk)
         self.engine = runner.make_engine()
         self.max_rows = self.engine.max_batch
         self.figures = LoopFigures()

@@ -59,12 +59,14 @@ def lag_by_service(report: LagReport) -> dict[str, ServiceLag]:
     """``{service: ServiceLag}``: each service's agent group's lag and drain time. A group with lag that is
     not draining (no rate, e.g. no live agent) drains in +Inf seconds; before a second sample (no rates
     yet) the drain time is unknown (no sample)."""
+
+    def drain_of(lag: int, drain_s: float | None) -> float | None:
+        return math.inf if drain_s is None and lag > 0 and report.interval_s is not None else drain_s
+
     out: dict[str, ServiceLag] = {}
     for service, group in report.services.items():
-        drain = group.drain_s
-        if drain is None and group.lag > 0 and report.interval_s is not None:
-            drain = math.inf
-        out[service] = ServiceLag(float(group.lag), drain)
+        lanes = {lane: ServiceLag(float(t.lag), drain_of(t.lag, t.drain_s)) for lane, t in group.lanes.items()}
+        out[service] = ServiceLag(float(group.lag), drain_of(group.lag, group.drain_s), lanes)
     return out
 
 

@@ -26,6 +26,7 @@ What the figures mean, and their limits:
   ``by_service``), ``tokens`` (LLM prompt + completion), ``rate_limited`` (429s, and ``by_limit``).
 * ``lag`` / ``drain_s``: null while Kafka is down (the monitor is not asked then) or when the monitor cannot
   answer within ``api.routes.metrics.LAG_READ_TIMEOUT_S``; ``draining`` false: lag that no agent consumes.
+  ``lanes``: the same three per lane, ``{"interactive": {...}, "bulk": {...}}`` (null with ``lag``).
 
 Access: the page and its two static files are open (they hold no data); ``/status.json`` follows ``/metrics``'
 rule (``api.app`` applies ``auth_dependencies(settings, route="metrics")`` and opens it only when
@@ -231,12 +232,20 @@ def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, digits)
 
 
-def _lag_view(lag: ServiceLag | None) -> dict[str, object]:
+def _lag_view(lag: ServiceLag | None, lanes: bool = True) -> dict[str, object]:
+    """``lag``, ``drain_s``, ``draining`` of a service, and the same per lane under ``lanes``."""
     if lag is None:
-        return {"lag": None, "drain_s": None, "draining": None}
+        return {"lag": None, "drain_s": None, "draining": None, **({"lanes": None} if lanes else {})}
     records = int(lag.records)
     draining = None if lag.drain_s is None else math.isfinite(lag.drain_s)
-    return {"lag": records, "drain_s": _round(lag.drain_s, 1), "draining": True if records == 0 else draining}
+    view: dict[str, object] = {
+        "lag": records,
+        "drain_s": _round(lag.drain_s, 1),
+        "draining": True if records == 0 else draining,
+    }
+    if lanes:
+        view["lanes"] = {name: _lag_view(lane, lanes=False) for name, lane in lag.lanes.items()}
+    return view
 
 
 def window_of(request: Request) -> StatusWindow:

@@ -83,12 +83,28 @@
     return row;
   }
 
+  // The figure of the whole service, then one small line per lane (interactive, bulk) when known.
+  function setWithLanes(cell, main, lanes, format) {
+    if (!lanes || main === DASH) {
+      cell.textContent = main;
+      return;
+    }
+    const detail = document.createElement("div");
+    detail.className = "lanes";
+    detail.id = `${cell.id}-lanes`;
+    detail.textContent = Object.entries(lanes)
+      .map(([lane, figures]) => `${lane} ${format(figures)}`)
+      .join(" · ");
+    cell.replaceChildren(document.createTextNode(main), detail);
+  }
+
   function renderService(name, service) {
     const id = serviceRow(name).id;
     setState($(`${id}-health-pill`), service.status);
     $(`${id}-agents`).textContent = known(service.agents) ? String(service.agents) : DASH;
-    $(`${id}-lag`).textContent = known(service.lag) ? String(service.lag) : DASH;
-    $(`${id}-drain`).textContent = fmtDrain(service);
+    setWithLanes($(`${id}-lag`), known(service.lag) ? String(service.lag) : DASH, service.lanes,
+      (lane) => (known(lane.lag) ? String(lane.lag) : DASH));
+    setWithLanes($(`${id}-drain`), fmtDrain(service), service.lanes, fmtDrain);
     $(`${id}-throughput`).textContent = fmtRate(service.items_per_s);
     $(`${id}-p95`).textContent = fmtMs(service.p95_ms);
     $(`${id}-batch`).textContent = fixed(service.batch_mean, 2);
