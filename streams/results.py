@@ -14,11 +14,13 @@ The stored form is one byte, ``1`` for an ok reply and ``0`` for an error reply,
 JSON (orjson, never pickle; ``correlation_id`` removed). A value without that byte (a bare JSON object, as
 kept before it existed) is still read, as an error reply would be for the rule below.
 
-The rule, held by one Lua script (``_KEEP``, atomic in Redis): **an ok result, once kept, is never replaced
-by an error reply**. At-least-once delivery runs a request again after a crash or a rebalance, and the
+The rule, held by one Lua script (``_KEEP``, atomic in Redis): **an ok result, once kept, is final**: no
+later reply replaces it. At-least-once delivery runs a request again after a crash or a rebalance, and the
 duplicate may find its deadline passed (``deadline_exceeded``) or its claim check gone
-(``claim_check_missing``); it is dropped here instead of turning a 200 into a 504 or a 422. Any other write
-replaces the kept one (an ok reply over an error reply, a duplicate ok over an ok: the same answer). The
+(``claim_check_missing``); it is dropped here instead of turning a 200 into a 504 or a 422. A duplicate ok
+reply (the agent's and the edge's copies of one reply, or a re-run) is dropped too, so every ``GET`` that
+answered 200 answers the same body (its timings included) for as long as the result is kept. An ok reply
+replaces an error reply, and an error reply replaces an error reply (no answer to protect). The
 script also keeps the request's pending marker (``pending_key``: its owner, its renderer) at least as long
 as its result, so a result never outlives the marker that says whose it is.
 
@@ -56,11 +58,10 @@ def pending_key(prefix: str, request_id: str) -> str:
 
 OK_TAG, ERROR_TAG = b"1", b"0"  # the first byte of a stored result
 
-# Keep one result unless an ok result is kept and this one is an error; stretch the marker's TTL to the
+# Keep one result unless an ok result is kept already (it is final); stretch the marker's TTL to the
 # result's. KEYS: result, marker. ARGV: stored value, TTL s. Returns 1 (kept) or 0 (an ok result stays).
 _KEEP = """
-local new_ok = string.sub(ARGV[1], 1, 1) == '1'
-if not new_ok and string.sub(redis.call('GET', KEYS[1]) or '', 1, 1) == '1' then
+if string.sub(redis.call('GET', KEYS[1]) or '', 1, 1) == '1' then
   return 0
 end
 local ttl = tonumber(ARGV[2])
@@ -95,7 +96,7 @@ def decode_result(value: bytes | str | None) -> ReplyEvent | None:
 
 async def store_replies(redis: Redis, prefix: str, replies: Sequence[tuple[ReplyEvent, int]]) -> int:
     """Keep each ``(reply, ttl_s)`` under its ``result_key`` in one round trip, through the Redis breaker; an ok
-    result already kept is never replaced by an error reply (see the module docstring).
+    result already kept is never replaced (see the module docstring).
 
     Returns:
         How many replies were not kept because Redis failed (0, or all of them); the failure is logged.

@@ -4,7 +4,8 @@ The rule under test: an ok result, once kept, is never replaced by an error repl
 it (the agent's ``store_replies`` after settling, or the edge's own copy in ``api.async_requests``: both
 call ``store_replies``). A redelivered duplicate that finds its deadline passed (``deadline_exceeded``) or
 its claim check gone (``claim_check_missing``) must not turn the 200 of ``GET /requests/{id}`` into a 504
-or a 422. Other writes replace the kept result (an ok reply over an error reply, an ok over an ok).
+or a 422. Nor by a later ok reply: the first ok result is final, so every 200 answers the same body. An ok
+reply replaces an error reply, and an error reply an error reply.
 Also: the result's stored form (tag byte + JSON), a bare JSON value still read, and the pending marker kept
 at least as long as its result.
 """
@@ -73,15 +74,19 @@ async def test_a_later_error_reply_never_replaces_an_ok_result(store: SimpleName
     assert before == after.status_code == 200, after.body
 
 
-async def test_an_ok_reply_replaces_an_error_and_an_ok_replaces_an_ok(store: SimpleNamespace) -> None:
+async def test_an_ok_reply_replaces_an_error_and_the_first_ok_result_is_final(store: SimpleNamespace) -> None:
     rid = uuid.uuid4().hex
     await store_replies(store.redis, store.prefix, [(_error(rid, ErrorCode.DEADLINE_EXCEEDED), TTL_S)])
     first = await _kept(store, rid)
     assert first is not None and not first.ok
     await store_replies(store.redis, store.prefix, [(_ok(rid, 1), TTL_S)])
-    await store_replies(store.redis, store.prefix, [(_ok(rid, 2), TTL_S)])
+    stored = await store.redis.get(result_key(store.prefix, rid))
+    # the edge's copy of the same reply (its own timings) and a re-run's: neither changes what GET answers
+    edge_copy = _ok(rid, 1).model_copy(update={"timings_ms": {"edge_ms": 12.5}})
+    assert await store_replies(store.redis, store.prefix, [(edge_copy, TTL_S), (_ok(rid, 2), TTL_S)]) == 0
     kept = await _kept(store, rid)
-    assert kept is not None and kept.ok and kept.output == {"value": 2}
+    assert kept is not None and kept.ok and kept.output == {"value": 1} and kept.timings_ms == {}
+    assert await store.redis.get(result_key(store.prefix, rid)) == stored
     # an error reply over an error reply: the last one wins (no ok answer to protect)
     other = uuid.uuid4().hex
     await store_replies(store.redis, store.prefix, [(_error(other, ErrorCode.CLAIM_CHECK_MISSING), TTL_S)])
