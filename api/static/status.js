@@ -199,9 +199,11 @@
     return seconds >= 60 ? `${Math.round(seconds / 60)} min` : `${Math.round(seconds)} s`;
   }
 
-  // One chart: `series` is [{name, values}] aligned with `at` (epoch s); null values are gaps. The x axis is the
-  // last `windowS` seconds up to `now`; the y axis starts at 0. With no value at all it shows an empty state.
-  function chart(id, title, unit, at, series, now, windowS, format) {
+  // One chart: `series` is [{name, values}] aligned with `at` (epoch s); null values are gaps. The x axis ends at
+  // `now` and spans the history kept (at least a minute, at most `windowS`, 15 min), so a young edge's few points
+  // are not squeezed into the last pixel; the y axis starts at 0. With no value at all it shows an empty state.
+  function chart(id, title, unit, at, series, now, historyS, format) {
+    const windowS = historyS;
     const { width, height, left, right, top, bottom } = CHART;
     const plotW = width - left - right;
     const plotH = height - top - bottom;
@@ -296,6 +298,7 @@
     $("history-error").hidden = true;
     const blocks = Object.entries(doc.services || {}).map(([name, service]) => {
       const at = service.at || [];
+      const span = Math.min(windowS, Math.max(60, known(at[0]) ? now - at[0] : 0));
       const block = document.createElement("div");
       block.className = "service-charts";
       block.id = `charts-${name}`;
@@ -305,10 +308,10 @@
       block.append(
         heading,
         chart(id("throughput"), "Throughput", "items/s", at, [{ name, values: service.items_per_s || [] }], now,
-          windowS, fmtNumber),
-        chart(id("p95"), "p95 latency", "ms", at, [{ name, values: service.p95_ms || [] }], now, windowS, fmtNumber),
-        chart(id("lag"), "Lag", "records", at, laneSeries(service, "lag"), now, windowS, fmtNumber),
-        chart(id("drain"), "Time to drain", "s", at, laneSeries(service, "drain_s"), now, windowS, fmtNumber),
+          span, fmtNumber),
+        chart(id("p95"), "p95 latency", "ms", at, [{ name, values: service.p95_ms || [] }], now, span, fmtNumber),
+        chart(id("lag"), "Lag", "records", at, laneSeries(service, "lag"), now, span, fmtNumber),
+        chart(id("drain"), "Time to drain", "s", at, laneSeries(service, "drain_s"), now, span, fmtNumber),
       );
       return block;
     });
