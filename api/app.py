@@ -26,6 +26,7 @@ from api.metrics import EdgeMetrics, RequestMetrics
 from api.quota_gate import QuotaGate
 from api.routes import data, health, lag, llm, metrics, nlp, requests, status, vision
 from api.routes import openai as openai_routes
+from api.status_history import History
 from streams.kafka_security import client_options
 from streams.lag_probe import LagMonitor
 from streams.redis import connect
@@ -51,7 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The edge app; ``settings`` defaults to the environment's."""
     settings = settings or get_settings()
     # this app's own registry (api/metrics.py), served at /metrics; per key name counts (api/quotas.py)
-    edge_metrics = EdgeMetrics([key.name for key in settings.api_keys])
+    edge_metrics = EdgeMetrics(
+        [key.name for key in settings.api_keys], settings.status_slow_requests, settings.status_history_window_s
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         edge = Edge(settings, producer, redis, router, listener, reply_topic, metrics=edge_metrics)
         refresher: asyncio.Task[None] | None = None
+        sampler: asyncio.Task[None] | None = None
         app.state.lag = lag_monitor = LagMonitor(settings)  # GET /lag and /metrics; connects on first read
         try:
             await producer.start()
@@ -85,13 +89,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await edge.start()  # the broker probe: 503 at once while Kafka is down
             refresher = asyncio.create_task(_refresh_models_forever(edge, settings.heartbeat_interval_s))
             app.state.edge = edge
+            # The status page's history (api/routes/status.py): a point per service every interval, never raising.
+            sampler = asyncio.create_task(
+                status.sample_history_forever(app.state, settings.status_history_interval_s), name="status-history"
+            )
             log.info("edge %s ready; replies on %s", settings.edge_id, reply_topic)
             yield
         finally:
-            if refresher is not None:
-                refresher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await refresher
+            for task in (sampler, refresher):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await edge.stop()
             router.fail_all(RuntimeError("edge shutting down"))
             await listener.stop()
@@ -117,10 +126,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # (declared in the OpenAPI document only when keys are configured: auth_dependencies).
     open_paths = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", *status.PAGE_PATHS}
     if not settings.metrics_require_key:
-        open_paths.update({"/metrics", "/lag", "/status.json"})  # operational data: same access as /metrics
+        open_paths.update({"/metrics", "/lag", *status.DATA_PATHS})  # operational data: same access as /metrics
     app.add_middleware(ApiKeyGate, settings=settings, open_paths=frozenset(open_paths))
     app.add_middleware(RequestMetrics, metrics=edge_metrics)  # outermost: counts 401s and 413s too
     app.state.metrics = edge_metrics
+    app.state.status_history = status.HistorySampler(
+        History(settings.status_history_interval_s, settings.status_history_window_s)
+    )
+    app.state.trace_url_template = settings.trace_url_template  # checked by Settings: http(s), {trace_id}
+    app.state.edge_id = settings.edge_id
     install_error_handlers(app)
     service_auth = auth_dependencies(settings)  # API keys on every service route (api/auth.py)
     # The service routes first: a request is matched against the routers in this order (no paths overlap).

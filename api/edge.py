@@ -304,7 +304,7 @@ class Edge:
             ReplyTimeoutError: no reply within the timeout (504). DuplicateIdError: the id is in flight (409).
         """
         request_id = request_id or uuid.uuid4().hex
-        note_call(service, task)  # labels the request counted by api.metrics.RequestMetrics
+        note_call(service, task, request_id)  # labels the request counted by api.metrics.RequestMetrics
         if admitted:
             return await self._call(service, task, payload, cache, request_id, timeout_s, store_result_s, on_produced)
         if not self.in_flight.try_acquire():
@@ -362,6 +362,7 @@ class Edge:
                 ) from exc
         finally:
             self.router.forget(correlation_id)
+            note_call(service, task, request_id)  # where the call finishes: the trace id, if its span is current
         return _final(reply, started)
 
     async def _cached(
@@ -452,7 +453,7 @@ class Edge:
         stream's ``next`` raises instead.
         """
         request_id = request_id or uuid.uuid4().hex
-        note_call(service, task)
+        note_call(service, task, request_id)
         if not admitted and not self.in_flight.try_acquire():
             raise OverloadedError(
                 f"the edge holds {self.in_flight.limit} requests already; retry after {RETRY_AFTER_S} s",

@@ -15,6 +15,9 @@ apps in one process (tests) never collide. The families, all prefixed ``aisemble
 * ``consumer_lag{service}`` and ``drain_seconds{service}``: the service's consumer group lag and the time
   its agents need to drain it at their recent rate, from the lag monitor at scrape time (``scrape``).
 
+The same middleware offers each of these requests to ``slow`` (``api.status_history.SlowRequests``): the
+slowest recent ones for the status page, with the request id and trace id ``note_call`` found (no payload).
+
 Per API key *name* (``AISEMBLE_API_KEYS``; never the key), from ``keys`` (``api.quotas.KeyStats``) at scrape
 time: ``aisemble_key_requests_total{key_name,service}`` (requests to service routes the key's quotas let
 through), ``aisemble_key_tokens_total{key_name}`` (LLM tokens its answers used: prompt + completion) and
@@ -33,6 +36,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -40,6 +44,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.quotas import KeyStats
+from api.status_history import SlowRequest, SlowRequests
 from schemas import SERVICES
 
 PREFIX = "aisemble_edge"
@@ -54,19 +59,34 @@ class _CallLabels:
 
     service: str = ""
     task: str = ""
+    request_id: str | None = None
+    trace_id: str | None = None
 
 
 _current: contextvars.ContextVar[_CallLabels | None] = contextvars.ContextVar("aisemble_edge_call", default=None)
 
 
-def note_call(service: str, task: str) -> None:
-    """Tell the request being counted which service and task it called (a no-op outside ``RequestMetrics``).
+def note_call(service: str, task: str, request_id: str | None = None) -> None:
+    """Tell the request being counted which service and task it called, its request id, and the trace id of the
+    span current here when tracing is on (``current_trace_id``); a no-op outside ``RequestMetrics``.
 
     The middleware sets a mutable holder in the context; this mutates it, so it works even when the route
-    runs in a copied context (another task)."""
+    runs in a copied context (another task). Called again for the same request (where the call finishes), it
+    keeps the trace id it found first."""
     labels = _current.get()
     if labels is not None:
         labels.service, labels.task = service, task
+        if request_id is not None:
+            labels.request_id = request_id
+        if labels.trace_id is None:
+            labels.trace_id = current_trace_id()
+
+
+def current_trace_id() -> str | None:
+    """The trace id (32 hex digits) of the span current in this context, or None (tracing off: the API's no-op
+    span is never valid). Reads OpenTelemetry's context only; sets nothing up."""
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else None
 
 
 OPENAI_PATHS = {"/v1/chat/completions": "llm", "/v1/completions": "llm", "/v1/embeddings": "nlp"}
@@ -179,8 +199,12 @@ class EdgeMetrics:
     """The edge's metrics on their own registry; see the module docstring. ``key_names``: the names of
     ``AISEMBLE_API_KEYS`` (each has its ``aisemble_key_tokens_total`` sample from the start)."""
 
-    def __init__(self, key_names: list[str] | None = None) -> None:
+    def __init__(
+        self, key_names: list[str] | None = None, slow_requests: int = 20, slow_window_s: float = 900.0
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # The slowest recent requests for the status page (api.status_history), fed by RequestMetrics.
+        self.slow = SlowRequests(slow_requests, slow_window_s)
         self.keys = KeyStats(key_names)
         self.registry.register(_KeyCollector(self.keys))
         self.requests = Counter(
@@ -257,4 +281,11 @@ class RequestMetrics:
             await self.app(scope, receive, send_status)
         finally:
             _current.reset(token)
-            self.metrics.observe_request(labels.service or service, labels.task, status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(labels.service or service, labels.task, status, seconds)
+            self.metrics.slow.offer(
+                SlowRequest(
+                    seconds * 1000.0, time.time(), labels.service or service, scope["path"], status,
+                    labels.task, labels.request_id, labels.trace_id,
+                )
+            )  # fmt: skip

@@ -11,6 +11,7 @@ import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -171,6 +172,26 @@ class ApiKey(BaseModel):
         return self.key.get_secret_value()
 
 
+TRACE_ID_FIELD = "{trace_id}"
+
+
+def check_trace_url_template(template: str) -> str:
+    """``template`` when it is an absolute http(s) URL holding ``{trace_id}`` and no other placeholder, no
+    whitespace or control character (``AISEMBLE_TRACE_URL_TEMPLATE``); a ``ValueError`` naming the rule otherwise.
+    The page only ever gets the URL with a trace id (32 hex digits) put in, never a script (``javascript:``)."""
+    if TRACE_ID_FIELD not in template:
+        raise ValueError(f"the trace URL template must hold {TRACE_ID_FIELD}")
+    rest = template.replace(TRACE_ID_FIELD, "")
+    if "{" in rest or "}" in rest:
+        raise ValueError(f"the trace URL template may hold no placeholder but {TRACE_ID_FIELD}")
+    if any(c.isspace() or not c.isprintable() for c in template):
+        raise ValueError("the trace URL template may hold no whitespace or control character")
+    parts = urlsplit(template.replace(TRACE_ID_FIELD, "0" * 32))
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise ValueError("the trace URL template must be an absolute http:// or https:// URL")
+    return template
+
+
 class Settings(BaseSettings):
     """Everything a process of aisemble needs to know; one instance per process."""
 
@@ -264,6 +285,25 @@ class Settings(BaseSettings):
         ),
     )
 
+    # The status page (issue 17): a short history for its charts, the slowest recent requests, trace links.
+    status_history_interval_s: float = Field(
+        default=5.0,
+        ge=0.5,
+        le=300.0,
+        description="How often the edge samples /status.json's figures for /status/history.json.",
+    )
+    status_history_window_s: float = Field(
+        default=900.0, ge=60.0, le=86_400.0, description="How far back the history and the slowest requests reach."
+    )
+    status_slow_requests: int = Field(
+        default=20, ge=1, le=1000, description="How many of the slowest recent requests the edge keeps and shows."
+    )
+    trace_url_template: str | None = Field(
+        default=None,
+        description="An http(s) URL with {trace_id} (e.g. http://127.0.0.1:16686/trace/{trace_id}): the status "
+        "page links each slow request's trace id there. None: trace ids are shown without a link.",
+    )
+
     # Security (issue 7): where agents may write, who the edge answers, a secured Kafka.
     reply_to_allow: list[str] = Field(
         default_factory=lambda: ["{prefix}.replies.*", "{prefix}.edge.*.replies"],
@@ -313,6 +353,11 @@ class Settings(BaseSettings):
                 entry = entry.model_copy(update={"name": f"key-{index}"})
             entries.append(entry)
         return entries
+
+    @field_validator("trace_url_template")
+    @classmethod
+    def _trace_url_template_is_http(cls, value: str | None) -> str | None:
+        return None if value is None or not value.strip() else check_trace_url_template(value.strip())
 
     @model_validator(mode="after")
     def _key_names_are_unique(self) -> Settings:

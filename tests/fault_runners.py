@@ -56,3 +56,23 @@ class SlowDataRunner(PoisonDataRunner):
 
 def slow_data(settings: Settings) -> SlowDataRunner:
     return SlowDataRunner(build_runner(settings))
+
+
+class DelayedDataRunner(PoisonDataRunner):
+    """The data runner, except that a batch holding a record with a numeric ``delay_ms`` first sleeps the largest
+    one (at most 5 s): a deliberately slow request (the status page's slowest-requests list)."""
+
+    def run_batch(self, items: Sequence[Item]) -> list[Outcome]:
+        delays = [
+            record.get("delay_ms")
+            for item in items
+            for record in (item.input.get("records") or [])
+            if isinstance(record, dict)
+        ]
+        delay_ms = max((d for d in delays if isinstance(d, int | float)), default=0)
+        time.sleep(min(delay_ms, 5000) / 1000.0)
+        return super().run_batch(items)
+
+
+def delayed_data(settings: Settings) -> DelayedDataRunner:
+    return DelayedDataRunner(build_runner(settings))

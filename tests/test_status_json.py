@@ -122,20 +122,27 @@ def test_the_page_is_open_and_its_data_needs_a_key_like_metrics() -> None:
         assert response.headers["content-security-policy"] == CSP
     assert client.get("/status.json").status_code == 401
     assert client.get("/status.json", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.get("/status/history.json").status_code == 401  # the history follows the same rule
+    assert client.get("/status/history.json", headers={"X-API-Key": "wrong"}).status_code == 401
+    history = client.get("/status/history.json", headers={"X-API-Key": KEY})
+    assert history.status_code == 200 and history.json()["services"] == {} and history.json()["slow"] == []
     # With the key the gate lets it through (no lifespan here, so the route itself fails: 500, not 401).
     assert client.get("/status.json", headers={"X-API-Key": KEY}).status_code == 500
     opened = TestClient(create_app(keyed.model_copy(update={"metrics_require_key": False})),
                         raise_server_exceptions=False)  # fmt: skip
     assert opened.get("/status.json").status_code == 500  # open, like /metrics
-    assert "/status.json" not in client.get("/openapi.json").json()["paths"]  # not part of the JSON API
+    assert opened.get("/status/history.json").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/status.json" not in paths and "/status/history.json" not in paths  # not part of the JSON API
 
 
 def test_the_page_loads_nothing_from_elsewhere() -> None:
     static = resources.files("api").joinpath("static")
     html = static.joinpath("index.html").read_text()
     for name in ("index.html", "status.css", "status.js"):
-        text = static.joinpath(name).read_text()
+        text = static.joinpath(name).read_text().replace('"http://www.w3.org/2000/svg"', "")  # a name, not a load
         assert "http://" not in text and "https://" not in text, name
+        assert 'setAttribute("style"' not in text and "style=" not in text, name  # no inline style (CSP)
         assert "@import" not in text and "innerHTML" not in text, name
     assert '<script src="/static/status.js"' in html and "<script>" not in html  # no inline script (CSP)
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
@@ -187,5 +194,58 @@ async def test_status_json_of_a_running_pipeline(infra_settings: Settings, tmp_p
         assert data["draining"] is True
         print("STATUS-JSON: " + json.dumps({"sent": sent, "answered": answered, "window_s": doc["window_s"], **data}))
         assert answered == sent
+    finally:
+        pipeline.stop()
+
+
+@pytest.mark.integration
+async def test_the_history_and_the_slowest_requests_of_a_running_pipeline(
+    infra_settings: Settings, tmp_path: Path
+) -> None:
+    """The edge samples every second here: after traffic the history has points for the data service with items/s
+    above 0, and the slowest list starts with the deliberately slow request (a data agent that sleeps on a marked
+    record), without its payload."""
+    pipeline = Pipeline.isolated(infra_settings, ["data"], tmp_path, AISEMBLE_STATUS_HISTORY_INTERVAL_S="1")
+    pipeline.add_agent("data", "--runner", "tests.fault_runners:delayed_data")
+    pipeline.spawn_edge()
+    pipeline.wait_healthy(120)
+    slow_id = f"slow-{uuid.uuid4().hex[:12]}"
+    try:
+        async with httpx.AsyncClient(base_url=pipeline.url, timeout=30) as http:
+            sem = asyncio.Semaphore(8)
+
+            async def one(i: int) -> int:
+                async with sem:
+                    body = {"operation": "analyze", "data": {"records": [{"v": i, "secret": "payload-" + str(i)}]}}
+                    return (await http.post("/data/process", json=body)).status_code
+
+            statuses = await asyncio.gather(*(one(i) for i in range(150)))
+            slow = await http.post(  # alone: nothing else waits behind its batch, so it is the slowest
+                "/data/process",
+                json={"operation": "analyze", "data": {"records": [{"v": -1, "delay_ms": 1200, "secret": "x"}]}},
+                headers={"X-Request-Id": slow_id},
+            )
+            assert slow.status_code == 200 and all(s == 200 for s in statuses)
+            deadline = time.monotonic() + 30
+            while True:  # the agents' counters arrive with their heartbeats (1 s): poll, bounded
+                doc = (await http.get("/status/history.json")).json()
+                data = doc["services"].get("data") or {}
+                if any((v or 0) > 0 for v in data.get("items_per_s", [])):
+                    break
+                assert time.monotonic() < deadline, f"no items/s in the history: {doc}"
+                await asyncio.sleep(0.5)
+        assert list(doc["services"]) == ["data"] and doc["interval_s"] == 1.0 and doc["window_s"] == 900.0
+        columns = {k: len(v) for k, v in data.items() if k != "lanes"}
+        assert len(set(columns.values())) == 1 and columns["at"] >= 2, columns  # aligned columns, several points
+        assert sorted(data["lanes"]) == ["bulk", "interactive"]
+        assert any((v or 0) > 0 for v in data["p95_ms"]) and all(v is None or v >= 0 for v in data["lag"])
+        top = doc["slow"][0]
+        assert top["request_id"] == slow_id and top["total_ms"] >= 1200, doc["slow"][:3]
+        assert (top["service"], top["task"], top["route"], top["status"]) == ("data", "analyze", "/data/process", 200)
+        assert top["trace_id"] is None and top["trace_url"] is None  # tracing off in this edge: no id, no link
+        assert len(doc["slow"]) == 20  # the setting's default, out of 151 requests
+        assert [r["total_ms"] for r in doc["slow"]] == sorted((r["total_ms"] for r in doc["slow"]), reverse=True)
+        assert "secret" not in json.dumps(doc) and "payload" not in json.dumps(doc)
+        print("STATUS-HISTORY-JSON: " + json.dumps({"points": columns["at"], "slowest_ms": top["total_ms"]}))
     finally:
         pipeline.stop()

@@ -10,6 +10,13 @@
   banner says Kafka is down, and requests are refused at once with 503 (counted: all 503, none lost, none hangs;
   the slowest under ``REFUSED_BOUND_S``).
 
+* The history and the slowest requests (an edge in this process, wrapped so that each HTTP request runs in a
+  span of a real OpenTelemetry SDK tracer, as the edge's tracing makes it; ``AISEMBLE_TRACE_URL_TEMPLATE`` set;
+  a data agent that sleeps on a marked record): before traffic the p95 chart is an empty state; under a light
+  bounded load the charts draw points, the slowest list shows the deliberately slow request first, its trace id
+  a link built from the template (rel noopener), and the browser logged no CSP violation (a deliberate one,
+  made afterwards, is seen: the check can fail). Its screenshot under load is the README's.
+
 A screenshot of each state is saved under the test's tmp_path (``SCREENSHOT: <path>`` lines with ``pytest -s``).
 Every wait is bounded (``WebDriverWait``); the browser is always quit and every process stopped by PID.
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,15 +34,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Tracer
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import infra
 from aisemble.pipeline import Pipeline, free_port
+from api.app import create_app
 from infra.browser import Browser, find_browser
 from infra.process import port_free
 from streams.settings import Settings
@@ -271,3 +284,152 @@ def test_the_banner_says_kafka_is_down(infra_settings: Settings, tmp_path: Path,
     finally:
         pipeline.stop()
         kafka.stop()
+
+
+# ---- the history, its charts and the slowest requests --------------------------------------------------------
+
+TRACE_TEMPLATE = "http://127.0.0.1:16686/trace/{trace_id}"
+SLOW_DELAY_MS = 1500  # the deliberately slow request; the others take a few ms
+LOAD_BOUND_S = 40.0  # the light load runs at most this long
+CHARTS = ("throughput", "p95", "lag", "drain")
+
+
+class _Traced:
+    """ASGI: each HTTP request runs in a span of ``tracer`` (what the edge's tracing makes current)."""
+
+    def __init__(self, app: ASGIApp, tracer: Tracer) -> None:
+        self.app = app
+        self.tracer = tracer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with self.tracer.start_as_current_span(f"{scope['method']} {scope['path']}"):
+            await self.app(scope, receive, send)
+
+
+def _points(driver: WebDriver, chart_id: str) -> int:
+    found = driver.find_elements(By.ID, chart_id)
+    return int(found[0].get_attribute("data-points") or 0) if found else -1
+
+
+def _csp_violations(entries: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [e for e in entries if "Content Security Policy" in str(e["message"]) or "Refused to" in str(e["message"])]
+
+
+def test_the_page_charts_its_history_and_links_the_slowest_requests_to_their_traces(
+    infra_settings: Settings, tmp_path: Path, browser: WebDriver
+) -> None:
+    started = time.monotonic()
+    pipeline = Pipeline.isolated(infra_settings, ["data"], tmp_path)
+    pipeline.add_agent("data", "--runner", "tests.fault_runners:delayed_data")
+    settings = pipeline.settings.model_copy(
+        update={"services": ["data"], "heartbeat_interval_s": 1.0, "status_history_interval_s": 1.0,
+                "trace_url_template": TRACE_TEMPLATE}
+    )  # fmt: skip
+    tracer = TracerProvider().get_tracer("status-page-test")  # this edge's spans only: nothing installed globally
+    server = uvicorn.Server(
+        uvicorn.Config(_Traced(create_app(settings), tracer), host="127.0.0.1", port=pipeline.port, log_level="warning")
+    )
+    serving = threading.Thread(target=server.run, name="edge", daemon=True)
+    stop_load = threading.Event()
+    counts = {"sent": 0, "answered": 0}
+    counting = threading.Lock()
+
+    def load() -> None:  # light and bounded: 4 clients, small requests, until told or LOAD_BOUND_S
+        until = time.monotonic() + LOAD_BOUND_S
+
+        def client(n: int) -> None:
+            with httpx.Client(base_url=pipeline.url, timeout=30) as http:
+                i = 0
+                while not stop_load.is_set() and time.monotonic() < until:
+                    body = {"operation": "analyze", "data": {"records": [{"v": i, "c": n, "tag": uuid.uuid4().hex}]}}
+                    ok = http.post("/data/process", json=body).status_code == 200
+                    with counting:
+                        counts["sent"] += 1
+                        counts["answered"] += ok
+                    i += 1
+                    time.sleep(0.02)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(client, range(4)))
+
+    loader = threading.Thread(target=load, name="load", daemon=True)
+    try:
+        serving.start()
+        pipeline.wait_healthy(120)
+        browser.get(pipeline.url + "/")
+        _wait(browser, "a live data agent", lambda d: (_number(_text(d, "svc-data-agents")) or 0) >= 1)
+        _wait(browser, "the lag chart's first points", lambda d: _points(d, "chart-data-lag") > 0)
+        # No traffic yet: no latency to draw, an empty state (not a broken chart); no slow request either.
+        p95 = browser.find_element(By.ID, "chart-data-p95")
+        assert _points(browser, "chart-data-p95") == 0 and "no data yet" in p95.text, p95.text
+        assert browser.find_element(By.ID, "slow-empty").is_displayed()
+        _screenshot(browser, tmp_path, "history-idle")
+
+        slow_id = f"slow-{uuid.uuid4().hex[:12]}"  # alone, before the load: nothing else waits behind its batch
+        slow_body = {"operation": "analyze", "data": {"records": [{"v": -1, "delay_ms": SLOW_DELAY_MS}]}}
+        with httpx.Client(base_url=pipeline.url, timeout=30) as http:
+            answer = http.post("/data/process", json=slow_body, headers={"X-Request-Id": slow_id})
+        assert answer.status_code == 200, answer.text
+        loader.start()
+
+        _wait(browser, "5 throughput points", lambda d: _points(d, "chart-data-throughput") >= 5)
+        _wait(browser, "p95 points > 0", lambda d: _points(d, "chart-data-p95") > 0)
+        _wait(
+            browser,
+            "a drawn throughput line",
+            lambda d: d.find_elements(By.CSS_SELECTOR, "#chart-data-throughput polyline"),
+        )
+        _wait(
+            browser,
+            "the slow request at the top",
+            lambda d: (
+                d.find_elements(By.CSS_SELECTOR, "#slow-rows tr")
+                and d.find_element(By.CSS_SELECTOR, "#slow-rows tr").get_attribute("data-request-id") == slow_id
+            ),
+        )
+        _wait(browser, "the last throughput value labelled", lambda d: _text(d, "chart-data-throughput-last-0") != "")
+        _screenshot(browser, tmp_path, "history-under-load")  # under load: the loader is still sending
+        under_load = loader.is_alive()
+
+        rows = browser.find_elements(By.CSS_SELECTOR, "#slow-rows tr")
+        first = [cell.text for cell in rows[0].find_elements(By.TAG_NAME, "td")]
+        link = rows[0].find_element(By.CSS_SELECTOR, "a.trace")
+        trace_id = link.text
+        assert re.fullmatch(r"[0-9a-f]{32}", trace_id), trace_id
+        assert link.get_attribute("href") == TRACE_TEMPLATE.format(trace_id=trace_id)
+        assert link.get_attribute("rel") == "noopener noreferrer" and link.get_attribute("target") == "_blank"
+        assert first[1:5] == ["data", "analyze", "/data/process", "200"], first
+        assert first[0].endswith(" s") and (_number(first[0]) or 0) >= SLOW_DELAY_MS / 1000, first
+        assert len(rows) <= settings.status_slow_requests
+        assert all(r.find_elements(By.CSS_SELECTOR, "a.trace") for r in rows)  # every request ran in a span here
+        with httpx.Client(base_url=pipeline.url, timeout=30) as http:
+            history = http.get("/status/history.json").json()
+        assert "delay_ms" not in json.dumps(history) and "tag" not in json.dumps(history["slow"])  # no payloads
+        for chart in CHARTS:
+            assert browser.find_elements(By.ID, f"chart-data-{chart}"), chart
+        lag_series = browser.find_elements(By.CSS_SELECTOR, "#charts-data figure:nth-of-type(3) .legend")
+        assert [e.text for e in lag_series] == ["bulk", "interactive"]  # both lanes on the lag chart
+
+        entries = browser.get_log("browser")
+        assert not _csp_violations(entries), entries
+        _clean(browser)
+        # The check can fail: an inline style attribute, which this CSP forbids, is reported in the same log.
+        browser.execute_script(
+            "document.body.appendChild(document.createElement('div')).setAttribute('style', 'color: red')"
+        )
+        _wait(browser, "a reported CSP violation", lambda d: _csp_violations(d.get_log("browser")))
+        stop_load.set()
+        loader.join(LOAD_BOUND_S + 10)
+        points = {c: _points(browser, f"chart-data-{c}") for c in CHARTS}
+        figures = {**counts, "under_load": under_load, "slow_row": first, "points": points,
+                   "elapsed_s": round(time.monotonic() - started, 1)}  # fmt: skip
+        print("STATUS-HISTORY: " + json.dumps(figures, ensure_ascii=False))
+        assert under_load and counts["answered"] == counts["sent"] > 0
+    finally:
+        stop_load.set()
+        server.should_exit = True
+        serving.join(15)
+        pipeline.stop()

@@ -20,6 +20,7 @@ from api.deps import get_edge
 from api.edge import Edge
 from api.metrics import CONTENT_TYPE, EdgeLoad, EdgeMetrics, ServiceLag
 from streams.lag import LagReport
+from streams.lag_probe import LagMonitor
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,11 @@ def edge_load(edge: Edge) -> EdgeLoad:
 async def read_lag(request: Request) -> dict[str, ServiceLag] | None:
     """The lag per service from the edge's lag monitor (``app.state.lag``, ``streams.lag_probe``), or None
     (no monitor, or it could not be read now)."""
-    monitor = getattr(request.app.state, "lag", None)
+    return await read_lag_of(getattr(request.app.state, "lag", None))
+
+
+async def read_lag_of(monitor: LagMonitor | None) -> dict[str, ServiceLag] | None:
+    """``read_lag`` of a lag monitor (None: no monitor): the status history's sampler has no request."""
     if monitor is None:
         return None
     try:  # shielded: a slow sample goes on (and is cached for /lag and the next scrape) when this gives up

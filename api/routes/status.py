@@ -28,14 +28,28 @@ What the figures mean, and their limits:
   answer within ``api.routes.metrics.LAG_READ_TIMEOUT_S``; ``draining`` false: lag that no agent consumes.
   ``lanes``: the same three per lane, ``{"interactive": {...}, "bulk": {...}}`` (null with ``lag``).
 
-Access: the page and its two static files are open (they hold no data); ``/status.json`` follows ``/metrics``'
-rule (``api.app`` applies ``auth_dependencies(settings, route="metrics")`` and opens it only when
-``AISEMBLE_METRICS_REQUIRE_KEY`` is false). With keys configured the page asks for one, keeps it in the
-browser's ``sessionStorage`` and sends it as ``X-API-Key``. None of these routes is in the OpenAPI document.
+The history, ``GET /status/history.json``: a background task of the edge (``sample_history_forever``, started
+and cancelled in ``api.app``'s lifespan) reads what ``/status.json`` reads every ``status_history_interval_s``
+(5 s) and adds one point per service (``api.status_history.History``: the last ``status_history_window_s``,
+15 min, 181 points): items/s, requests/s and p95 latency over the interval since the previous point
+(``HistorySampler``), lag and time to drain, per lane too. It never raises and never holds a request up: a
+failed round (Redis or Kafka away) is a gap, logged once. The answer also lists the ``status_slow_requests``
+(20) slowest requests of the window (``api.metrics.EdgeMetrics.slow``: request id, service, task, route,
+status, total ms, time, trace id when tracing is on; never a payload), each trace id with a link built from
+``AISEMBLE_TRACE_URL_TEMPLATE`` when set. Each edge keeps its own history and list (several edges: a page
+shows the one it reached); both start empty when the edge starts.
+
+Access: the page and its two static files are open (they hold no data); ``/status.json`` and
+``/status/history.json`` follow ``/metrics``' rule (``api.app`` applies ``auth_dependencies(settings,
+route="metrics")`` and opens them only when ``AISEMBLE_METRICS_REQUIRE_KEY`` is false). With keys configured the
+page asks for one, keeps it in the browser's ``sessionStorage`` and sends it as ``X-API-Key``. None of these
+routes is in the OpenAPI document.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -45,12 +59,16 @@ from importlib import resources
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import ORJSONResponse, Response
+from starlette.datastructures import State
 
 from api.deps import get_edge
 from api.edge import Edge
 from api.metrics import EdgeMetrics, ServiceLag
-from api.routes.health import health_report
-from api.routes.metrics import read_lag
+from api.routes.health import HealthReport, health_report
+from api.routes.metrics import read_lag_of
+from api.status_history import History, LanePoint, Point
+
+log = logging.getLogger(__name__)
 
 WINDOW_S = 60.0  # the figures cover at most this many seconds
 MIN_GAP_S = 1.0  # a sample is kept only when the last kept one is at least this old
@@ -62,6 +80,7 @@ PAGE_FILES = {  # path -> (file under api/static, media type)
     "/static/status.js": ("status.js", "text/javascript; charset=utf-8"),
 }
 PAGE_PATHS = frozenset(PAGE_FILES)  # open without a key (api.app)
+DATA_PATHS = frozenset({"/status.json", "/status/history.json"})  # the page's data: /metrics' rule (api.app)
 # The page loads only its own files and asks only this edge: no CDN, no inline script, no framing.
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
@@ -256,18 +275,26 @@ def window_of(request: Request) -> StatusWindow:
     return window
 
 
-@router.get("/status.json", include_in_schema=False)
-async def status_json(request: Request, edge: Edge = Depends(get_edge)) -> ORJSONResponse:
-    """Every dependency and service at a glance, with rates over the recent window (see the module doc)."""
+async def read_status(state: State, edge: Edge) -> tuple[HealthReport, dict[str, ServiceLag] | None, Sample]:
+    """What ``/status.json`` and the history sampler read: /health's report, the lag (None while Kafka is down
+    or the monitor cannot answer) and a sample of the latency histogram and the agents' counters."""
     health_doc = await health_report(edge)
     kafka_ok = bool(health_doc.kafka.get("ok"))
-    lag = await read_lag(request) if kafka_ok else None
-    buckets = latency_buckets(request.app.state.metrics)
+    lag = await read_lag_of(getattr(state, "lag", None)) if kafka_ok else None
+    buckets = latency_buckets(state.metrics)
     views = health_doc.services
     sample = Sample(
         time.monotonic(),
         {s: ServiceSample(buckets.get(s, ()), _agents_of(view)) for s, view in views.items()},
     )
+    return health_doc, lag, sample
+
+
+@router.get("/status.json", include_in_schema=False)
+async def status_json(request: Request, edge: Edge = Depends(get_edge)) -> ORJSONResponse:
+    """Every dependency and service at a glance, with rates over the recent window (see the module doc)."""
+    health_doc, lag, sample = await read_status(request.app.state, edge)
+    views = health_doc.services
     figures, window = window_of(request).observe(sample)
     services: dict[str, object] = {}
     for service, view in views.items():
@@ -295,6 +322,97 @@ async def status_json(request: Request, edge: Edge = Depends(get_edge)) -> ORJSO
         "edge": health_doc.edge,
         "services": services,
         "keys": request.app.state.metrics.keys.snapshot(),  # per key name, at this edge (api.quotas.KeyStats)
+    }
+    return ORJSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+# ---- the history: a point per service every status_history_interval_s (api.status_history) ------------------
+
+
+def history_points(
+    at: float, figures: Mapping[str, Figures], services: Iterable[str], lag: Mapping[str, ServiceLag] | None
+) -> dict[str, Point]:
+    """Each service's point at ``at`` (epoch s): its ``figures`` (none: rates unknown) and its lag (None: unknown)."""
+    points: dict[str, Point] = {}
+    for service in services:
+        figs = figures.get(service, Figures())
+        service_lag = None if lag is None else lag.get(service)
+        lanes: dict[str, LanePoint] = {}
+        if service_lag is not None:
+            lanes = {name: LanePoint(int(lane.records), lane.drain_s) for name, lane in service_lag.lanes.items()}
+        points[service] = Point(
+            at,
+            items_per_s=figs.items_per_s,
+            requests_per_s=figs.requests_per_s,
+            p95_ms=figs.p95_ms,
+            lag=None if service_lag is None else int(service_lag.records),
+            drain_s=None if service_lag is None else service_lag.drain_s,
+            lanes=lanes,
+        )
+    return points
+
+
+class HistorySampler:
+    """Turns samples into history points: the rates of each point are over the interval since the previous
+    sample (a ``StatusWindow`` that keeps only the last one), so a point shows that interval, not a minute."""
+
+    def __init__(self, history: History) -> None:
+        self.history = history
+        self.window = StatusWindow(window_s=math.inf, min_gap_s=0.0, samples=deque(maxlen=1))
+
+    def observe(self, sample: Sample, at: float, lag: Mapping[str, ServiceLag] | None) -> dict[str, Point]:
+        figures, _ = self.window.observe(sample)
+        points = history_points(at, figures, sample.services, lag)
+        self.history.add(points)
+        return points
+
+
+def history_of(state: State) -> HistorySampler:
+    """This app's history sampler (made on first use; ``api.app`` makes it with the settings' interval)."""
+    sampler: HistorySampler | None = getattr(state, "status_history", None)
+    if sampler is None:
+        sampler = state.status_history = HistorySampler(History(5.0, 900.0))
+    return sampler
+
+
+async def sample_history_forever(state: State, interval_s: float) -> None:
+    """Every ``interval_s`` read what ``/status.json`` reads and add a point per service, until cancelled.
+
+    It never raises and never holds a request up: a round that fails (Redis or Kafka away, a surprise) is
+    logged once and leaves a gap; reads are bounded (/health's one Redis call, the lag read's timeout)."""
+    sampler = history_of(state)
+    failing = False
+    next_at = time.monotonic()
+    while True:
+        try:
+            _, lag, sample = await read_status(state, state.edge)
+            sampler.observe(sample, time.time(), lag)
+            failing = False
+        except Exception as exc:  # noqa: BLE001  (the sampler outlives any failure: a gap, not a crash)
+            if not failing:
+                log.warning("status history: a sample failed (a gap in the charts): %r", exc)
+            failing = True
+        next_at = max(next_at + interval_s, time.monotonic())
+        await asyncio.sleep(next_at - time.monotonic())
+
+
+@router.get("/status/history.json", include_in_schema=False)
+async def status_history(request: Request) -> ORJSONResponse:
+    """The last ``status_history_window_s`` of each service's figures, and the slowest recent requests (with
+    their trace ids and, when ``AISEMBLE_TRACE_URL_TEMPLATE`` is set, links to them); this edge's only."""
+    state = request.app.state
+    sampler = history_of(state)
+    now = time.time()
+    template: str | None = getattr(state, "trace_url_template", None)
+    metrics: EdgeMetrics = state.metrics
+    body = {
+        "edge_id": getattr(state, "edge_id", None),
+        "taken_at": round(now, 3),
+        "interval_s": sampler.history.interval_s,
+        "window_s": sampler.history.window_s,
+        "services": sampler.history.as_json(),
+        "slow": [record.as_json(template) for record in metrics.slow.top(now)],
+        "slow_size": metrics.slow.size,
     }
     return ORJSONResponse(body, headers={"Cache-Control": "no-store"})
 
