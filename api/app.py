@@ -2,7 +2,8 @@
 
 Start-up: topics exist (the services' and this edge's reply topic) -> producer started -> reply
 listener assigned and positioned at the end -> agent registry read -> serve. Shutdown reverses it and
-fails whatever still waits. The app binds nothing itself; ``aisemble edge`` runs it on 127.0.0.1.
+fails whatever still waits. Tracing (``streams.tracing``) is set up first when the environment asks for it, and
+shut down (flushed) last. The app binds nothing itself; ``aisemble edge`` runs it on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from api.metrics import EdgeMetrics, RequestMetrics
 from api.quota_gate import QuotaGate
 from api.routes import data, health, lag, llm, metrics, nlp, requests, status, vision
 from api.routes import openai as openai_routes
+from api.tracing import TraceRequests
+from streams import tracing
 from streams.kafka_security import client_options
 from streams.lag_probe import LagMonitor
 from streams.redis import connect
@@ -56,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reply_topic = edge_reply_topic(settings.topic_prefix, settings.edge_id)
+        traced = tracing.setup(None)  # on only when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set (streams.tracing)
         await ensure_service_topics(settings)
         await ensure_topics(settings, [(reply_topic, 1)])
         producer = AIOKafkaProducer(
@@ -98,6 +102,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await producer.stop()
             await redis.aclose()
             await lag_monitor.close()
+            if traced:
+                await asyncio.to_thread(tracing.shutdown)  # flushes the spans still queued (OTEL_BSP_EXPORT_TIMEOUT)
 
     app = FastAPI(
         title="aisemble edge",
@@ -119,7 +125,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not settings.metrics_require_key:
         open_paths.update({"/metrics", "/lag", "/status.json"})  # operational data: same access as /metrics
     app.add_middleware(ApiKeyGate, settings=settings, open_paths=frozenset(open_paths))
-    app.add_middleware(RequestMetrics, metrics=edge_metrics)  # outermost: counts 401s and 413s too
+    app.add_middleware(RequestMetrics, metrics=edge_metrics)  # counts 401s and 413s too
+    # Outermost: the HTTP span (api/tracing.py; one branch per request while tracing is off), operational paths
+    # (probes, metrics, the status page) untraced.
+    app.add_middleware(TraceRequests, skip=frozenset({*open_paths, "/metrics", "/lag", "/status.json"}))
     app.state.metrics = edge_metrics
     install_error_handlers(app)
     service_auth = auth_dependencies(settings)  # API keys on every service route (api/auth.py)
