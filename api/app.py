@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
@@ -27,7 +28,6 @@ from api.metrics import EdgeMetrics, RequestMetrics
 from api.quota_gate import QuotaGate
 from api.routes import data, health, lag, llm, metrics, nlp, requests, status, vision
 from api.routes import openai as openai_routes
-from api.tracing import TraceRequests
 from streams import tracing
 from streams.kafka_security import client_options
 from streams.lag_probe import LagMonitor
@@ -48,6 +48,14 @@ async def _refresh_models_forever(edge: Edge, interval_s: float) -> None:
         except Exception:  # the refresher must outlive any surprise; the next round retries
             log.exception("could not refresh the agents' model names")
         await asyncio.sleep(interval_s)
+
+
+UNTRACED_PATHS = frozenset({"/health", "/metrics", "/lag", "/status.json", *status.PAGE_PATHS})
+
+
+def _untraced(scope: MutableMapping[str, Any]) -> bool:
+    """Operational paths (probes, metrics, the status page) make no spans."""
+    return scope.get("path") in UNTRACED_PATHS
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -110,6 +118,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         default_response_class=ORJSONResponse,
+        # The HTTP span is FastAPI's own (its server span continues the caller's traceparent; its endpoint span
+        # holds Edge.call's). It traces with the provider streams.tracing installed (tests), else the global one
+        # that tracing.setup makes in the lifespan; none configured (tracing off): it only checks and passes on.
+        telemetry={"tracer_provider": tracing.provider(), "exclude": _untraced},
     )
     app.add_middleware(  # 413 for a body past its limit, in every route's error shape (api/limits.py)
         BodyLimit, limit_for=lambda path: body_limit(settings, path)
@@ -126,9 +138,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         open_paths.update({"/metrics", "/lag", "/status.json"})  # operational data: same access as /metrics
     app.add_middleware(ApiKeyGate, settings=settings, open_paths=frozenset(open_paths))
     app.add_middleware(RequestMetrics, metrics=edge_metrics)  # counts 401s and 413s too
-    # Outermost: the HTTP span (api/tracing.py; one branch per request while tracing is off), operational paths
-    # (probes, metrics, the status page) untraced.
-    app.add_middleware(TraceRequests, skip=frozenset({*open_paths, "/metrics", "/lag", "/status.json"}))
     app.state.metrics = edge_metrics
     install_error_handlers(app)
     service_auth = auth_dependencies(settings)  # API keys on every service route (api/auth.py)

@@ -75,6 +75,11 @@ def tracer() -> trace.Tracer:
     return _state.tracer if _state.tracer is not None else trace.NoOpTracer()
 
 
+def provider() -> TracerProvider | None:
+    """The provider ``setup`` or ``install`` installed (None while tracing is off)."""
+    return _state.provider
+
+
 def wanted(env: Mapping[str, str] | None = None) -> bool:
     """Whether the environment asks for tracing: an OTLP endpoint is set and the SDK is not disabled."""
     env = os.environ if env is None else env
