@@ -472,7 +472,10 @@ class Edge:
         try:
             with self.linger.sending():
                 async with asyncio.timeout(min(self.settings.produce_timeout_s, timeout_s)):
-                    await self.producer.send_and_wait(topic, record, key=request_id.encode(), headers=headers)
+                    if headers:  # tracing on: the request carries its trace context
+                        await self.producer.send_and_wait(topic, record, key=request_id.encode(), headers=headers)
+                    else:
+                        await self.producer.send_and_wait(topic, record, key=request_id.encode())
         except (KafkaError, TimeoutError) as exc:
             if _broker_failure(exc):  # the probe, run now, judges: a slow ack under load is no outage
                 self.broker.suspect(f"produce: {exc!r}")
