@@ -60,12 +60,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiokafka.errors import UnknownTopicOrPartitionError
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanContext, SpanKind, StatusCode
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from agents.errors import DeadLetterRefusedError, DeliveryError
 from agents.runner import Failure, Item, ModelRunner, Outcome, unknown_task
 from schemas import ErrorCode, ErrorInfo, ReplyEvent, RequestEvent, Service
+from streams import tracing
 from streams.cache import ResultCache, dedup_key, wants_cache
 from streams.cancel import cancel_key, cancelled_ids, cancels
 from streams.codec import BadEvent, Record, dead_letter, decode_request, encode
@@ -136,7 +140,9 @@ class Sink(Protocol):
     """Where replies and dead letters go."""
 
     async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]:
-        """Enqueue one record; returns the future of the broker's acknowledgement."""
+        """Enqueue one record; returns the future of the broker's acknowledgement. A record with trace headers
+        (tracing on) is sent as ``send(topic, key, value, headers=[(name, bytes)])``: a sink that traced requests
+        reach must take ``headers`` (``agents.sink.FaustSink`` does)."""
 
     async def missing_topics(self, topics: set[str]) -> set[str]:
         """Those of ``topics`` known not to exist, from an answer at most a few seconds old (a topic deleted
@@ -171,6 +177,7 @@ class _Delivery:
     reply: ReplyEvent | None = None
     ack: Awaitable[object] | None = field(default=None, repr=False)
     keep_s: int | None = None  # the request's store_result_s: keep the reply in Redis this long
+    headers: list[tuple[str, bytes]] | None = None  # the reply produce's trace context (tracing on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +195,7 @@ class Settlement:
     records: Sequence[Record]
     out: list[_Delivery]
     ran: list[tuple[_Pending, _Delivery]]
+    batch: SpanContext | None = None  # the batch span (tracing on): each reply produce links to it
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,16 +333,40 @@ class BatchProcessor:
     async def compute(self, records: Sequence[Record]) -> Settlement:
         """The first half of ``process``: decode, check, answer from the cache, run the model. Sends nothing,
         so the batch loop can run the model of the next batch while this one's replies are delivered."""
+        if tracing.on():
+            return await self._compute_traced(records)
         admission = await self.admit(records)
         out, to_run = admission.out, admission.to_run
         ran = await self._run(to_run, admission.picked_ms, out) if to_run else []
         return Settlement(records, out, ran)
+
+    async def _compute_traced(self, records: Sequence[Record]) -> Settlement:
+        """``compute`` inside the batch span: one per batch, a root linked to every member's trace context (the
+        model call is its child); each member's trace gets its queue wait (``admit``) and its reply produce
+        (``deliver``), which links back here."""
+        size = sum(len(r.value or b"") for r in records)
+        attributes = {
+            "aisemble.service": self.service,
+            "aisemble.batch.size": len(records),
+            "aisemble.batch.bytes": size,
+        }
+        members = tracing.links(tracing.span_context(r.headers) for r in records)
+        with tracing.tracer().start_as_current_span(
+            f"batch {self.service}", context=Context(), kind=SpanKind.CONSUMER, links=members, attributes=attributes
+        ) as span:
+            admission = await self.admit(records)
+            out, to_run = admission.out, admission.to_run
+            ran = await self._run(to_run, admission.picked_ms, out) if to_run else []
+            span.set_attribute("aisemble.batch.ran", len(ran))
+            return Settlement(records, out, ran, span.get_span_context())
 
     async def admit(self, records: Sequence[Record]) -> Admission:
         """Steps 1-3 of ``compute`` (decode, check, answer from the cache); ``to_run`` is what needs the model
         (the continuous LLM loop runs it row by row, then answers each with ``answer``)."""
         picked_ms = _now_ms()
         self._observer.batch(len(records), [(picked_ms - r.timestamp_ms) / 1000.0 for r in records])
+        if tracing.on():
+            self._queue_waits(records, picked_ms)
         out: list[_Delivery] = []
         pending: list[_Pending] = []
 
@@ -366,6 +398,31 @@ class BatchProcessor:
         self.stats.items += len(records)
         return Admission(out, to_run, picked_ms)
 
+    def _queue_waits(self, records: Sequence[Record], picked_ms: float) -> None:
+        """One span per record that carries a trace context, in its trace: from the record's timestamp (when it
+        was produced) to when the batch picked it up."""
+        picked_ns = int(picked_ms * 1_000_000)
+        for record in records:
+            context = tracing.extract(record.headers)
+            if context is None:
+                continue
+            start_ns = min(record.timestamp_ms * 1_000_000, picked_ns)
+            span = tracing.tracer().start_span(
+                f"queue {record.topic}",
+                context=context,
+                kind=SpanKind.CONSUMER,
+                start_time=start_ns,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.operation.type": "receive",
+                    "messaging.destination.name": record.topic,
+                    "messaging.destination.partition.id": str(record.partition),
+                    "messaging.kafka.offset": record.offset,
+                    "aisemble.queue_ms": round(picked_ms - record.timestamp_ms, 3),
+                },
+            )
+            span.end(end_time=picked_ns)
+
     async def deliver(self, settlement: Settlement) -> list[dict[str, object]]:
         """The second half of ``process``: settle every reply and dead letter (see the module docstring),
         then cache the successful replies and keep the asynchronous ones.
@@ -379,7 +436,7 @@ class BatchProcessor:
                 refused permanently (``DeadLetterRefusedError``).
         """
         ran = settlement.ran
-        delivered = await self._settle(settlement.out)
+        delivered = await self._settle(settlement.out, settlement.batch)
         if self._cache is not None:
             entries = [
                 (p.cache_key, d.reply.model_copy(update={"correlation_id": None}), self._cache_ttl_s)
@@ -497,7 +554,19 @@ class BatchProcessor:
             items = await self._prepare([i for i in items if isinstance(i, Item)])
         runnable = [i for i in items if isinstance(i, Item)]
         started = time.perf_counter()
-        outcomes = await self._run_model(runnable) if runnable else []
+        if runnable and tracing.on():
+            models = sorted({self.models.get(i.task, "") for i in runnable})
+            with tracing.tracer().start_as_current_span(
+                f"model {self.service}",
+                attributes={
+                    "aisemble.service": self.service,
+                    "aisemble.items": len(runnable),
+                    "aisemble.model": models,
+                },
+            ):
+                outcomes = await self._run_model(runnable)
+        else:
+            outcomes = await self._run_model(runnable) if runnable else []
         inference_ms = (time.perf_counter() - started) * 1000.0
         if runnable:
             self._observer.inference(len(runnable), inference_ms / 1000.0)
@@ -617,14 +686,19 @@ class BatchProcessor:
         timeout_s = max(min(SEND_ENQUEUE_TIMEOUT_S, deadline - time.monotonic()), ENQUEUE_MIN_S)
         try:
             async with asyncio.timeout(timeout_s):  # no Task per send (wait_for's): the batch enqueues in one go
-                delivery.ack = await self._sink.send(delivery.topic, delivery.key, delivery.value)
+                if delivery.headers:
+                    send = self._sink.send(delivery.topic, delivery.key, delivery.value, headers=delivery.headers)  # type: ignore[call-arg]
+                    delivery.ack = await send
+                else:
+                    delivery.ack = await self._sink.send(delivery.topic, delivery.key, delivery.value)
         except Exception as exc:  # noqa: BLE001  (size, metadata timeout, closed producer: classified later)
             failed: asyncio.Future[object] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
             delivery.ack = failed
 
-    async def _settle(self, deliveries: list[_Delivery]) -> set[int]:
+    async def _settle(self, deliveries: list[_Delivery], batch: SpanContext | None = None) -> set[int]:
         """Send every delivery until each is acknowledged or permanently handled; see the module docstring.
+        Tracing on: each reply to a traced request is sent inside its reply-produce span (``_reply_spans``).
 
         Returns:
             ``id()`` of the deliveries the broker acknowledged as they were (not replaced by a dead letter).
@@ -633,6 +707,48 @@ class BatchProcessor:
             DeliveryError: retriable or unknown failures lasted longer than ``retry_s``.
             DeadLetterRefusedError: a dead letter was refused permanently (a deployment fault).
         """
+        if not tracing.on():
+            return await self._settle_all(deliveries)
+        spans = self._reply_spans(deliveries, batch)
+        try:
+            delivered = await self._settle_all(deliveries)
+        except BaseException as exc:
+            for span in spans.values():
+                span.set_status(StatusCode.ERROR, repr(exc))
+                span.end()
+            raise
+        for key, span in spans.items():
+            span.set_attribute("aisemble.delivered", key in delivered)
+            span.end()
+        return delivered
+
+    def _reply_spans(self, deliveries: list[_Delivery], batch: SpanContext | None) -> dict[int, Span]:
+        """A ``send <topic>`` span per reply to a request that carried a trace context, a child of that context
+        (linked to the batch span), whose own context the reply's headers carry on to the edge."""
+        spans: dict[int, Span] = {}
+        links = tracing.links([batch])
+        for d in deliveries:
+            context = tracing.extract(d.source.headers) if d.reply is not None else None
+            if context is None or d.reply is None:
+                continue
+            span = tracing.tracer().start_span(
+                f"send {d.topic}",
+                context=context,
+                kind=SpanKind.PRODUCER,
+                links=links,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.operation.type": "send",
+                    "messaging.destination.name": d.topic,
+                    "aisemble.request_id": d.reply.id,
+                    "aisemble.ok": d.reply.ok,
+                },
+            )
+            d.headers = tracing.inject(trace.set_span_in_context(span, context))
+            spans[id(d)] = span
+        return spans
+
+    async def _settle_all(self, deliveries: list[_Delivery]) -> set[int]:
         delivered: set[int] = set()
         todo = list(deliveries)
         deadline = time.monotonic() + self._retry_s

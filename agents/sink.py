@@ -106,7 +106,10 @@ class FaustSink:
         self._present: dict[str, float] = {}  # topic -> when it was last seen to exist
         self._missing: dict[str, float] = {}  # topic -> when it was found missing
 
-    async def send(self, topic: str, key: bytes, value: bytes) -> Awaitable[object]:
+    async def send(
+        self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]] | None = None
+    ) -> Awaitable[object]:
+        """Enqueue one record (``headers``: its Kafka headers, the trace context of a reply while tracing is on)."""
         client = self._client()
         partition: int | None = None
         if client is not None:
@@ -116,7 +119,7 @@ class FaustSink:
                 # Where the key's hash would place it anyway: spares the producer's pure-Python murmur2 per
                 # record (a reply topic has one partition).
                 (partition,) = partitions
-        return await self._app.producer.send(topic, key, value, partition=partition, timestamp=None, headers=None)
+        return await self._app.producer.send(topic, key, value, partition=partition, timestamp=None, headers=headers)
 
     def _client(self) -> AIOKafkaClient | None:
         client: AIOKafkaClient | None = getattr(getattr(self._app.producer, "_producer", None), "client", None)

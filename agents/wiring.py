@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
@@ -38,6 +38,7 @@ from agents.loops import AgentStopped, BatchLoop, ContinuousLoop, stepwise
 from agents.runner import ModelRunner
 from agents.sink import FaustSink
 from schemas import Service
+from streams import tracing
 from streams.app import CommittingConsumer, create_app, listen_rebalance, request_topic
 from streams.batching import BulkLane
 from streams.cache import ResultCache
@@ -75,6 +76,14 @@ def build_hook(service: Service, name: str, settings: Settings, redis: Redis) ->
     return factory(settings, redis) if factory is not None else None
 
 
+def _headers(headers: object) -> tuple[tuple[str, bytes], ...]:
+    """A Faust message's headers (a sequence of pairs, or a mapping) as pairs."""
+    if not headers:
+        return ()
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    return tuple((str(k), bytes(v or b"")) for k, v in pairs)  # type: ignore[attr-defined]
+
+
 class FaustEvents:
     """The loops' ``EventView`` of Faust events."""
 
@@ -88,6 +97,7 @@ class FaustEvents:
             key=message.key,
             value=message.value,
             timestamp_ms=int(message.timestamp * 1000),
+            headers=_headers(message.headers) if tracing.on() else (),
         )
 
     @staticmethod

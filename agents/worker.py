@@ -9,6 +9,9 @@ SIGTERM finishes the batch in hand within ``shutdown_grace_s``; a delivery retry
 the loop, ends the process with exit status 3 (its events are delivered again after the restart; ``aisemble
 run`` restarts it).
 
+Tracing (``streams.tracing``): set up first when the environment asks for it, the agent reporting as its own
+``service.name`` (``aisemble-<service>``), and flushed when the process ends.
+
 What can go wrong: no broker answers within ``BROKER_WAIT_S`` (``KafkaConnectionError``, exit status 1,
 after the model has loaded), the broker refuses the agent's credentials (at once, not retried), the model
 fails to load (its error, at once).
@@ -32,6 +35,7 @@ from agents.metrics import serve_agent_metrics
 from agents.runner import ModelRunner
 from agents.wiring import EXIT_AGENT_FAILED, create_agent_app
 from schemas import Service
+from streams import tracing
 from streams.settings import Settings
 from streams.topics import ensure_service_topics
 
@@ -102,6 +106,14 @@ def run_agent(service: Service, settings: Settings, runner_factory: str | None =
     of the built-in one.
     """
     log.info("startup %s: imports done", service)
+    tracing.setup(service)  # on only when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set; service.name aisemble-<service>
+    try:
+        _run_agent(service, settings, runner_factory)
+    finally:
+        tracing.shutdown()  # flushes the spans still queued
+
+
+def _run_agent(service: Service, settings: Settings, runner_factory: str | None) -> None:
 
     def topics() -> None:
         asyncio.run(ensure_topics_when_up(settings, service))

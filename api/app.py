@@ -2,7 +2,8 @@
 
 Start-up: topics exist (the services' and this edge's reply topic) -> producer started -> reply
 listener assigned and positioned at the end -> agent registry read -> serve. Shutdown reverses it and
-fails whatever still waits. The app binds nothing itself; ``aisemble edge`` runs it on 127.0.0.1.
+fails whatever still waits. Tracing (``streams.tracing``) is set up first when the environment asks for it, and
+shut down (flushed) last. The app binds nothing itself; ``aisemble edge`` runs it on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
@@ -27,6 +29,7 @@ from api.quota_gate import QuotaGate
 from api.routes import data, health, lag, llm, metrics, nlp, requests, status, vision
 from api.routes import openai as openai_routes
 from api.status_history import History
+from streams import tracing
 from streams.kafka_security import client_options
 from streams.lag_probe import LagMonitor
 from streams.redis import connect
@@ -48,6 +51,14 @@ async def _refresh_models_forever(edge: Edge, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
+UNTRACED_PATHS = frozenset({"/health", "/metrics", "/lag", "/status.json", *status.PAGE_PATHS})
+
+
+def _untraced(scope: MutableMapping[str, Any]) -> bool:
+    """Operational paths (probes, metrics, the status page) make no spans."""
+    return scope.get("path") in UNTRACED_PATHS
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The edge app; ``settings`` defaults to the environment's."""
     settings = settings or get_settings()
@@ -59,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reply_topic = edge_reply_topic(settings.topic_prefix, settings.edge_id)
+        traced = tracing.setup(None)  # on only when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set (streams.tracing)
         await ensure_service_topics(settings)
         await ensure_topics(settings, [(reply_topic, 1)])
         producer = AIOKafkaProducer(
@@ -107,12 +119,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await producer.stop()
             await redis.aclose()
             await lag_monitor.close()
+            if traced:
+                await asyncio.to_thread(tracing.shutdown)  # flushes the spans still queued (OTEL_BSP_EXPORT_TIMEOUT)
 
     app = FastAPI(
         title="aisemble edge",
         version="0.1.0",
         lifespan=lifespan,
         default_response_class=ORJSONResponse,
+        # The HTTP span is FastAPI's own (its server span continues the caller's traceparent; its endpoint span
+        # holds Edge.call's). It traces with the provider streams.tracing installed (tests), else the global one
+        # that tracing.setup makes in the lifespan; none configured (tracing off): it only checks and passes on.
+        telemetry={"tracer_provider": tracing.provider(), "exclude": _untraced},
     )
     app.add_middleware(  # 413 for a body past its limit, in every route's error shape (api/limits.py)
         BodyLimit, limit_for=lambda path: body_limit(settings, path)
@@ -128,7 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not settings.metrics_require_key:
         open_paths.update({"/metrics", "/lag", *status.DATA_PATHS})  # operational data: same access as /metrics
     app.add_middleware(ApiKeyGate, settings=settings, open_paths=frozenset(open_paths))
-    app.add_middleware(RequestMetrics, metrics=edge_metrics)  # outermost: counts 401s and 413s too
+    app.add_middleware(RequestMetrics, metrics=edge_metrics)  # counts 401s and 413s too
     app.state.metrics = edge_metrics
     app.state.status_history = status.HistorySampler(
         History(settings.status_history_interval_s, settings.status_history_window_s)

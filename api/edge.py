@@ -63,15 +63,18 @@ from collections.abc import Callable, Coroutine, Iterator
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, StatusCode
 from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from api.errors import DuplicateIdError, OverloadedError, ReplyTimeoutError, UnavailableError
+from api.errors import STATUS_BY_CODE, DuplicateIdError, EdgeError, OverloadedError, ReplyTimeoutError, UnavailableError
 from api.guards import BrokerState, InFlightLimit, PendingPerOwner
 from api.metrics import EdgeMetrics, note_call
 from api.quota_store import SLOT_MARGIN_S, QuotaStore
-from schemas import ReplyEvent, Service
+from schemas import ErrorCode, ReplyEvent, Service
+from streams import tracing
 from streams.cache import ResultCache, wants_cache
 from streams.cancel import cancel_key, cancel_value
 from streams.redis import guarded
@@ -305,6 +308,36 @@ class Edge:
         """
         request_id = request_id or uuid.uuid4().hex
         note_call(service, task, request_id)  # labels the request counted by api.metrics.RequestMetrics
+        if tracing.on():  # the edge call's span, current while the call runs (its produce is its child)
+            with tracing.tracer().start_as_current_span(
+                f"edge.call {service}.{task}", attributes=_call_attributes(service, task, request_id)
+            ) as span:
+                try:
+                    reply = await self._call_slot(
+                        service, task, payload, cache, request_id, timeout_s, store_result_s, on_produced, admitted
+                    )
+                except EdgeError as exc:
+                    span.set_attributes({"aisemble.status": exc.status, "aisemble.error": str(exc.code)})
+                    raise
+                span.set_attributes(_reply_attributes(reply))
+                return reply
+        return await self._call_slot(
+            service, task, payload, cache, request_id, timeout_s, store_result_s, on_produced, admitted
+        )
+
+    async def _call_slot(
+        self,
+        service: Service,
+        task: str,
+        payload: dict[str, object],
+        cache: bool | None,
+        request_id: str,
+        timeout_s: float | None,
+        store_result_s: int | None,
+        on_produced: Callable[[], None] | None,
+        admitted: bool,
+    ) -> ReplyEvent:
+        """``call`` past its span: take the in-flight slot unless ``admitted``, then serve."""
         if admitted:
             return await self._call(service, task, payload, cache, request_id, timeout_s, store_result_s, on_produced)
         if not self.in_flight.try_acquire():
@@ -419,10 +452,31 @@ class Edge:
         """Hand the request's ``record`` (key: its id) to Kafka within ``produce_timeout_s``; ``UnavailableError``
         (503) otherwise."""
         topic = service_topics(self.settings.topic_prefix, service).requests
+        if tracing.on():
+            with tracing.tracer().start_as_current_span(
+                f"send {topic}", kind=SpanKind.PRODUCER, attributes=_send_attributes(topic, request_id)
+            ):
+                await self._send(service, task, request_id, topic, record, timeout_s, tracing.inject())
+        else:
+            await self._send(service, task, request_id, topic, record, timeout_s, None)
+
+    async def _send(
+        self,
+        service: Service,
+        task: str,
+        request_id: str,
+        topic: str,
+        record: bytes,
+        timeout_s: float,
+        headers: list[tuple[str, bytes]] | None,
+    ) -> None:
         try:
             with self.linger.sending():
                 async with asyncio.timeout(min(self.settings.produce_timeout_s, timeout_s)):
-                    await self.producer.send_and_wait(topic, record, key=request_id.encode())
+                    if headers:  # tracing on: the request carries its trace context
+                        await self.producer.send_and_wait(topic, record, key=request_id.encode(), headers=headers)
+                    else:
+                        await self.producer.send_and_wait(topic, record, key=request_id.encode())
         except (KafkaError, TimeoutError) as exc:
             if _broker_failure(exc):  # the probe, run now, judges: a slow ack under load is no outage
                 self.broker.suspect(f"produce: {exc!r}")
@@ -462,6 +516,35 @@ class Edge:
                 task=task,
                 retry_after_s=RETRY_AFTER_S,
             )
+        if not tracing.on():
+            return await self._open_stream(service, task, payload, cache, request_id, timeout_s, admitted, None)
+        # The stream's span outlives this call: current while the request is produced, ended by EdgeStream.close.
+        span = tracing.tracer().start_span(
+            f"edge.stream {service}.{task}", attributes=_call_attributes(service, task, request_id)
+        )
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                return await self._open_stream(service, task, payload, cache, request_id, timeout_s, admitted, span)
+        except BaseException as exc:
+            if isinstance(exc, EdgeError):
+                span.set_attributes({"aisemble.status": exc.status, "aisemble.error": str(exc.code)})
+            span.record_exception(exc)
+            span.set_status(StatusCode.ERROR, repr(exc))
+            span.end()
+            raise
+
+    async def _open_stream(
+        self,
+        service: Service,
+        task: str,
+        payload: dict[str, object],
+        cache: bool | None,
+        request_id: str,
+        timeout_s: float | None,
+        admitted: bool,
+        span: Span | None,
+    ) -> EdgeStream:
+        """``stream`` past its admission and span: the cache, then the produce."""
         started = time.perf_counter()
         timeout_s = timeout_s or self.settings.request_timeout_s
         try:
@@ -469,7 +552,7 @@ class Edge:
             if hit is not None:
                 queue: asyncio.Queue[StreamItem] = asyncio.Queue()
                 queue.put_nowait(hit)
-                return EdgeStream(self, service, task, request_id, None, queue, started, timeout_s, not admitted)
+                return EdgeStream(self, service, task, request_id, None, queue, started, timeout_s, not admitted, span)
             self._check_broker(service, task, request_id)
             try:
                 correlation_id, _, queue = self.router.expect_stream(request_id, service, task)
@@ -485,7 +568,9 @@ class Edge:
             if not admitted:
                 self.in_flight.release()
             raise
-        return EdgeStream(self, service, task, request_id, correlation_id, queue, started, timeout_s, not admitted)
+        return EdgeStream(
+            self, service, task, request_id, correlation_id, queue, started, timeout_s, not admitted, span
+        )
 
     def _cancel_later(self, request_id: str, correlation_id: str, ttl_s: float | None = None) -> None:
         """Cancel the attempt ``correlation_id`` of ``request_id`` (its cancel key, TTL ``ttl_s``, default
@@ -502,6 +587,31 @@ class Edge:
             await guarded(self.redis, lambda: self.redis.set(key, value, px=ttl_ms))
         except (RedisError, OSError) as exc:
             log.warning("could not set the cancel key of %s: %r", request_id, exc)
+
+
+def _call_attributes(service: Service, task: str, request_id: str) -> dict[str, str]:
+    return {"aisemble.service": service, "aisemble.task": task, "aisemble.request_id": request_id}
+
+
+def _reply_attributes(reply: ReplyEvent) -> dict[str, str | bool | int]:
+    """A finished call's span attributes: its status as the route answers it, the cache hit, the error code."""
+    attributes: dict[str, str | bool | int] = {"aisemble.cached": reply.cached, "aisemble.ok": reply.ok}
+    attributes["aisemble.status"] = 200
+    if reply.error is not None:
+        attributes["aisemble.error"] = str(reply.error.code)
+        attributes["aisemble.status"] = STATUS_BY_CODE.get(reply.error.code, 500)
+    if reply.model:
+        attributes["aisemble.model"] = reply.model
+    return attributes
+
+
+def _send_attributes(topic: str, request_id: str) -> dict[str, str]:
+    return {
+        "messaging.system": "kafka",
+        "messaging.operation.type": "send",
+        "messaging.destination.name": topic,
+        "messaging.kafka.message.key": request_id,
+    }
 
 
 def _final(reply: ReplyEvent, started: float) -> ReplyEvent:
@@ -532,8 +642,11 @@ class EdgeStream:
         started: float,
         timeout_s: float,
         holds_slot: bool = True,
+        span: Span | None = None,
     ) -> None:
+        """``span``: the stream's span when tracing is on (``first_token`` event, ended on ``close``)."""
         self._edge = edge
+        self._span = span
         self._holds_slot = holds_slot
         self.service = service
         self.task = task
@@ -545,6 +658,7 @@ class EdgeStream:
         self.finished = False
         self.closed = False
         self.final: ReplyEvent | None = None  # the final reply, once ``next`` returned it
+        self._first_token = False
 
     @property
     def cached(self) -> bool:
@@ -564,6 +678,8 @@ class EdgeStream:
             async with asyncio.timeout(max(remaining, 0.001)):
                 item = await self._queue.get()
         except TimeoutError as exc:
+            if self._span is not None:
+                self._span.set_attributes({"aisemble.status": 504, "aisemble.error": str(ErrorCode.TIMEOUT)})
             raise ReplyTimeoutError(
                 f"the stream did not end within {self.timeout_s:.1f}s (request id {self.request_id})",
                 request_id=self.request_id,
@@ -577,7 +693,13 @@ class EdgeStream:
         if isinstance(item, ReplyEvent):
             self.finished = True
             self.final = _final(item, self._started)
+            if self._span is not None:
+                self._span.set_attributes(_reply_attributes(item))
             return self.final
+        if self._span is not None and not self._first_token:  # time to first token: one event on the span
+            self._first_token = True
+            ttft_ms = round((time.perf_counter() - self._started) * 1000.0, 3)
+            self._span.add_event("first_token", {"aisemble.ttft_ms": ttft_ms})
         return item
 
     def close(self) -> None:
@@ -585,6 +707,9 @@ class EdgeStream:
         if self.closed:
             return
         self.closed = True
+        if self._span is not None:
+            self._span.set_attribute("aisemble.finished", self.finished)
+            self._span.end()
         if self._holds_slot:
             self._edge.in_flight.release()
         if self._correlation_id is not None:

@@ -7,7 +7,9 @@ The contract (docs/wire-format.md) in short:
 * replies go to the request's ``reply_to`` topic, or to ``{prefix}.{service}.results`` when it names none;
 * events that cannot be read go to ``{prefix}.{service}.dlq`` as ``DeadLetterEvent``.
 
-Unknown fields in a request are ignored, so producers may add their own metadata.
+Unknown fields in a request are ignored, so producers may add their own metadata. Record headers: only the W3C
+trace context (``traceparent``, ``tracestate``, ``baggage``) has a meaning, and only while tracing is on
+(``streams.tracing``); a request's is continued by the agent and carried on to its reply.
 """
 
 from __future__ import annotations

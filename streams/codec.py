@@ -132,3 +132,4 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()  # read only while tracing is on (streams.tracing): else empty

@@ -27,7 +27,11 @@ Broker outages: the listener never stops. Connection errors are absorbed by the 
 by itself); anything ``getmany`` raises is logged and retried with a bounded backoff (0.1 s doubling to
 ``MAX_BACKOFF_S``). The position is never reset behind the edge's back (``auto_offset_reset="none"``):
 after an outage the listener continues from the offset it had reached, so replies produced while the
-broker recovered still reach their callers. Only a position the broker no longer has (the log was
+broker recovered still reach their callers.
+
+Tracing (``streams.tracing``, when on): a reply whose record carries a trace context (the agent's reply
+produce) is routed inside a ``receive <reply topic>`` span, its child: the edge's correlation, the last span of
+the request's trace. Only a position the broker no longer has (the log was
 truncated or deleted) is moved, to the nearest offset that exists, and that is logged.
 """
 
@@ -45,10 +49,12 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from schemas import ReplyEvent
 from schemas.events import PartialBatchEvent, PartialDelta
+from streams import tracing
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +330,35 @@ class ReplyListener:
                 for record in records:
                     self.positions[tp.partition] = record.offset + 1
                     self.received += 1
-                    if not route_reply_record(record.value or b"", self._router):
+                    if tracing.on() and record.headers:
+                        readable = self._route_traced(record.value or b"", record.headers, record.key)
+                    else:
+                        readable = route_reply_record(record.value or b"", self._router)
+                    if not readable:
                         log.warning("dropping unreadable reply at %s:%s", record.partition, record.offset)
+
+    def _route_traced(self, value: bytes, headers: tracing.HeadersIn, key: bytes | None) -> bool:
+        """``route_reply_record`` inside the correlation span, a child of the context the reply carries (the
+        agent's reply produce): the span that closes the request's trace. ``aisemble.correlated``: whether a
+        call waited for it (false: late, duplicate, another edge's)."""
+        context = tracing.extract(headers)
+        if context is None:
+            return route_reply_record(value, self._router)
+        attributes = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "receive",
+            "messaging.destination.name": self._topic,
+            "aisemble.request_id": (key or b"").decode("utf-8", "replace"),
+        }
+        with tracing.tracer().start_as_current_span(
+            f"receive {self._topic}", context=context, kind=SpanKind.CONSUMER, attributes=attributes
+        ) as span:
+            dropped = self._router.dropped + self._router.foreign
+            readable = route_reply_record(value, self._router)
+            span.set_attribute(
+                "aisemble.correlated", readable and self._router.dropped + self._router.foreign == dropped
+            )
+            return readable
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
