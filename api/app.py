@@ -127,10 +127,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         default_response_class=ORJSONResponse,
-        # The HTTP span is FastAPI's own (its server span continues the caller's traceparent; its endpoint span
-        # holds Edge.call's). It traces with the provider streams.tracing installed (tests), else the global one
-        # that tracing.setup makes in the lifespan; none configured (tracing off): it only checks and passes on.
-        telemetry={"tracer_provider": tracing.provider(), "exclude": _untraced},
+        # The HTTP span is FastAPI's own (its server span continues the caller's traceparent and holds Edge.call's
+        # span). It traces with the provider streams.tracing installed (tests), else the global one that
+        # tracing.setup makes in the lifespan; none configured (tracing off): it only checks and passes on.
+        # Only the server span: FastAPI's operation spans (dependencies, endpoint, serialization) cost more CPU per
+        # request than the rest of the trace and say nothing Edge.call's span does not; its HTTP metrics and logs
+        # would duplicate the edge's own (api.metrics) and go to providers nobody configured.
+        telemetry={
+            "tracer_provider": tracing.provider(),
+            "exclude": _untraced,
+            "operation_spans": False,
+            "metrics": False,
+            "logs": False,
+        },
     )
     app.add_middleware(  # 413 for a body past its limit, in every route's error shape (api/limits.py)
         BodyLimit, limit_for=lambda path: body_limit(settings, path)

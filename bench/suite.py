@@ -46,6 +46,8 @@ under bench/results/smoke/, git-ignored). Sections (numbers as in issue #10):
 14. ``--full`` only (make bench-full): NVIDIA's AIPerf 0.13 (``bench.aiperf_llm``, its own venv from
    ``make install-aiperf``) against the streaming /v1/chat/completions at 1 and 4 clients: the same figures
    in AIPerf's report format (its processes take much of 2 cores: its CPU share is reported).
+15. what tracing costs (``bench.tracing_cost``, three pipelines of their own): light REST work at 64 clients
+   with tracing off, on at 100% and on at 10% sampling, exporting to a local OTLP/HTTP receiver.
 
 What can go wrong: Kafka and Redis are started when they do not answer (and stopped only if started
 here); every process started is stopped by PID (Ray's processes included, checked afterwards). A
@@ -108,6 +110,7 @@ from bench.samples_nlp import COMBINATIONS, review, short_items
 from bench.samples_nlp import sample_items as nlp_items
 from bench.samples_vision import sample_items as vision_items
 from bench.summary import summary_md
+from bench.tracing_cost import run as tracing_cost_run
 from streams.kafka_security import client_options
 from streams.settings import Settings
 
@@ -703,6 +706,9 @@ def main() -> None:
     section("12. LLM serving figures (TTFT/ITL/TPOT/goodput)", result, "llm_serve",
             lambda: llm_serve_run(profile=serve_profile))  # fmt: skip
     section("13. priority lanes (interactive embed during a bulk batch)", result, "lanes", lambda: lanes_run(name))
+    rounds, seconds = (1, 2.0) if name == "smoke" else (2, prof["duration_s"])
+    section("15. tracing cost (off, on 100%, on 10%)", result, "tracing_cost",
+            lambda: tracing_cost_run(seconds, rounds, 64))  # fmt: skip
     if name == "full":
         section("14. AIPerf (streaming chat)", result, "aiperf", lambda: aiperf_run(concurrency=(1, 4), requests=32))
     section(

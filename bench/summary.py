@@ -16,6 +16,7 @@ from bench.llm_serve import summary_rows as llm_serve_rows
 from bench.llm_server import summary_rows as llm_server_rows
 from bench.llm_server import target_rows as llm_server_targets
 from bench.profiling import summary_md as profile_md
+from bench.tracing_cost import summary_rows as tracing_cost_rows
 
 RSS_TARGET_MB = 3e9 / 2**20  # 3 GB (decimal) in MiB, as VmHWM is reported
 
@@ -480,6 +481,7 @@ def summary_md(result: dict[str, Any]) -> str:
     lines += llm_server_rows(result)
     lines += llm_serve_rows(result)
     lines += aiperf_rows(result)
+    lines += tracing_cost_rows(result)
     lines += cache_scale_rows(result)
     lines += [profile_md(result.get("profile_run") or {})]
     lines += edge_cost_rows(result)
