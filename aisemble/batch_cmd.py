@@ -83,7 +83,9 @@ def wait(client: httpx.Client, batch_id: str, quiet: bool = False) -> dict[str, 
 def submit(
     file: Annotated[Path, typer.Argument(help="A JSONL file of requests ({custom_id, method, url, body} a line).")],
     endpoint: Annotated[str, typer.Option(help="/v1/embeddings, /v1/chat/completions or /v1/completions.")],
-    wait_: Annotated[bool, typer.Option("--wait", help="Show progress until the batch ends; exit 1 unless completed.")] = False,
+    wait_: Annotated[
+        bool, typer.Option("--wait", help="Show progress until the batch ends; exit 1 unless completed.")
+    ] = False,
     url: Url = None,
     api_key: Key = None,
 ) -> None:

@@ -158,7 +158,9 @@ def parse_line(
             embed = validate(EmbeddingRequest, body)
             model = resolve_model(embed.model, service, models)
             return LineWork(line, custom_id, service, task, to_input(embed), kind, model, embed.encoding_format)
-        generation = validate(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
+        generation: ChatCompletionRequest | CompletionRequest = (
+            validate(ChatCompletionRequest, body) if kind == "chat" else validate(CompletionRequest, body)
+        )
         if generation.stream:
             raise EdgeError("'stream' is not supported in a batch.", status=400, code="invalid_input",
                             param="stream", openai_code="invalid_value")  # fmt: skip
@@ -178,13 +180,12 @@ def parse_lines(
         if not raw.strip():
             continue
         parsed = parse_line(batch_id, n, raw, endpoint, models)
-        if parsed.custom_id is not None and isinstance(parsed, LineWork):
-            if parsed.custom_id in seen:
-                parsed = _refused(batch_id, n, parsed.custom_id, "duplicate_custom_id",
-                                  f"custom_id {parsed.custom_id!r} is used by an earlier line")  # fmt: skip
-            seen.add(parsed.custom_id)
-        elif parsed.custom_id is not None:
-            seen.add(parsed.custom_id)
+        custom_id = parsed.custom_id
+        if custom_id is not None:
+            if isinstance(parsed, LineWork) and custom_id in seen:
+                parsed = _refused(batch_id, n, custom_id, "duplicate_custom_id",
+                                  f"custom_id {custom_id!r} is used by an earlier line")  # fmt: skip
+            seen.add(custom_id)
         out.append(parsed)
     return out
 
@@ -194,7 +195,9 @@ def count_lines(content: bytes) -> int:
     return sum(1 for raw in content.split(b"\n") if raw.strip())
 
 
-def render_reply(batch_id: str, work: LineWork, reply: ReplyEvent, created: int | None = None) -> tuple[bool, dict[str, object]]:
+def render_reply(
+    batch_id: str, work: LineWork, reply: ReplyEvent, created: int | None = None
+) -> tuple[bool, dict[str, object]]:
     """``(ok, output line)`` of a line's reply: the synchronous route's body, or its error status and body."""
     if not reply.ok:
         error = reply_error(reply)

@@ -261,7 +261,7 @@ class BatchDriver:
             if now >= state.expires_at:
                 return await self._stop(state, work, refused, replies, "expired", None)
             self._take(await replies.poll(), work)
-            due, new = self._due(now), []
+            due, new = self._due(now), list[int]()
             while todo and len(self.sent) + len(new) < self.config.max_in_flight_lines:
                 line = todo.popleft()
                 if line not in self.answered and line not in self.timed_out and line not in self.sent:
@@ -330,10 +330,10 @@ class BatchDriver:
         created = int(time.time())
         base = StoredFile(id="", bytes=0, created_at=created, filename="", purpose="batch_output", chunks=0,
                           owner=state.owner)  # fmt: skip
-        out = FileWriter(self.store.files, base.model_copy(
-            update={"id": output_file_id(self.batch_id, "output"), "filename": f"{self.batch_id}_output.jsonl"}))
-        err = FileWriter(self.store.files, base.model_copy(
-            update={"id": output_file_id(self.batch_id, "errors"), "filename": f"{self.batch_id}_error.jsonl"}))
+        out = FileWriter(self.store.files, base.model_copy(update={
+            "id": output_file_id(self.batch_id, "output"), "filename": f"{self.batch_id}_output.jsonl"}))
+        err = FileWriter(self.store.files, base.model_copy(update={
+            "id": output_file_id(self.batch_id, "errors"), "filename": f"{self.batch_id}_error.jsonl"}))  # fmt: skip
         done: set[int] = set()
         ok = failed = 0
         async with _Replies(self.settings, self.topic) as replies:
@@ -359,8 +359,8 @@ class BatchDriver:
         output = await out.close() if out.lines else None
         errors = await err.close() if err.lines else None
         counts = RequestCounts(total=len(work) + len(refused), completed=ok, failed=failed)
-        final = advance(state, status, int(time.time()), request_counts=counts,
-                        output_file_id=output.id if output else None, error_file_id=errors.id if errors else None)  # fmt: skip
+        files = {"output_file_id": output.id if output else None, "error_file_id": errors.id if errors else None}
+        final = advance(state, status, int(time.time()), request_counts=counts, **files)
         return await self.store.write(final)
 
     async def _fail(self, state: BatchState, code: str, message: str) -> None:
@@ -446,7 +446,7 @@ class BatchRunners(ConsumerRebalanceListener):  # type: ignore[misc]
                         self._dirty = True
                 if self._dirty:
                     self._dirty = False
-                    for tp, tasks in self.active.items():
+                    for tasks in self.active.values():
                         for offset in [o for o, t in tasks.items() if t.done()]:
                             del tasks[offset]
                     await self._commit(list(self.active))

@@ -107,7 +107,7 @@ class CompactedTable:
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # policy: the tail outlives any fetch error; it resumes where it was
+            except Exception as exc:  # noqa: BLE001  (policy: the tail outlives any fetch error; it resumes)
                 log.warning("table %s: fetch failed (%r); retrying in %.1f s", self.topic, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)

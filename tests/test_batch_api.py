@@ -18,6 +18,7 @@ but the body renderer (``api.batch_lines.render_reply``, unit-tested).
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -64,9 +65,12 @@ def client(pipeline: Pipeline) -> OpenAI:
     return OpenAI(base_url=f"{pipeline.url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
+def request_line(custom_id: str, url: str, body: dict[str, object]) -> bytes:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body}).encode()
+
+
 def embed_line(custom_id: str, texts: list[str], **extra: object) -> bytes:
-    body = {"model": "nlp", "input": texts, **extra}
-    return json.dumps({"custom_id": custom_id, "method": "POST", "url": EMBED, "body": body}).encode()
+    return request_line(custom_id, EMBED, {"model": "nlp", "input": texts, **extra})
 
 
 def valid_lines(n: int, tag: str, texts: int = 4) -> dict[str, bytes]:
@@ -78,11 +82,9 @@ def invalid_lines(tag: str) -> tuple[dict[str, bytes], bytes]:
     """Lines the sync route answers 4xx (by custom_id), and one that is no JSON at all."""
     lines = {
         f"{tag}-bad-field": embed_line(f"{tag}-bad-field", ["x"], dimensions=8),
-        f"{tag}-bad-model": json.dumps({"custom_id": f"{tag}-bad-model", "method": "POST", "url": EMBED,
-                                         "body": {"model": "gpt-nope", "input": "x"}}).encode(),  # fmt: skip
+        f"{tag}-bad-model": request_line(f"{tag}-bad-model", EMBED, {"model": "gpt-nope", "input": "x"}),
         f"{tag}-empty": embed_line(f"{tag}-empty", []),
-        f"{tag}-bad-url": json.dumps({"custom_id": f"{tag}-bad-url", "method": "POST", "url": "/v1/completions",
-                                       "body": {"model": "llm", "prompt": "x"}}).encode(),  # fmt: skip
+        f"{tag}-bad-url": request_line(f"{tag}-bad-url", "/v1/completions", {"model": "llm", "prompt": "x"}),
         f"{tag}-no-body": json.dumps({"custom_id": f"{tag}-no-body", "method": "POST", "url": EMBED}).encode(),
     }
     return lines, b'{"custom_id": "broken", '
@@ -220,3 +222,34 @@ def test_the_cli_submits_waits_and_prints_the_results(pipeline: Pipeline, tmp_pa
     assert results.returncode == 0, results.stderr.decode()[-2000:]
     lines = [json.loads(raw) for raw in results.stdout.decode().splitlines() if raw.strip()]
     assert sorted(line["custom_id"] for line in lines) == sorted(good)
+
+
+def test_rate_of_a_1000_line_embeddings_batch_and_of_kafka_direct(pipeline: Pipeline, tmp_path: Path) -> None:
+    """One run each, same agent, same kind of input (one unique short text a line, so nothing is cached):
+    the batch (default ``max_in_flight_lines``) and ``aisemble produce nlp --task embed --bulk --collect``.
+    The machine is shared: the figures are indicative. Asserts only that both answered everything."""
+    pipeline.kill("edge", signal.SIGTERM)
+    pipeline.proc_env["edge"] = {"AISEMBLE_BATCH__MAX_IN_FLIGHT_LINES": "256"}  # the default, Redis as usual
+    pipeline.restart("edge")
+    pipeline.wait_healthy(120)
+    client = OpenAI(base_url=f"{pipeline.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    n = 1000
+    good = valid_lines(n, "rate", texts=1)
+    started = time.monotonic()
+    batch_id = submit(client, b"\n".join(good.values()))
+    final = wait_for(client, batch_id, lambda b: b.status in ("completed", "failed", "expired", "cancelled"), 600)
+    batch_s = time.monotonic() - started
+    assert final.status == "completed" and final.request_counts is not None
+    assert final.request_counts.completed == n
+    inputs = tmp_path / "inputs.jsonl"
+    texts = [{"texts": [f"direct sentence {i} {uuid.uuid4().hex[:6]}"], "normalize": True} for i in range(n)]
+    inputs.write_text("\n".join(json.dumps(t) for t in texts) + "\n")
+    command = ["produce", "nlp", str(inputs), "--task", "embed", "--bulk", "--collect", "--json"]
+    direct = subprocess.run([sys.executable, "-m", "aisemble", *command], capture_output=True, timeout=600,
+                            env=pipeline.env, check=False)  # fmt: skip
+    assert direct.returncode == 0, direct.stderr.decode()[-2000:]
+    summary = json.loads(direct.stdout.decode().strip().splitlines()[-1])
+    assert summary["answered"] == n, summary
+    direct_figures = {k: summary.get(k) for k in ("throughput_rps", "send_span_s")}
+    figures = {"lines": n, "batch_s": round(batch_s, 1), "batch_lines_per_s": round(n / batch_s, 1)}
+    print("BATCH-RATE:", json.dumps({**figures, "kafka_direct": direct_figures}))

@@ -31,7 +31,8 @@ def line(custom_id: str, body: dict[str, object], url: str = EMBED) -> bytes:
 
 
 def test_a_valid_embedding_line_is_work_with_the_sync_routes_input_and_model() -> None:
-    work = parse_line(B, 3, line("a", {"model": "nlp", "input": ["x", "y"], "encoding_format": "base64"}), EMBED, MODELS)
+    raw = line("a", {"model": "nlp", "input": ["x", "y"], "encoding_format": "base64"})
+    work = parse_line(B, 3, raw, EMBED, MODELS)
     assert isinstance(work, LineWork)
     assert (work.line, work.custom_id, work.service, work.task) == (3, "a", "nlp", "embed")
     assert work.payload == {"texts": ["x", "y"], "normalize": True}

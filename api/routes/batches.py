@@ -26,7 +26,7 @@ import uuid
 from typing import Annotated
 
 from aiokafka.errors import KafkaError
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import ORJSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.datastructures import UploadFile
