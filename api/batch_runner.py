@@ -120,9 +120,7 @@ class BatchStore:
         return found
 
     def all(self) -> list[BatchState]:
-        return [
-            BatchState.model_validate_json(raw) for key, raw in list(self.batches.values.items()) if ":" not in key
-        ]
+        return [BatchState.model_validate_json(raw) for key, raw in list(self.batches.values.items()) if ":" not in key]
 
     async def write(self, state: BatchState) -> BatchState:
         await self.batches.put(state.id, state.model_dump_json().encode())
@@ -330,8 +328,12 @@ class BatchDriver:
         created = int(time.time())
         base = StoredFile(id="", bytes=0, created_at=created, filename="", purpose="batch_output", chunks=0,
                           owner=state.owner)  # fmt: skip
-        out = FileWriter(self.store.files, base.model_copy(update={
-            "id": output_file_id(self.batch_id, "output"), "filename": f"{self.batch_id}_output.jsonl"}))
+        out = FileWriter(
+            self.store.files,
+            base.model_copy(
+                update={"id": output_file_id(self.batch_id, "output"), "filename": f"{self.batch_id}_output.jsonl"}
+            ),
+        )
         err = FileWriter(self.store.files, base.model_copy(update={
             "id": output_file_id(self.batch_id, "errors"), "filename": f"{self.batch_id}_error.jsonl"}))  # fmt: skip
         done: set[int] = set()

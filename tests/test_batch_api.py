@@ -126,7 +126,7 @@ def test_a_mixed_batch_answers_every_custom_id_once_across_an_edge_sigkill_and_w
     content = b"\n".join([*good.values(), broken, *bad.values()]) + b"\n"
     started = time.monotonic()
     batch_id = submit(client, content)
-    at_kill = wait_for(client, batch_id, lambda b: (b.request_counts and b.request_counts.completed >= 40), 240)
+    at_kill = wait_for(client, batch_id, lambda b: b.request_counts and b.request_counts.completed >= 40, 240)
     assert at_kill.status == "in_progress" and at_kill.request_counts is not None
     assert at_kill.request_counts.completed < len(good), "the batch ended before the kill: nothing was tested"
     pipeline.kill("edge")  # SIGKILL: no leave-group, no commit
@@ -164,7 +164,7 @@ def test_a_mixed_batch_answers_every_custom_id_once_across_an_edge_sigkill_and_w
 def test_a_cancelled_batch_stops_and_its_counts_agree_with_its_files(pipeline: Pipeline, client: OpenAI) -> None:
     good = valid_lines(200, "c")
     batch_id = submit(client, b"\n".join(good.values()))
-    wait_for(client, batch_id, lambda b: (b.request_counts and b.request_counts.completed >= 16), 240)
+    wait_for(client, batch_id, lambda b: b.request_counts and b.request_counts.completed >= 16, 240)
     cancelling = client.batches.cancel(batch_id)
     assert cancelling.status == "cancelling" and cancelling.cancelling_at is not None
     final = wait_for(client, batch_id, lambda b: b.status == "cancelled", 120)
