@@ -142,7 +142,11 @@ class BatchSettings(BaseModel):
     """The Batch API (``api.batches``, ``api.batch_runner``): ``AISEMBLE_BATCH__<NAME>``."""
 
     runner: bool = Field(default=True, description="This edge runs batches (joins the batch runners' group).")
-    max_file_bytes: int = Field(default=100 * 1024 * 1024, ge=1024, description="Largest file POST /v1/files takes.")
+    max_file_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=1024,
+        description="Largest file POST /v1/files takes (its body limit is this, capped at max_in_flight_bytes).",
+    )
     max_lines: int = Field(default=50_000, ge=1, description="Most requests (non-blank lines) in one input file.")
     max_in_flight_lines: int = Field(
         default=256, ge=1, description="Lines of one batch produced and not yet answered, at most."
@@ -355,12 +359,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_upload_fits_the_byte_budget(self) -> Settings:
-        largest = max(self.max_body_bytes, self.vision.max_upload_bytes, self.batch.max_file_bytes)
+        largest = max(self.max_body_bytes, self.vision.max_upload_bytes)
         if self.max_in_flight_bytes < largest:
             raise ValueError(
                 f"max_in_flight_bytes ({self.max_in_flight_bytes}) must be at least the largest body limit "
-                f"({largest}: max_body_bytes, vision.max_upload_bytes, batch.max_file_bytes): a body that size "
-                "could never be admitted"
+                f"({largest}): a body that size could never be admitted"
             )
         return self
 

@@ -26,10 +26,9 @@ import uuid
 from typing import Annotated
 
 from aiokafka.errors import KafkaError
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import ORJSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
-from starlette.datastructures import UploadFile
 
 from api.auth import request_caller
 from api.batch_lines import ENDPOINTS, TERMINAL, batch_object, count_lines, file_object
@@ -102,17 +101,14 @@ def _page(data: list[dict[str, object]], limit: int, after: str | None) -> dict[
 
 
 @router.post("/v1/files")
-async def upload_file(request: Request) -> ORJSONResponse:
+async def upload_file(request: Request, file: UploadFile = File(), purpose: str = Form()) -> ORJSONResponse:
+    """The body is read (within its limit, ``api.admission.body_limit``) and validated before this runs."""
+    if purpose != "batch":
+        raise _bad(f"Invalid value for 'purpose': {purpose!r}; this server takes 'batch' files only.", "purpose")
+    content = await file.read()
+    filename = file.filename or "upload.jsonl"
     store = _store(request)
     limit = store.settings.batch.max_file_bytes
-    async with request.form(max_files=1, max_fields=8) as form:
-        purpose, upload = form.get("purpose"), form.get("file")
-        if purpose != "batch":
-            raise _bad(f"Invalid value for 'purpose': {purpose!r}; this server takes 'batch' files only.", "purpose")
-        if not isinstance(upload, UploadFile):
-            raise _bad("Missing required parameter: 'file' (a multipart file part).", "file")
-        content = await upload.read(limit + 1)
-        filename = upload.filename or "upload.jsonl"
     if len(content) > limit:
         raise PayloadTooLargeError(f"the file exceeds batch.max_file_bytes ({limit} bytes)", status=413)
     try:
@@ -185,8 +181,8 @@ class CreateBatch(BaseModel):
 
 @router.post("/v1/batches")
 async def create_batch(request: Request) -> ORJSONResponse:
-    store = _store(request)
     body = validate(CreateBatch, parse_body(await request.body()))
+    store = _store(request)
     if body.endpoint not in ENDPOINTS:
         raise _bad(f"Invalid value for 'endpoint': {body.endpoint!r}; one of {', '.join(ENDPOINTS)}.", "endpoint")
     if body.completion_window != "24h":
@@ -227,6 +223,7 @@ async def get_batch(request: Request, batch_id: str) -> ORJSONResponse:
 
 @router.post("/v1/batches/{batch_id}/cancel")
 async def cancel_batch(request: Request, batch_id: str) -> ORJSONResponse:
+    await request.body()  # no body is expected; one past the body limit is 413 like on every POST route
     store = _store(request)
     state = await _batch(request, batch_id)
     if state.status in TERMINAL or state.status == "finalizing":
