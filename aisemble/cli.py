@@ -6,6 +6,7 @@ aisemble agent SERVICE        one service's agent (data, nlp, llm, vision)
 aisemble infra up|down|status the local Kafka (KRaft) and Redis
 aisemble schemas export|check the JSON Schema files of the wire contract
 aisemble monitor              the brief's performance monitor: latency and success per endpoint
+aisemble batch submit|status|results  the OpenAI Batch API of an edge (aisemble/batch_cmd.py)
 aisemble bench llm            TTFT, ITL, TPOT, e2e, tokens/s and goodput of the LLM (bench/llm_serve.py)
 """
 
@@ -17,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from aisemble import lag_cmd, monitor
+from aisemble import batch_cmd, lag_cmd, monitor
 from schemas import SERVICES
 from streams.settings import get_settings
 
@@ -32,6 +33,7 @@ topics_app = typer.Typer(no_args_is_help=True, help="Create aisemble's topics (t
 app.add_typer(topics_app, name="topics")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (the bench extra's drivers, run from a checkout).")
 app.add_typer(bench_app, name="bench")
+app.add_typer(batch_cmd.app, name="batch")  # aisemble/batch_cmd.py
 app.command("lag")(lag_cmd.lag)  # aisemble/lag_cmd.py
 app.command("monitor")(monitor.monitor)  # aisemble/monitor.py
 

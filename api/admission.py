@@ -38,12 +38,17 @@ from streams.settings import Settings
 ADMITTED_SCOPE_KEY = "aisemble.admitted"  # set on a request that holds its slot and bytes (``admitted``)
 ADMITTED_PREFIXES = ("/data/", "/ai/", "/v1/")  # the service routes' paths
 RETRY_AFTER_S = 1
+MULTIPART_MARGIN = 64 * 1024  # a file upload's multipart envelope (boundaries, headers, the purpose field)
 
 
 def body_limit(settings: Settings, path: str) -> int:
-    """The body limit of ``path``: vision's upload limit under ``/ai/vision``, else ``max_body_bytes``."""
+    """The body limit of ``path``: vision's upload limit under ``/ai/vision``, the Batch API's file limit (plus
+    the multipart envelope, at most ``max_in_flight_bytes``) on ``/v1/files``, else ``max_body_bytes``."""
     if path.startswith("/ai/vision"):
         return max(settings.vision.max_upload_bytes, settings.max_body_bytes)
+    if path == "/v1/files":
+        upload = min(settings.batch.max_file_bytes + MULTIPART_MARGIN, settings.max_in_flight_bytes)
+        return max(upload, settings.max_body_bytes)
     return settings.max_body_bytes
 
 

@@ -20,13 +20,14 @@ from fastapi.responses import ORJSONResponse
 
 from api.admission import AdmissionGate, body_limit
 from api.auth import ApiKeyGate, auth_dependencies
+from api.batch_runner import BatchRunners, BatchStore
 from api.edge import Edge
 from api.errors import install_error_handlers
 from api.guards import ByteBudget
 from api.limits import BodyLimit
 from api.metrics import EdgeMetrics, RequestMetrics
 from api.quota_gate import QuotaGate
-from api.routes import data, health, lag, llm, metrics, nlp, requests, status, vision
+from api.routes import batches, data, health, lag, llm, metrics, nlp, requests, status, vision
 from api.routes import openai as openai_routes
 from api.status_history import History
 from streams import tracing
@@ -93,6 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         edge = Edge(settings, producer, redis, router, listener, reply_topic, metrics=edge_metrics)
         refresher: asyncio.Task[None] | None = None
         sampler: asyncio.Task[None] | None = None
+        batch_store = BatchStore(settings, producer)  # the Batch API (api/batch_runner.py): files, batches, runners
+        runners = BatchRunners(batch_store, lambda: edge.models) if settings.batch.runner else None
         app.state.lag = lag_monitor = LagMonitor(settings)  # GET /lag and /metrics; connects on first read
         try:
             await producer.start()
@@ -100,6 +103,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await edge.refresh_models()
             await edge.start()  # the broker probe: 503 at once while Kafka is down
             refresher = asyncio.create_task(_refresh_models_forever(edge, settings.heartbeat_interval_s))
+            await batch_store.start()
+            app.state.batches = batch_store
+            if runners is not None:
+                await runners.start()
             app.state.edge = edge
             # The status page's history (api/routes/status.py): a point per service every interval, never raising.
             sampler = asyncio.create_task(
@@ -113,6 +120,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            if runners is not None:
+                await runners.stop()
+            await batch_store.stop()
             await edge.stop()
             router.fail_all(RuntimeError("edge shutting down"))
             await listener.stop()
@@ -168,6 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (data, nlp, llm, vision, requests):  # requests: GET /requests/{id} (api/async_requests.py)
         app.include_router(module.router, dependencies=service_auth)
     app.include_router(openai_routes.router, dependencies=service_auth)  # /v1: OpenAI-compatible (api/openai.py)
+    app.include_router(batches.router, dependencies=service_auth)  # /v1/files, /v1/batches (api/routes/batches.py)
     app.include_router(health.router)  # open: probes need no key
     app.include_router(metrics.router, dependencies=auth_dependencies(settings, route="metrics"))
     app.include_router(lag.router, dependencies=auth_dependencies(settings, route="metrics"))  # like /metrics

@@ -139,6 +139,36 @@ class VisionSettings(ServiceSettings):
     claim_ttl_s: int = Field(default=600, ge=1)
 
 
+class BatchSettings(BaseModel):
+    """The Batch API (``api.batches``, ``api.batch_runner``): ``AISEMBLE_BATCH__<NAME>``."""
+
+    runner: bool = Field(default=True, description="This edge runs batches (joins the batch runners' group).")
+    max_file_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=1024,
+        description="Largest file POST /v1/files takes (its body limit is this, capped at max_in_flight_bytes).",
+    )
+    max_lines: int = Field(default=50_000, ge=1, description="Most requests (non-blank lines) in one input file.")
+    max_in_flight_lines: int = Field(
+        default=256, ge=1, description="Lines of one batch produced and not yet answered, at most."
+    )
+    line_timeout_s: float = Field(
+        default=600.0, gt=0, description="A line unanswered this long is produced again (same request id)."
+    )
+    line_attempts: int = Field(
+        default=3, ge=1, description="Times a line is produced before it is answered with a timeout error."
+    )
+    cancel_grace_s: float = Field(
+        default=30.0, ge=0, description="After a cancel, how long the lines in flight may still be answered."
+    )
+    progress_interval_s: float = Field(
+        default=1.0, gt=0, description="How often a running batch's request_counts are written."
+    )
+    driver_attempts: int = Field(
+        default=5, ge=1, description="Times a batch's runner is restarted after an error before the batch fails."
+    )
+
+
 class ApiKey(BaseModel):
     """One entry of ``AISEMBLE_API_KEYS``: a key and, optionally, its quotas (``api.quota_gate``).
 
@@ -336,6 +366,7 @@ class Settings(BaseSettings):
     nlp: NlpSettings = NlpSettings()
     llm: LlmSettings = LlmSettings()
     vision: VisionSettings = VisionSettings()
+    batch: BatchSettings = BatchSettings()
 
     @field_validator("api_keys", mode="before")
     @classmethod

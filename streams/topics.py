@@ -9,7 +9,10 @@ Names (``prefix`` from settings, default ``aisemble``):
 * ``{prefix}.{service}.results``: replies to requests that named no ``reply_to``;
 * ``{prefix}.{service}.dlq``: events that could not be read, with the reason;
 * ``{prefix}.edge.{edge_id}.replies``: one reply topic per edge instance;
-* ``{prefix}.replies.{name}``: reply topics of raw clients (``aisemble topics create --reply NAME``).
+* ``{prefix}.replies.{name}``: reply topics of raw clients (``aisemble topics create --reply NAME``);
+* the Batch API's (``batch_topics``, records in ``schemas.batch``): ``{prefix}.files`` and ``{prefix}.batches``
+  (compacted, one partition), ``{prefix}.batch-jobs`` (``partitions``), and one ``{prefix}.replies.batch_{id}``
+  per running batch (``batch_results_topic``: inside the default reply-topic policy).
 
 Topics are created here (at start-up, or by ``aisemble topics create``), never as a side effect of
 producing: the local broker and docker-compose run with ``auto.create.topics.enable=false``.
@@ -23,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -66,6 +69,25 @@ def reply_topic_name(prefix: str, name: str) -> str:
     return f"{prefix}.replies.{name}"
 
 
+@dataclass(frozen=True, slots=True)
+class BatchTopics:
+    """The Batch API's shared topics (``schemas.batch``)."""
+
+    files: str
+    batches: str
+    jobs: str
+    runners_group: str
+
+
+def batch_topics(prefix: str) -> BatchTopics:
+    return BatchTopics(f"{prefix}.files", f"{prefix}.batches", f"{prefix}.batch-jobs", f"{prefix}-batch-runners")
+
+
+def batch_results_topic(prefix: str, batch_id: str) -> str:
+    """Where the replies to one batch's lines go: a ``{prefix}.replies.*`` topic, so the default policy allows it."""
+    return reply_topic_name(prefix, batch_id)
+
+
 def consumer_group(prefix: str, service: Service) -> str:
     """The consumer group shared by all agents of a service."""
     return f"{prefix}-{service}-agents"
@@ -89,7 +111,9 @@ async def admin_client(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]
         await admin.close()
 
 
-async def ensure_topics(settings: Settings, names_partitions: Iterable[tuple[str, int]]) -> list[str]:
+async def ensure_topics(
+    settings: Settings, names_partitions: Iterable[tuple[str, int]], configs: Mapping[str, str] | None = None
+) -> list[str]:
     """Create the topics that do not exist yet; return the names created, once their partitions show in the
     broker's metadata.
 
@@ -97,18 +121,25 @@ async def ensure_topics(settings: Settings, names_partitions: Iterable[tuple[str
     just-created topic's metadata has propagated is given an empty assignment, and may sit on it until the
     next rebalance (seen on a fresh broker: a Faust agent serving nothing for 40 s).
     """
-    created = await _create_missing(settings, names_partitions)
+    created = await _create_missing(settings, names_partitions, configs)
     for name in created:
         if not await wait_for_partitions(settings, name):
             log.warning("topic %s created, but its partitions are not in the metadata yet", name)
     return created
 
 
-async def _create_missing(settings: Settings, names_partitions: Iterable[tuple[str, int]]) -> list[str]:
+async def _create_missing(
+    settings: Settings, names_partitions: Iterable[tuple[str, int]], configs: Mapping[str, str] | None = None
+) -> list[str]:
     async with admin_client(settings) as admin:
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(name=name, num_partitions=partitions, replication_factor=settings.replication_factor)
+            NewTopic(
+                name=name,
+                num_partitions=partitions,
+                replication_factor=settings.replication_factor,
+                topic_configs=dict(configs or {}),
+            )
             for name, partitions in names_partitions
             if name not in existing
         ]

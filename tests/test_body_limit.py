@@ -23,15 +23,17 @@ from aiokafka.errors import KafkaConnectionError
 from fastapi import FastAPI, params
 from fastapi.routing import APIRoute, iter_route_contexts
 
+from api.admission import MULTIPART_MARGIN
 from api.app import create_app
 from api.edge import Edge
 from schemas import ErrorCode
 from streams.replies import ReplyRouter
-from streams.settings import Settings, VisionSettings
+from streams.settings import BatchSettings, Settings, VisionSettings
 from tests.served import served
 
 LIMIT = 4096
 VISION_LIMIT = 8192
+FILES_LIMIT = 2048 + MULTIPART_MARGIN  # POST /v1/files: batch.max_file_bytes + the multipart envelope
 CHUNK = 1000
 BOUNDARY = "aisemble-test-boundary"
 KNOWN_POST_ROUTES = {  # the enumeration must at least find these (an empty one would test nothing)
@@ -61,7 +63,11 @@ class _Producer:
 
 
 def _app() -> FastAPI:
-    settings = Settings(max_body_bytes=LIMIT, vision=VisionSettings(max_upload_bytes=VISION_LIMIT))
+    settings = Settings(
+        max_body_bytes=LIMIT,
+        vision=VisionSettings(max_upload_bytes=VISION_LIMIT),
+        batch=BatchSettings(max_file_bytes=2048),
+    )
     app = create_app(settings)
     # No lifespan: an Edge without Kafka or Redis (no models known, so no cache key: Redis is never used).
     app.state.edge = Edge(settings, _Producer(), None, ReplyRouter(), None, "t.edge.x.replies")  # type: ignore[arg-type]
@@ -90,7 +96,7 @@ def _post_routes(app: FastAPI) -> list[_Post]:
 
 
 def _limit(path: str) -> int:
-    return VISION_LIMIT if path.startswith("/ai/vision") else LIMIT
+    return VISION_LIMIT if path.startswith("/ai/vision") else FILES_LIMIT if path == "/v1/files" else LIMIT
 
 
 def _is_form(post: _Post) -> bool:
@@ -174,9 +180,12 @@ async def test_every_post_route_answers_413_to_a_declared_length_past_its_limit(
 
 
 async def test_a_body_within_the_limit_is_not_refused(app: FastAPI) -> None:
-    """The same routes, a chunked body under the limit: parsed and refused for what it says (4xx), not its size."""
+    """The same routes, a chunked body under the limit: parsed and refused for what it says (4xx), not its size.
+    A route that takes no body (the batch cancel: it only reads one to apply the limit) has nothing to refuse."""
     async with _client(app, "asgi") as client:
         for post in _post_routes(app):
+            if post.path == "/v1/batches/{batch_id}/cancel":
+                continue
             data, content_type = (b"{}", "application/json") if not _is_form(post) else _body(post, 200)
             response = await client.post(post.path, content=_chunks(data), headers={"Content-Type": content_type})
             assert response.status_code in (400, 422), f"{post.path}: {response.status_code} {response.text[:300]}"
