@@ -637,3 +637,93 @@ async def test_the_cancel_key_stops_a_row_that_does_not_stream(model_dir: Path, 
     assert not stopped["ok"] and stopped["error"]["code"] == "cancelled"
     assert replies[other["id"]]["ok"]  # the old attempt's cancel key never stops the retry
     assert loop.figures.cancelled == 1 and sorted(acks) == sorted([str(doomed["id"]), str(other["id"])])
+
+
+# -- traces through the continuous loop ---------------------------------------------------------------------
+
+
+class _TracedView(_View):
+    """``_View`` whose records carry each event's trace headers (``agents.wiring.FaustEvents`` with tracing on)."""
+
+    headers: dict[str, tuple[tuple[str, bytes], ...]] = {}
+
+    @classmethod
+    def record(cls, event: _Event) -> Record:
+        record = _View.record(event)
+        return Record(record.topic, record.partition, record.offset, record.key, record.value,
+                      record.timestamp_ms, cls.headers.get(event.name, ()))  # fmt: skip
+
+
+class _HeaderSink(_Sink):
+    """``_Sink`` that also keeps each send's headers (the reply produce carries the trace onward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers: dict[str, list[tuple[str, bytes]]] = {}
+
+    async def send(  # type: ignore[override]
+        self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]] | None = None
+    ) -> asyncio.Future[object]:
+        if headers and key != b"w1":
+            self.headers[str(orjson.loads(value)["id"])] = headers
+        return await super().send(topic, key, value)
+
+
+async def test_each_llm_row_has_its_model_span_with_first_token_in_its_trace_and_its_batch_links_them(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Tracing on, the continuous loop gives each traced row: its queue wait, a ``model llm`` span in its own
+    trace (a ``first_token`` event on a streamed row), its reply produce in its trace linked to the admission's
+    ``batch llm`` span (which links every member), and the reply's headers carrying the same trace on."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from streams import tracing
+
+    exporter = InMemorySpanExporter()
+    tracing.in_memory("llm", SimpleSpanProcessor(exporter))
+    before = torch.get_num_threads()
+    trace_ids = {"s": 0x0AF7651916CD43DD8448EB211C80319C, "n": 0x1BF7651916CD43DD8448EB211C80319D}
+    _TracedView.headers = {
+        rid: (("traceparent", f"00-{tid:032x}-b7ad6b7169203331-01".encode()),) for rid, tid in trace_ids.items()
+    }
+    sink = _HeaderSink()
+    try:
+        loop, tp = _loop(model_dir, tmp_path, sink)
+        loop.view = _TracedView()
+        acks: list[str] = []
+        queue: asyncio.Queue[_Event] = asyncio.Queue()
+        queue.put_nowait(_Event(tp, 0, _request("s", "p.replies.x", "The quick brown fox", 12, stream=True), acks))
+        queue.put_nowait(_Event(tp, 1, _request("n", "p.replies.x", "Paris is", 6), acks))
+        queue.put_nowait(_Event(tp, 2, _request("plain", "p.replies.x", "Hello", 4), acks))  # no trace context
+        task = asyncio.create_task(loop.run(_Stream(queue)))
+        try:
+            for _ in range(4000):
+                if len(acks) == 3:
+                    break
+                await asyncio.sleep(0.005)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        spans = exporter.get_finished_spans()
+    finally:
+        tracing.shutdown()
+        torch.set_num_threads(before)
+    assert sorted(acks) == ["n", "plain", "s"]
+    batches = [s for s in spans if s.name == "batch llm"]
+    linked = {link.context.trace_id for b in batches for link in b.links}
+    assert set(trace_ids.values()) <= linked  # every traced member linked from its admission's batch
+    for rid, tid in trace_ids.items():
+        mine = [s for s in spans if s.context.trace_id == tid]
+        names = sorted(s.name for s in mine)
+        assert names == ["model llm", "queue req", "send p.replies.x"], (rid, names)
+        model = next(s for s in mine if s.name == "model llm")
+        assert model.attributes is not None and model.attributes["aisemble.ok"] is True
+        assert {link.context.span_id for link in model.links} <= {b.context.span_id for b in batches}
+        first = [e for e in model.events if e.name == "first_token"]
+        assert len(first) == (1 if rid == "s" else 0), (rid, model.events)  # only the streamed row has one
+        reply_headers = dict(sink.headers[rid])
+        assert reply_headers["traceparent"].decode().split("-")[1] == f"{tid:032x}"
+    assert "plain" not in sink.headers  # a request without a trace context gets none added
+    assert not [s for s in spans if s.name == "model llm" and s.context.trace_id not in trace_ids.values()]

@@ -440,3 +440,52 @@ async def test_a_stream_past_its_deadline_ends_with_a_timeout_event_and_cancels(
     finally:
         await redis.delete(key)
         await redis.aclose()
+
+
+class _HeaderProducer(_Producer):
+    """``_Producer`` that keeps each request's headers (tracing on: the trace context)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers: list[list[tuple[str, bytes]] | None] = []
+
+    async def send_and_wait(  # type: ignore[override]
+        self, topic: str, value: bytes, key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None
+    ) -> None:
+        self.headers.append(headers)
+        await super().send_and_wait(topic, value, key=key)
+
+
+async def test_a_traced_stream_has_one_first_token_event_and_its_request_carries_the_trace() -> None:
+    """Tracing on: ``edge.stream`` is one span from the call to ``close``, with one ``first_token`` event (time to
+    first token) at the first text, however many follow; the produced request's headers carry its trace."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from streams import tracing
+
+    exporter = InMemorySpanExporter()
+    tracing.in_memory(None, SimpleSpanProcessor(exporter))
+    try:
+        producer = _HeaderProducer()
+        edge = _unit_edge(producer)
+        stream = await edge.stream("llm", "completion", {"prompt": "x"}, request_id="r1")
+        corr = RequestEvent.model_validate_json(producer.sent[0]).correlation_id or ""
+        d = functools.partial(_delta, "r1", corr, "A")
+        await asyncio.sleep(0.02)  # a time to first token that is not zero
+        assert edge.router.partial(_partial("completion", d(0, "a"), d(1, "b"))) == 2
+        assert edge.router.partial(_partial("completion", d(2, "c"))) == 1
+        edge.router.resolve(_final("r1", corr, "abc"))
+        items = [await stream.next() for _ in range(4)]
+        stream.close()
+        spans = exporter.get_finished_spans()
+    finally:
+        tracing.shutdown()
+    assert [i.text for i in items[:3] if isinstance(i, StreamText)] == ["a", "b", "c"]
+    (span,) = [s for s in spans if s.name == "edge.stream llm.completion"]
+    (first,) = [e for e in span.events if e.name == "first_token"]
+    assert first.attributes is not None and float(first.attributes["aisemble.ttft_ms"]) >= 15.0
+    assert span.start_time is not None and span.end_time is not None and first.timestamp <= span.end_time
+    (headers,) = producer.headers
+    traceparent = dict(headers or [])["traceparent"].decode()
+    assert traceparent.split("-")[1] == f"{span.context.trace_id:032x}"

@@ -49,6 +49,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar
 
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanContext, SpanKind
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -56,6 +58,7 @@ from agents.loop import BatchProcessor, Settlement, _Pending
 from agents.loops.base import AgentStopped, EventView, LoopBase
 from agents.runner import Failure, Item
 from schemas import ErrorCode, PartialBatchEvent, PartialDelta
+from streams import tracing
 from streams.batching import BatchBuffer, BulkLane
 from streams.cancel import cancel_key, cancels
 from streams.codec import encode
@@ -103,6 +106,8 @@ class _Active:
     seq: int = 0
     first_token_s: float | None = None
     tokens: int = 0
+    span: Span | None = None  # tracing on: the row's ``model`` span, in its request's trace
+    batch: SpanContext | None = None  # tracing on: the admission's ``batch`` span (its reply produce links to it)
 
 
 @dataclass(slots=True)
@@ -241,8 +246,12 @@ class ContinuousLoop(LoopBase[E]):
             return
         records = [self.view.record(e) for e in events]
         by_record = {id(r): e for r, e in zip(records, events, strict=True)}
+        batch: SpanContext | None = None
         try:
-            admission = await self.processor.admit(records)
+            if tracing.on():
+                admission, batch = await self._admit_traced(records)
+            else:
+                admission = await self.processor.admit(records)
         except Exception:  # policy: isolate the poison record, never stall the partition
             log.exception("admission of %d events failed; answering them one at a time", len(records))
             self._spawn(self._isolate(events, records))
@@ -257,13 +266,45 @@ class ContinuousLoop(LoopBase[E]):
             stream_to = p.event.reply_to if p.event.stream else None
             item = Item(p.event.task, dict(p.event.input), p.event.deadline_ms)
             request = self.runner.row_request(attempt, item, stream=stream_to is not None)
-            active = _Active(event, p, attempt, now, admission.picked_ms, stream_to)
+            active = _Active(event, p, attempt, now, admission.picked_ms, stream_to, batch=batch)
+            if batch is not None:
+                active.span = self._row_span(p, batch)
             if isinstance(request, Failure):
                 self._finish(active, request)
                 continue
             self._active[attempt] = active
             self.engine.add(request)
             self.figures.admitted += 1
+
+    async def _admit_traced(self, records: list[Any]) -> tuple[Any, SpanContext]:
+        """``processor.admit`` inside this admission's ``batch`` span: the continuous loop's micro-batch (the
+        events taken together, which join the running rows at the next step), a root linked to every member's
+        trace context, as ``BatchProcessor`` makes one per batch."""
+        attributes = {
+            "aisemble.service": self.processor.service,
+            "aisemble.batch.size": len(records),
+            "aisemble.batch.bytes": sum(len(r.value or b"") for r in records),
+            "aisemble.batch.running_rows": len(self._active),
+        }
+        members = tracing.links(tracing.span_context(r.headers) for r in records)
+        with tracing.tracer().start_as_current_span(
+            f"batch {self.processor.service}", context=Context(), kind=SpanKind.CONSUMER, links=members,
+            attributes=attributes,
+        ) as span:  # fmt: skip
+            return await self.processor.admit(records), span.get_span_context()
+
+    def _row_span(self, pending: _Pending, batch: SpanContext) -> Span | None:
+        """The row's ``model`` span, in its request's trace (None for a request that carried no trace context):
+        from admission to its last token, with a ``first_token`` event; linked to its admission's batch."""
+        context = tracing.extract(pending.record.headers)
+        if context is None:
+            return None
+        return tracing.tracer().start_span(
+            f"model {self.processor.service}",
+            context=context,
+            links=tracing.links([batch]),
+            attributes={"aisemble.service": self.processor.service, "aisemble.task": pending.event.task},
+        )
 
     # -- the stepper --------------------------------------------------------------------------------------
 
@@ -343,7 +384,13 @@ class ContinuousLoop(LoopBase[E]):
         if active.first_token_s is not None:
             timings["first_token_ms"] = round((active.first_token_s - active.admitted_s) * 1000.0, 3)
         delivery = self.processor.answer(active.pending, outcome, timings)
-        settlement = Settlement([active.pending.record], [delivery], [(active.pending, delivery)])
+        if active.span is not None:
+            active.span.set_attributes({"aisemble.ok": not isinstance(outcome, Failure), "aisemble.batch_size": batch})
+            active.span.set_attributes({f"aisemble.{name}": value for name, value in timings.items()})
+            if isinstance(outcome, Failure):
+                active.span.set_attribute("aisemble.error", str(outcome.code))
+            active.span.end()
+        settlement = Settlement([active.pending.record], [delivery], [(active.pending, delivery)], active.batch)
         self._spawn(self._deliver(settlement, [active.event]))
 
     # -- deliveries and acknowledgements ------------------------------------------------------------------
@@ -385,6 +432,8 @@ class ContinuousLoop(LoopBase[E]):
                 continue
             if active.first_token_s is None and delta.tokens:
                 active.first_token_s = now
+                if active.span is not None:
+                    active.span.add_event("first_token", {"aisemble.ttft_ms": (now - active.admitted_s) * 1000.0})
             event = active.pending.event
             partial = PartialDelta(
                 id=event.id,
