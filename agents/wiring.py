@@ -133,9 +133,13 @@ BULK_CAPACITY_BATCHES = 64  # the safety net: a bulk put blocks the feed past th
 # BULK_PAUSE_BATCHES + streams.app.POLL_BATCHES + Faust's stream buffer: what may still come in after a pause)
 
 
-def bulk_lane(app: faust.App, settings: Settings, service: Service, max_batch: int) -> BulkLane[faust.EventT] | None:
+def bulk_lane(
+    app: faust.App, settings: Settings, service: Service, max_batch: int, *, yields: bool = True
+) -> BulkLane[faust.EventT] | None:
     """The loop's bulk lane (None when the service's ``bulk_lane`` is off): bulk by topic; the gate pauses the
-    bulk topic once ``BULK_PAUSE_BATCHES`` batches of it wait in the loop and resumes it at one batch."""
+    bulk topic once ``BULK_PAUSE_BATCHES`` batches of it wait in the loop and resumes it at one batch.
+    ``yields``: bulk yields to live interactive traffic (``bulk_yield_while_interactive``; not the continuous
+    loop, which admits rows between decode steps rather than running batches)."""
     conf = settings.service(service)
     if not conf.bulk_lane:
         return None
@@ -157,6 +161,7 @@ def bulk_lane(app: faust.App, settings: Settings, service: Service, max_batch: i
         is_bulk,
         min_share=conf.bulk_min_share,
         fill_while_interactive=conf.bulk_fill_while_interactive,
+        yield_ratio=conf.bulk_yield_while_interactive if yields else 0.0,
         pause_at=BULK_PAUSE_BATCHES * max_batch,
         resume_at=max_batch,
         capacity=BULK_CAPACITY_BATCHES * max_batch,
@@ -206,7 +211,8 @@ def create_agent_app(
         loop = ContinuousLoop[faust.EventT](
             processor, runner, FaustSink(app), view, worker_id=worker_id, redis=redis,
             topic_prefix=settings.topic_prefix, max_batch=conf.max_batch, grace_s=settings.shutdown_grace_s,
-            revoke_wait_s=revoke_wait_s(settings), bulk=bulk_lane(app, settings, service, conf.max_batch),
+            revoke_wait_s=revoke_wait_s(settings),
+            bulk=bulk_lane(app, settings, service, conf.max_batch, yields=False),
         )  # fmt: skip
     else:
         loop = BatchLoop[faust.EventT](

@@ -41,6 +41,14 @@
   when ``pause_at`` bulk items (or ``max_waiting_cost`` of bulk bytes) wait, ``gate(False)`` once ``resume_at`` or
   fewer do: the consumer stops fetching bulk meanwhile (``streams.app.CommittingConsumer.pause_topics``), so bulk
   waits in Kafka, not in memory, and the feed never stalls on it.
+  Bulk yields (``BulkLane.yield_ratio`` > 0): while interactive traffic is live and only bulk waits, ``take``
+  waits up to ``yield_ratio`` x the last batch's duration (the time since the previous ``take`` returned: what
+  the loop spent on that batch; at most ``yield_max_s``) before it hands out a bulk-only batch, and returns at
+  once when an interactive item arrives meanwhile. A short model-free gap after each bulk batch: the edge and
+  the broker get the CPU that an interactive request's hops need, and the request seldom finds a bulk batch
+  running (on 2 shared cores, one closed-loop client's p50 was 1.8x its idle value with back-to-back bulk
+  batches). It costs bulk at most ``1 / (1 + yield_ratio)`` of its rate, and only while interactive traffic is
+  live; with none, bulk batches run back to back.
 
 The clock is injectable (``clock`` returns seconds) so the linger rules are unit-tested without sleeping
 on a wall clock.
@@ -79,12 +87,14 @@ class BulkLane(Generic[T]):
     resume_at: int = 32
     capacity: int = 4096
     gate: Callable[[bool], None] | None = None
+    yield_ratio: float = 0.0
+    yield_max_s: float = 0.1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_share <= 1.0:
             raise ValueError("min_share must be within [0, 1]")
-        if self.fill_while_interactive < 0 or self.live_s < 0:
-            raise ValueError("fill_while_interactive and live_s must be >= 0")
+        if self.fill_while_interactive < 0 or self.live_s < 0 or self.yield_ratio < 0 or self.yield_max_s < 0:
+            raise ValueError("fill_while_interactive, live_s, yield_ratio and yield_max_s must be >= 0")
         if not 0 <= self.resume_at < self.pause_at <= self.capacity:
             raise ValueError("need 0 <= resume_at < pause_at <= capacity")
 
@@ -150,6 +160,8 @@ class BatchBuffer(Generic[T]):
         self._bulk_paused = False
         self._credit = 0.0
         self._interactive_at: float | None = None  # when interactive items were last seen by a take
+        self._took_at: float | None = None  # when the last take returned (the loop's batch started)
+        self.yields = 0  # takes that waited for interactive items before a bulk-only batch (tests, figures)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -235,11 +247,29 @@ class BatchBuffer(Generic[T]):
             if self._closed:
                 return []
             await self._wait_change()
+        if self.bulk is not None and self.bulk.yield_ratio > 0:
+            await self._yield_to_interactive(self.bulk)
         if self.linger_s > 0 and len(self._items) < self.max_batch:
             await self._linger()
         batch = self._pick()
         self._notify()  # room for put()
+        self._took_at = self._clock()
         return batch
+
+    async def _yield_to_interactive(self, lane: BulkLane[T]) -> None:
+        """Bulk yields (module docstring): while interactive traffic is live and only bulk waits, wait up to
+        ``yield_ratio`` x the last batch's duration for an interactive item (returns at once when one comes)."""
+        now = self._clock()
+        live = self._interactive_at is not None and now - self._interactive_at <= lane.live_s
+        if not live or self._took_at is None or self._bulk_waiting < len(self._items):
+            return
+        until = now + min(lane.yield_ratio * (now - self._took_at), lane.yield_max_s)
+        self.yields += 1
+        while not self._closed and self._bulk_waiting == len(self._items):
+            remaining = until - self._clock()
+            if remaining <= 0:
+                return
+            await self._wait_change(remaining)
 
     def _pick(self) -> list[T]:
         """Remove and return the next batch (at least one item; the buffer is not empty)."""

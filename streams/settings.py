@@ -61,6 +61,17 @@ class ServiceSettings(BaseModel):
             "interactive traffic bulk batches are full (max_batch)."
         ),
     )
+    bulk_yield_while_interactive: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=10.0,
+        description=(
+            "While interactive traffic is live and only bulk waits, the batch loop waits this many times its last "
+            "batch's duration (at most 100 ms) before a bulk-only batch, and takes an interactive event the moment "
+            "one arrives: bulk leaves the CPU to the edge and an interactive request seldom finds a bulk batch "
+            "running. 0: never (the LLM's continuous loop never waits)."
+        ),
+    )
 
 
 class DataSettings(ServiceSettings):

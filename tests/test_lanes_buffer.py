@@ -6,6 +6,7 @@ Items are ``(lane, n)`` tuples: ``("i", n)`` interactive, ``("b", n)`` bulk.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -185,3 +186,57 @@ def test_the_lane_targets_read_the_suites_figures_and_say_why_when_missing() -> 
     assert target_rows({"lanes": {"failed": "RuntimeError: x"}}) == [
         ("priority lanes (issue #16)", "RuntimeError: x", None)
     ]
+
+
+# -- bulk yields to live interactive traffic ----------------------------------------------------------------
+
+
+async def _live_with_a_batch_of(buf: BatchBuffer[Item], clock: Clock, seconds: float) -> None:
+    """Interactive seen by a take, then a batch of ``seconds`` (the clock moves; nothing else does)."""
+    await put_all(buf, [("i", 0)])
+    assert await buf.take() == [("i", 0)]
+    clock.now += seconds
+
+
+async def test_while_interactive_is_live_a_bulk_only_batch_waits_and_an_interactive_item_ends_the_wait() -> None:
+    clock = Clock()
+    buf, _ = lanes_buffer(8, fill=1, clock=clock, live_s=5.0, yield_ratio=1.0, yield_max_s=10.0)
+    await _live_with_a_batch_of(buf, clock, 3.0)  # the last batch "took" 3 s: the yield may last 3 s
+    await put_all(buf, [("b", 0), ("b", 1)])
+    taking = asyncio.create_task(buf.take())
+    await asyncio.sleep(0.05)
+    assert not taking.done()  # only bulk waits and interactive is live: it yields
+    await put_all(buf, [("b", 2)])
+    await asyncio.sleep(0.02)
+    assert not taking.done()  # more bulk does not end the wait
+    await put_all(buf, [("i", 1)])
+    batch = await asyncio.wait_for(taking, 1.0)  # an interactive item does, at once
+    assert batch[0] == ("i", 1) and buf.yields == 1
+
+
+async def test_a_yield_lasts_at_most_its_ratio_of_the_last_batch_and_never_without_live_interactive() -> None:
+    clock = Clock()
+    buf, _ = lanes_buffer(8, fill=1, clock=clock, live_s=5.0, yield_ratio=1.0, yield_max_s=10.0)
+    await put_all(buf, [("b", 0)])
+    assert await asyncio.wait_for(buf.take(), 0.5) == [("b", 0)]  # no interactive seen yet: no yield
+    await _live_with_a_batch_of(buf, clock, 0.0)  # a batch that took no time: nothing to yield
+    await put_all(buf, [("b", 1)])
+    assert await asyncio.wait_for(buf.take(), 0.5) == [("b", 1)]
+    assert buf.yields == 1  # it yielded, for 0 s
+    clock.now += 10.0  # interactive last seen 10 s ago (live_s 5): bulk runs back to back
+    await put_all(buf, [("b", 2)])
+    assert await asyncio.wait_for(buf.take(), 0.5) == [("b", 2)] and buf.yields == 1
+
+
+async def test_a_yield_is_bounded_by_yield_max_s() -> None:
+    real = time.monotonic
+    buf, _ = lanes_buffer(8, fill=1, clock=real, live_s=60.0, yield_ratio=10.0, yield_max_s=0.05)  # type: ignore[arg-type]
+    await put_all(buf, [("i", 0)])
+    assert await buf.take() == [("i", 0)]
+    await asyncio.sleep(0.05)  # the "batch": 50 ms -> 500 ms at ratio 10, capped at 50 ms
+    await put_all(buf, [("b", 0)])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await asyncio.wait_for(buf.take(), 2.0) == [("b", 0)]
+    waited = loop.time() - started
+    assert 0.04 <= waited < 0.4 and buf.yields == 1  # generous: a shared machine
