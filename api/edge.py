@@ -308,7 +308,7 @@ class Edge:
         """
         request_id = request_id or uuid.uuid4().hex
         note_call(service, task, request_id)  # labels the request counted by api.metrics.RequestMetrics
-        if tracing.on():  # the edge call's span, current while the call runs (its produce is its child)
+        if tracing.sampled():  # the edge call's span, current while the call runs (its produce is its child)
             with tracing.tracer().start_as_current_span(
                 f"edge.call {service}.{task}", attributes=_call_attributes(service, task, request_id)
             ) as span:
@@ -452,7 +452,7 @@ class Edge:
         """Hand the request's ``record`` (key: its id) to Kafka within ``produce_timeout_s``; ``UnavailableError``
         (503) otherwise."""
         topic = service_topics(self.settings.topic_prefix, service).requests
-        if tracing.on():
+        if tracing.sampled():
             with tracing.tracer().start_as_current_span(
                 f"send {topic}", kind=SpanKind.PRODUCER, attributes=_send_attributes(topic, request_id)
             ):
@@ -516,7 +516,7 @@ class Edge:
                 task=task,
                 retry_after_s=RETRY_AFTER_S,
             )
-        if not tracing.on():
+        if not tracing.sampled():
             return await self._open_stream(service, task, payload, cache, request_id, timeout_s, admitted, None)
         # The stream's span outlives this call: current while the request is produced, ended by EdgeStream.close.
         span = tracing.tracer().start_span(

@@ -70,6 +70,17 @@ def on() -> bool:
     return _state.tracer is not None
 
 
+def sampled() -> bool:
+    """Whether tracing is on and the current span is sampled (or there is none: the sampler decides). The edge
+    makes its spans, and writes trace headers, only then: an unsampled request (``OTEL_TRACES_SAMPLER_ARG``
+    below 1, or a caller's ``traceparent`` with the sampled flag off) costs one check per site, not spans nobody
+    exports; the agents see no context and make none (``extract``)."""
+    if _state.tracer is None:
+        return False
+    context = trace.get_current_span().get_span_context()
+    return not context.is_valid or context.trace_flags.sampled
+
+
 def tracer() -> trace.Tracer:
     """The aisemble tracer (the API's no-op tracer when tracing is off)."""
     return _state.tracer if _state.tracer is not None else trace.NoOpTracer()
@@ -213,11 +224,14 @@ def inject(context: Context | None = None) -> HeaderList:
 
 
 def extract(headers: HeadersIn) -> Context | None:
-    """The context carried by a record's headers, or None when they carry no valid span context."""
+    """The context carried by a record's headers, or None when they carry no valid span context or one whose
+    sampled flag is off (nothing of that trace is exported: the agent makes no span for it, and its reply
+    carries no context on)."""
     if not headers:
         return None
     context = propagate.extract(headers, getter=_GETTER)
-    return context if trace.get_current_span(context).get_span_context().is_valid else None
+    span = trace.get_current_span(context).get_span_context()
+    return context if span.is_valid and span.trace_flags.sampled else None
 
 
 def span_context(headers: HeadersIn) -> trace.SpanContext | None:

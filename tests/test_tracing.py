@@ -31,6 +31,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
 from agents.data import build_runner
 from agents.loop import BatchProcessor
@@ -382,16 +383,50 @@ async def test_a_call_without_traceparent_starts_a_trace_and_a_cache_hit_is_mark
     ], "a cache hit never touches Kafka"
 
 
+@pytest.fixture
+async def parent_based(infra_settings: Settings) -> AsyncIterator[tuple[InProcess, InMemorySpanExporter]]:
+    """Tracing on with the SDK's default sampler (``parentbased_always_on``): a caller's unsampled context stays
+    unsampled."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_ON))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        async with _in_process(infra_settings) as pipeline:
+            yield pipeline, exporter
+    finally:
+        tracing.shutdown()
+
+
 @pytest.mark.integration
-async def test_with_tracing_off_no_header_is_added_and_no_span_is_made(untraced: InProcess) -> None:
-    pipeline = untraced
-    assert not tracing.on()
-    rid = f"off-{uuid.uuid4().hex[:8]}"
-    body = {"operation": "analyze", "data": {"records": [{"v": 3}]}, "cache": False}
+async def test_an_unsampled_request_makes_no_span_and_writes_no_trace_header(
+    parent_based: tuple[InProcess, InMemorySpanExporter],
+) -> None:
+    """A caller's ``traceparent`` with the sampled flag off: the edge makes none of its spans and writes no trace
+    header, so the agent makes none either (what an unsampled request costs is a check per site); a sampled one
+    beside it is traced end to end."""
+    pipeline, spans = parent_based
+    unsampled = f"00-{CALLER_TRACE:032x}-{CALLER_SPAN:016x}-00"
+    rid, control = f"unsampled-{uuid.uuid4().hex[:8]}", f"sampled-{uuid.uuid4().hex[:8]}"
+    body = {"operation": "analyze", "data": {"records": [{"v": 4}]}, "cache": False}
     response = await pipeline.http.post(
-        "/data/process", json=body, headers={"traceparent": TRACEPARENT, "X-Request-Id": rid}
+        "/data/process", json=body, headers={"traceparent": unsampled, "X-Request-Id": rid}
     )
     assert response.status_code == 200, response.text
+    sampled_trace = 0x5BF92F3577B34DA6A3CE929D0E0E4737
+    headers = {"traceparent": f"00-{sampled_trace:032x}-{CALLER_SPAN:016x}-01", "X-Request-Id": control}
+    assert (await pipeline.http.post("/data/process", json=body, headers=headers)).status_code == 200
+    requests = f"{pipeline.settings.topic_prefix}.data.requests"
+    await _trace(
+        spans, sampled_trace, {"edge.call data.analyze", f"queue {requests}", f"receive {pipeline.reply_topic}"}
+    )
+    found = await _headers_of(pipeline, rid)
+    assert found == {topic: () for topic in (requests, pipeline.reply_topic)}, "no trace header on either record"
+    assert [s.name for s in spans.get_finished_spans() if s.context.trace_id == CALLER_TRACE] == []
+
+
+async def _headers_of(pipeline: InProcess, rid: str) -> dict[str, tuple[tuple[str, bytes], ...]]:
+    """The headers of request ``rid``'s request record and its reply record."""
     settings = pipeline.settings
     found: dict[str, tuple[tuple[str, bytes], ...]] = {}
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False)
@@ -408,5 +443,20 @@ async def test_with_tracing_off_no_header_is_added_and_no_span_is_made(untraced:
                             found[tp.topic] = tuple(r.headers)
     finally:
         await consumer.stop()
+    return found
+
+
+@pytest.mark.integration
+async def test_with_tracing_off_no_header_is_added_and_no_span_is_made(untraced: InProcess) -> None:
+    pipeline = untraced
+    assert not tracing.on()
+    rid = f"off-{uuid.uuid4().hex[:8]}"
+    body = {"operation": "analyze", "data": {"records": [{"v": 3}]}, "cache": False}
+    response = await pipeline.http.post(
+        "/data/process", json=body, headers={"traceparent": TRACEPARENT, "X-Request-Id": rid}
+    )
+    assert response.status_code == 200, response.text
+    topics = [f"{pipeline.settings.topic_prefix}.data.requests", pipeline.reply_topic]
+    found = await _headers_of(pipeline, rid)
     assert found == {topic: () for topic in topics}, "neither the request nor the reply carries a header"
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)
