@@ -16,7 +16,8 @@ and goodput at SLOs. It runs here unchanged, as a new user would run it, with tw
 * its own venv: AIPerf pins rich 14.1 and transformers 5, which our locks do not share, so it is a client
   tool installed apart (``requirements-aiperf.lock``, ``make install-aiperf``), run as a subprocess.
 
-Every request asks for ``--output-tokens`` tokens with vLLM's ``ignore_eos`` and ``min_tokens`` (AIPerf's
+Each point has its own synthetic prompts (its own seed), so no point is answered from the prompt cache of an
+earlier one. Every request asks for ``--osl`` tokens with vLLM's ``ignore_eos`` and ``min_tokens`` (AIPerf's
 ``--extra-inputs``), ``--isl`` prompt tokens of AIPerf's synthetic text, at a fixed concurrency per point.
 Goodput uses AIPerf's own ``--goodput`` (``time_to_first_token:MS inter_token_latency:MS``).
 
@@ -101,9 +102,11 @@ def tokenizer_dir() -> Path:
 
 
 def aiperf_command(
-    url: str, concurrency: int, requests: int, isl: int, osl: int, goodput: Sequence[str], out: Path
+    url: str, concurrency: int, requests: int, isl: int, osl: int, goodput: Sequence[str], out: Path, seed: int = 7
 ) -> list[str]:
-    """One AIPerf point: ``requests`` streamed chats at ``concurrency``, ``osl`` tokens each."""
+    """One AIPerf point: ``requests`` streamed chats at ``concurrency``, ``osl`` tokens each; ``seed``: AIPerf's
+    synthetic prompts (a point of its own each, so no point's prompts are in the server's prompt cache from an
+    earlier one: the figures are those of new conversations)."""
     extra = json.dumps({"ignore_eos": True, "min_tokens": osl, "temperature": 0})
     command = [
         str(AIPERF), "profile",
@@ -112,7 +115,7 @@ def aiperf_command(
         "--concurrency", str(concurrency), "--request-count", str(requests),
         "--warmup-request-count", str(min(concurrency, 2)),
         "--isl", str(isl), "--osl", str(osl), "--extra-inputs", extra,
-        "--use-server-token-count", "--random-seed", "7",
+        "--use-server-token-count", "--random-seed", str(seed),
         "--output-artifact-dir", str(out), "--ui-type", "none", "--no-auto-plot",
     ]  # fmt: skip
     if goodput:
@@ -148,7 +151,14 @@ def _find_export(out: Path) -> Path | None:
 
 
 def run_point(
-    url: str, concurrency: int, requests: int, isl: int, osl: int, goodput: Sequence[str], timeout_s: float
+    url: str,
+    concurrency: int,
+    requests: int,
+    isl: int,
+    osl: int,
+    goodput: Sequence[str],
+    timeout_s: float,
+    seed: int = 7,
 ) -> dict[str, Any]:
     """One AIPerf run, bounded by ``timeout_s`` (its process group is killed past it); figures or a failure."""
     out = Path(tempfile.mkdtemp(prefix="aisemble-aiperf-"))
@@ -157,7 +167,7 @@ def run_point(
     started, cpu0 = time.perf_counter(), _children_cpu()
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            aiperf_command(url, concurrency, requests, isl, osl, goodput, out),
+            aiperf_command(url, concurrency, requests, isl, osl, goodput, out, seed),
             stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
         try:
@@ -215,8 +225,8 @@ def run(
     result["goodput_slos"] = list(goodput)
     points = []
     with server(url) as target:
-        for c in concurrency:
-            point = run_point(target, c, max(requests, c), isl, osl, goodput, timeout_s)
+        for n, c in enumerate(concurrency):
+            point = run_point(target, c, max(requests, c), isl, osl, goodput, timeout_s, seed=7 + n)
             print(json.dumps({k: v for k, v in point.items() if k != "log_tail"}), flush=True)
             points.append(point)
     result["points"] = points
