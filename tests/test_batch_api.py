@@ -47,7 +47,7 @@ def pipeline(infra_settings: Settings, tmp_path_factory: pytest.TempPathFactory)
     keys = [KEY, OTHER, {"key": LLM_ONLY, "services": ["llm"]}]
     p = Pipeline.isolated(
         infra_settings,
-        ["nlp"],
+        ["nlp", "llm"],
         logs,
         AISEMBLE_API_KEYS=json.dumps(keys),
         AISEMBLE_NLP__THREADS="1",
@@ -90,9 +90,9 @@ def invalid_lines(tag: str) -> tuple[dict[str, bytes], bytes]:
     return lines, b'{"custom_id": "broken", '
 
 
-def submit(client: OpenAI, content: bytes) -> str:
+def submit(client: OpenAI, content: bytes, endpoint: str = EMBED) -> str:
     uploaded = client.files.create(file=("in.jsonl", content), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint=EMBED, completion_window="24h")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h")  # type: ignore[arg-type]
     assert batch.status == "validating" and batch.input_file_id == uploaded.id
     return batch.id
 
@@ -204,6 +204,37 @@ def test_limits_and_ownership_in_openais_error_shape(pipeline: Pipeline, client:
     assert client.files.delete(uploaded.id).deleted
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(uploaded.id)
+
+
+def test_a_chat_batch_answers_each_line_as_the_chat_route_does(pipeline: Pipeline, client: OpenAI) -> None:
+    """``/v1/chat/completions`` lines through the llm agent (bulk lane, continuous batching): every line answered
+    once, a line the route refuses is its 400, and a line's body is the route's (but for its id and time)."""
+    chat = "/v1/chat/completions"
+    words = ["red", "blue", "green", "seven"]
+    good = {
+        f"chat-{w}": request_line(f"chat-{w}", chat, {
+            "model": "llm", "messages": [{"role": "user", "content": f"Say the word {w}."}],
+            "max_tokens": 4, "temperature": 0,
+        })
+        for w in words
+    }  # fmt: skip
+    bad = request_line("chat-bad-role", chat, {"model": "llm", "messages": [{"role": "wizard", "content": "x"}]})
+    final = wait_for(client, submit(client, b"\n".join([*good.values(), bad]), chat),
+                     lambda b: b.status in ("completed", "failed", "expired", "cancelled"), 300)  # fmt: skip
+    assert final.status == "completed" and final.request_counts is not None, final
+    assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (5, 4, 1)
+    output, errors = lines_of(client, final.output_file_id), lines_of(client, final.error_file_id)
+    assert sorted(str(line["custom_id"]) for line in output) == sorted(good)
+    assert [(line["custom_id"], line["response"]["status_code"]) for line in errors] == [("chat-bad-role", 400)]  # type: ignore[index]
+    for line in output:
+        body = line["response"]["body"]  # type: ignore[index]
+        sync = httpx.post(f"{pipeline.url}{chat}", json=json.loads(good[str(line["custom_id"])])["body"],
+                          headers={"X-API-Key": KEY}, timeout=120)  # fmt: skip
+        assert sync.status_code == 200, sync.text
+        expected = sync.json()
+        assert body["object"] == expected["object"] == "chat.completion"
+        assert body["choices"] == expected["choices"] and body["usage"] == expected["usage"], (body, expected)
+        assert body["model"] == expected["model"] and body["choices"][0]["message"]["content"]
 
 
 def test_the_cli_submits_waits_and_prints_the_results(pipeline: Pipeline, tmp_path: Path) -> None:
