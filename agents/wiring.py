@@ -213,6 +213,7 @@ def create_agent_app(
             topic_prefix=settings.topic_prefix, max_batch=conf.max_batch, grace_s=settings.shutdown_grace_s,
             revoke_wait_s=revoke_wait_s(settings),
             bulk=bulk_lane(app, settings, service, conf.max_batch, yields=False),
+            stream_interval=settings.llm.stream_interval,
         )  # fmt: skip
     else:
         loop = BatchLoop[faust.EventT](

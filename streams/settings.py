@@ -135,6 +135,16 @@ class LlmSettings(ServiceSettings):
             "used first out) so a later prompt that shares a prefix with one prefills only the rest; 0: off."
         ),
     )
+    stream_interval: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Streaming: a row's first token is sent at once, then its text is sent every this many tokens (the "
+            "final reply carries the rest). Fewer partial records wake the agent's event loop, the broker and the "
+            "edge less often, which matters when the decode threads have every core; 1: every token."
+        ),
+    )
 
 
 class VisionSettings(ServiceSettings):

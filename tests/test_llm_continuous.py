@@ -527,7 +527,13 @@ class _SlowMetadataSink(_Sink):
 
 
 def _loop(
-    model_dir: Path, tmp_path: Path, sink: _Sink, redis: Redis | None = None, prefix: str = "p", max_batch: int = 4
+    model_dir: Path,
+    tmp_path: Path,
+    sink: _Sink,
+    redis: Redis | None = None,
+    prefix: str = "p",
+    max_batch: int = 4,
+    stream_interval: int = 1,
 ) -> tuple[ContinuousLoop[_Event], TP]:
     llm = LlmSettings(model=str(model_dir), device="cpu", threads=1, max_batch=max_batch)
     settings = Settings(cache_dir=tmp_path, llm=llm)
@@ -537,7 +543,7 @@ def _loop(
     tp = TP("req", 0)
     loop = ContinuousLoop[_Event](
         processor, runner, sink, _View(), worker_id="w1", redis=redis, topic_prefix=prefix, max_batch=max_batch,
-        grace_s=30.0,
+        grace_s=30.0, stream_interval=stream_interval,
     )  # fmt: skip
     loop.on_assigned({tp})
     return loop, tp
@@ -727,3 +733,39 @@ async def test_each_llm_row_has_its_model_span_with_first_token_in_its_trace_and
         assert reply_headers["traceparent"].decode().split("-")[1] == f"{tid:032x}"
     assert "plain" not in sink.headers  # a request without a trace context gets none added
     assert not [s for s in spans if s.name == "model llm" and s.context.trace_id not in trace_ids.values()]
+
+
+async def test_with_a_stream_interval_the_first_token_goes_at_once_then_text_every_n_tokens(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """``llm.stream_interval`` 4: the first partial carries the first token alone, every later one at least 4
+    tokens, and the partials' text is a prefix of the final text (the final reply carries what was held)."""
+    before = torch.get_num_threads()
+    sink = _Sink()
+    try:
+        loop, tp = _loop(model_dir, tmp_path, sink, stream_interval=4)
+        acks: list[str] = []
+        queue: asyncio.Queue[_Event] = asyncio.Queue()
+        queue.put_nowait(_Event(tp, 0, _request("s", "p.replies.x", "The quick brown fox", 30, stream=True), acks))
+        task = asyncio.create_task(loop.run(_Stream(queue)))
+        try:
+            for _ in range(4000):
+                if acks == ["s"]:
+                    break
+                await asyncio.sleep(0.005)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        torch.set_num_threads(before)
+    deltas = [d for _, k, v in sink.sent if k == b"w1" for d in orjson.loads(v)["deltas"]]
+    (final,) = [orjson.loads(v) for _, k, v in sink.sent if k != b"w1"]
+    tokens = [d["tokens"] for d in deltas]
+    print("STREAM-INTERVAL:", {"partials": len(deltas), "tokens": tokens})
+    total = final["output"]["tokens"]
+    assert acks == ["s"] and final["ok"] and total > 8
+    assert tokens[0] == 1 and all(t >= 4 for t in tokens[1:]) and len(deltas) <= 1 + (total - 1) // 4
+    assert 0 <= total - sum(tokens) < 4  # what was held at the end (under one interval) came with the final
+    assert [d["seq"] for d in deltas] == list(range(len(deltas)))
+    assert final["output"]["text"].startswith("".join(d["text"] for d in deltas))

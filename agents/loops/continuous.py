@@ -106,6 +106,8 @@ class _Active:
     seq: int = 0
     first_token_s: float | None = None
     tokens: int = 0
+    held_text: str = ""  # streaming with ``stream_interval`` > 1: text not sent yet
+    held_tokens: int = 0
     span: Span | None = None  # tracing on: the row's ``model`` span, in its request's trace
     batch: SpanContext | None = None  # tracing on: the admission's ``batch`` span (its reply produce links to it)
 
@@ -142,11 +144,15 @@ class ContinuousLoop(LoopBase[E]):
         grace_s: float,
         revoke_wait_s: float | None = None,
         bulk: BulkLane[E] | None = None,
+        stream_interval: int = 1,
     ) -> None:
         """``bulk``: the bulk lane (``streams.batching.BulkLane``): admission takes interactive rows first, and
-        bulk gets every free row slot interactive leaves plus its ``min_share`` of the admissions."""
+        bulk gets every free row slot interactive leaves plus its ``min_share`` of the admissions.
+        ``stream_interval``: a streaming row's first token goes at once, then its text every this many tokens
+        (``llm.stream_interval``; the final reply carries what was held)."""
         super().__init__(processor, view, grace_s=grace_s, revoke_wait_s=revoke_wait_s)
         self.runner = runner
+        self._stream_interval = max(1, stream_interval)
         self._sink = sink
         self._worker_id = worker_id.encode()
         self._redis = redis
@@ -430,18 +436,26 @@ class ContinuousLoop(LoopBase[E]):
             active = self._active.get(delta.key)
             if active is None or active.stream_to is None:
                 continue
-            if active.first_token_s is None and delta.tokens:
+            first = active.first_token_s is None and delta.tokens > 0
+            if first:
                 active.first_token_s = now
                 if active.span is not None:
                     active.span.add_event("first_token", {"aisemble.ttft_ms": (now - active.admitted_s) * 1000.0})
+            text, tokens = delta.text, delta.tokens
+            if self._stream_interval > 1:  # hold the text back until the interval's tokens are there
+                text, tokens = active.held_text + text, active.held_tokens + tokens
+                if not first and tokens < self._stream_interval:
+                    active.held_text, active.held_tokens = text, tokens
+                    continue
+                active.held_text, active.held_tokens = "", 0
             event = active.pending.event
             partial = PartialDelta(
                 id=event.id,
                 correlation_id=event.correlation_id,
                 attempt=active.attempt,
                 seq=active.seq,
-                text=delta.text,
-                tokens=delta.tokens,
+                text=text,
+                tokens=tokens,
             )
             active.seq += 1
             groups.setdefault((active.stream_to, event.task), []).append(partial)
