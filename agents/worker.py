@@ -36,6 +36,7 @@ from agents.runner import ModelRunner
 from agents.wiring import EXIT_AGENT_FAILED, create_agent_app
 from schemas import Service
 from streams import tracing
+from streams.event_loop import event_loop_policy, loop_name
 from streams.settings import Settings
 from streams.topics import ensure_service_topics
 
@@ -129,7 +130,11 @@ def _run_agent(service: Service, settings: Settings, runner_factory: str | None)
     compute.submit(runner.load).result()
     log.info("%s model(s) loaded and warm in %.1fs", service, time.perf_counter() - started)
     topics_ready.result()  # raises what the topic creation raised
-    asyncio.set_event_loop(asyncio.new_event_loop())  # Faust wants the thread to have one
+    # Faust wants the thread to have a loop; its consumer thread makes its own through the same policy.
+    asyncio.set_event_loop_policy(event_loop_policy(settings.event_loop))
+    event_loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(event_loop)
+    log.info("startup %s: event loop %s", service, loop_name(event_loop))
     app, loop = create_agent_app(service, settings, runner, served[0] if served else None, compute)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), override_logging=False)
     try:

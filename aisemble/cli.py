@@ -83,6 +83,7 @@ def edge(
         port=port or settings.edge_port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        loop=settings.event_loop,
     )
 
 

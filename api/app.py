@@ -31,6 +31,7 @@ from api.routes import batches, data, health, lag, llm, metrics, nlp, requests, 
 from api.routes import openai as openai_routes
 from api.status_history import History
 from streams import tracing
+from streams.event_loop import loop_name
 from streams.kafka_security import client_options
 from streams.lag_probe import LagMonitor
 from streams.redis import connect
@@ -112,7 +113,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sampler = asyncio.create_task(
                 status.sample_history_forever(app.state, settings.status_history_interval_s), name="status-history"
             )
-            log.info("edge %s ready; replies on %s", settings.edge_id, reply_topic)
+            log.info("edge %s ready; replies on %s; event loop %s", settings.edge_id, reply_topic,
+                     loop_name(asyncio.get_running_loop()))  # fmt: skip
             yield
         finally:
             for task in (sampler, refresher):

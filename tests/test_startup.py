@@ -146,6 +146,9 @@ def test_an_agent_is_live_in_health_once_its_partitions_are_assigned_not_an_inte
         lines = pipeline.log_tail("data", chars=200_000).splitlines()
         ready = next(_stamp(line) for line in lines if "Worker ready" in line)
         assert ready is not None
+        # AISEMBLE_EVENT_LOOP's default (auto) puts the agent and the edge on uvloop (streams.event_loop).
+        assert any("startup data: event loop uvloop.Loop" in line for line in lines)
+        assert "event loop uvloop.Loop" in pipeline.log_tail("edge", chars=200_000)
         # Healthy within seconds of the assignment (the poll, one Redis write and read), far below the interval.
         assert live_at - ready < 20, f"live {live_at - ready:.1f}s after the assignment"
     finally:
