@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.batches = batch_store
             if runners is not None:
                 await runners.start()
+                edge.batch_runners = runners
             app.state.edge = edge
             # The status page's history (api/routes/status.py): a point per service every interval, never raising.
             sampler = asyncio.create_task(

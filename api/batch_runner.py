@@ -32,7 +32,10 @@ Design (the records and topics are in ``schemas.batch``):
   unanswered line is an error line ``batch_expired``.
 
 What can go wrong: a runner that raises (Kafka away for longer than the producer's timeout, a bug) is
-restarted with backoff, ``batch.driver_attempts`` times, then the batch is marked ``failed``. Two runners
+restarted with backoff, ``batch.driver_attempts`` times, then the batch is marked ``failed``. The edge's group
+loop (``BatchRunners._run``) retries a failed fetch or commit with a backoff up to 30 s while the failure may
+pass (the broker away), and stops at a permanent one (the group or jobs topic not authorised), which
+``/health`` then reports as ``degraded`` with the error (``edge.batch_runners``). Two runners
 at once are possible only when a paused edge outlives its session (not on SIGKILL); both write the same
 files under the same ids, and each line is still answered once in them. A deployment whose
 ``reply_to_allow`` leaves out ``{prefix}.replies.*`` cannot run batches (every line is dead-lettered and
@@ -66,6 +69,7 @@ from api.batch_lines import (
 from api.edge import request_record
 from schemas import ReplyEvent
 from schemas.batch import BatchCancel, BatchErrorEntry, BatchJob, BatchState, BatchStatus, RequestCounts, StoredFile
+from streams.failures import Verdict, classify
 from streams.files import FileStore, FileWriter
 from streams.kafka_security import client_options
 from streams.ktable import CompactedTable
@@ -76,6 +80,8 @@ log = logging.getLogger(__name__)
 
 COMPACTED = {"cleanup.policy": "compact"}
 POLL_MS = 200
+RETRY_FIRST_S = 0.5  # BatchRunners: the first wait after a failed round (retriable or unknown), doubled each time
+RETRY_MAX_S = 30.0
 
 
 def output_file_id(batch_id: str, kind: str) -> str:
@@ -391,6 +397,9 @@ class BatchRunners(ConsumerRebalanceListener):  # type: ignore[misc]
         self.next_offset: dict[TopicPartition, int] = {}
         self._dirty = False
         self._task: asyncio.Task[None] | None = None
+        self.failure: str | None = None  # what stopped the group loop (permanent); /health reports it
+        self.last_error: str | None = None
+        self.failed_rounds = 0  # rounds failed in a row (retried)
 
     @property
     def running(self) -> list[str]:
@@ -436,27 +445,62 @@ class BatchRunners(ConsumerRebalanceListener):  # type: ignore[misc]
         if offsets:
             await self.consumer.commit(offsets)
 
+    def state(self) -> dict[str, object]:
+        """For ``/health``: whether the group loop runs, the batches this edge runs, the failure that stopped
+        the loop (permanent) or the consecutive failed rounds it is retrying (retriable or unknown)."""
+        return {
+            "running": self._task is not None and not self._task.done(),
+            "batches": len(self.running),
+            "failed_rounds": self.failed_rounds,
+            "error": self.failure or self.last_error,
+        }
+
     async def _run(self) -> None:
+        """Fetch jobs and commit finished ones until cancelled (edge shutdown) or a permanent failure.
+
+        A failed round is classified (``streams.failures.classify``): a **permanent** one (the group or the jobs
+        topic not authorised, an invalid request: no retry can fix it) stops the loop and is kept in
+        ``failure``, which ``/health`` reports (status degraded: the edge still serves every other route); a
+        **retriable** or **unknown** one (the broker away, a bug) is retried after a backoff doubling from
+        ``RETRY_FIRST_S`` to ``RETRY_MAX_S``, and ``failed_rounds`` counts the rounds failed in a row."""
+        delay = RETRY_FIRST_S
         while True:
             try:
-                fetched = await self.consumer.getmany(timeout_ms=500)
-                for tp, records in fetched.items():
-                    for record in records:
-                        self._begin(tp, record.offset, record.value)
-                    if records:
-                        self.next_offset[tp] = records[-1].offset + 1
-                        self._dirty = True
-                if self._dirty:
-                    self._dirty = False
-                    for tasks in self.active.values():
-                        for offset in [o for o, t in tasks.items() if t.done()]:
-                            del tasks[offset]
-                    await self._commit(list(self.active))
+                await self._round()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # policy: the loop outlives a failed fetch or commit; the next round retries
-                log.exception("batch runners: a round failed")
-                await asyncio.sleep(1.0)
+            except Exception as exc:  # policy: classified; permanent stops the loop, the rest is retried
+                self.failed_rounds += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if classify(exc) is Verdict.PERMANENT:
+                    self.failure = self.last_error
+                    log.error("batch runners stopped: %s cannot succeed when retried (fix the deployment: "
+                              "ACLs on the group %s and the topic %s)", self.failure,
+                              self.store.topics.runners_group, self.store.topics.jobs)  # fmt: skip
+                    return
+                log.warning("batch runners: a round failed (%d in a row; again in %.1fs)", self.failed_rounds,
+                            delay, exc_info=True)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+            else:
+                if self.failed_rounds:
+                    log.info("batch runners: recovered after %d failed rounds", self.failed_rounds)
+                self.failed_rounds, self.last_error, delay = 0, None, RETRY_FIRST_S
+
+    async def _round(self) -> None:
+        fetched = await self.consumer.getmany(timeout_ms=500)
+        for tp, records in fetched.items():
+            for record in records:
+                self._begin(tp, record.offset, record.value)
+            if records:
+                self.next_offset[tp] = records[-1].offset + 1
+                self._dirty = True
+        if self._dirty:
+            self._dirty = False
+            for tasks in self.active.values():
+                for offset in [o for o, t in tasks.items() if t.done()]:
+                    del tasks[offset]
+            await self._commit(list(self.active))
 
     def _begin(self, tp: TopicPartition, offset: int, value: bytes | None) -> None:
         try:

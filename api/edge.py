@@ -59,6 +59,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
+from typing import Protocol
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -174,6 +175,14 @@ def _broker_failure(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError) or (isinstance(exc, KafkaError) and exc.retriable)
 
 
+class RunnersView(Protocol):
+    """What ``/health`` reads of the edge's batch runners (``api.batch_runner.BatchRunners``)."""
+
+    failure: str | None
+
+    def state(self) -> dict[str, object]: ...
+
+
 class Edge:
     """The edge's connections and its request path; one per process, built in the app's lifespan."""
 
@@ -205,6 +214,7 @@ class Edge:
         if any(key.limited for key in settings.api_keys):
             slot_ttl_s = settings.request_timeout_s + SLOT_MARGIN_S
             self.quotas = QuotaStore(redis, settings.topic_prefix, slot_ttl_s)
+        self.batch_runners: RunnersView | None = None  # api.batch_runner.BatchRunners, when this edge runs batches
         self._probe_now = asyncio.Event()
         self._probe_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()  # cancel-key writes, asynchronous requests

@@ -67,7 +67,10 @@ def grammar_for(fmt: ResponseFormat | None) -> str | None:
         return _json_object_grammar()
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise StructuredOutputError("response_format: type json_schema needs json_schema.schema")
-    text = orjson.dumps(fmt.json_schema.schema_).decode()  # properties keep their order: the output's order
+    try:
+        text = orjson.dumps(fmt.json_schema.schema_).decode()  # properties keep their order: the output's order
+    except orjson.JSONEncodeError as exc:  # Python's json (a native route's body) keeps integers past 64 bits
+        raise StructuredOutputError(f"response_format: the schema cannot be encoded as JSON ({exc})") from exc
     if len(text) > MAX_SCHEMA_BYTES:
         raise StructuredOutputError(f"response_format: the schema is over {MAX_SCHEMA_BYTES} bytes")
     return _schema_grammar(text)

@@ -42,6 +42,7 @@ _PERMANENT: tuple[type[BaseException], ...] = (
     kerr.RecordListTooLargeError,
     kerr.TopicAuthorizationFailedError,
     kerr.ClusterAuthorizationFailedError,
+    kerr.GroupAuthorizationFailedError,  # a consumer group we may not join (BatchRunners; never from a send)
     kerr.InvalidTopicError,
     kerr.InvalidRequestError,
     kerr.CorruptRecordException,

@@ -21,13 +21,13 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from agents.llm import build_runner
 from agents.llm_llama import LlamaRunner
 from agents.llm_rows import Finished, RowRequest
 from aisemble.pipeline import Pipeline
-from schemas.llm import ChatInput
+from schemas.llm import ChatInput, LlmCompletionRequest
 from schemas.structured import ResponseFormat, StructuredOutputError, _schema_grammar, grammar_for
 from streams.settings import LlmSettings, Settings
 
@@ -79,6 +79,11 @@ def test_a_schema_that_cannot_be_enforced_is_an_error_naming_why() -> None:
     huge = {"type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 100} for i in range(700)}}
     with pytest.raises(StructuredOutputError, match="over 65536 bytes"):
         grammar_for(_format(huge))
+    # Found by the HTTP fuzzer: the native route parses with Python's json, which keeps any integer; was a 500.
+    with pytest.raises(StructuredOutputError, match=r"cannot be encoded as JSON \(Integer exceeds 64-bit range"):
+        grammar_for(_format({"": -(2**63) - 1}))
+    with pytest.raises(ValidationError, match="Integer exceeds 64-bit range"):
+        LlmCompletionRequest.model_validate({"prompt": "0", "json_schema": {"maximum": 2**64}})
 
 
 def test_a_schema_is_compiled_once() -> None:

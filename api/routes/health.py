@@ -10,8 +10,9 @@ The rule for the HTTP status (what a load balancer acts on):
 
 * **503, status "down"**: this edge cannot serve requests: Kafka does not answer, the reply listener is
   not running, or a service this deployment runs has no live agent (read from the agent registry).
-* **200, status "degraded"**: requests are still served, but something is impaired: Redis is down or
-  hanging, or its circuit breaker is open (requests run without the cache; agents are then reported as
+* **200, status "degraded"**: requests are still served, but something is impaired: the edge's batch
+  runners stopped on a permanent failure (``edge.batch_runners.error``: batches wait for another edge), Redis
+  is down or hanging, or its circuit breaker is open (requests run without the cache; agents are then reported as
   ``"unknown"``, not absent, since the registry lives in Redis), or a service's agents are retrying the
   delivery of their replies (``delivery: "retrying"``).
 * **200, status "ok"**: everything answers.
@@ -129,10 +130,11 @@ async def health_report(edge: Edge) -> HealthReport:
     warming = breaker.transitions > 0 and breaker.seconds_in_state() < edge.settings.heartbeat_ttl_s
     services = {s: _service_view(a, warming and redis["ok"] is True) for s, a in by_service.items()}
     listening = edge.listener.running
+    runners = edge.batch_runners
     statuses = {str(v["status"]) for v in services.values()}
     if not (listening and kafka["ok"]) or "down" in statuses:
         status, code = "down", 503
-    elif not redis["ok"] or statuses - {"ok"}:
+    elif not redis["ok"] or statuses - {"ok"} or (runners is not None and runners.failure is not None):
         status, code = "degraded", 200
     else:
         status, code = "ok", 200
@@ -146,4 +148,6 @@ async def health_report(edge: Edge) -> HealthReport:
         "pending_async": edge.pending_async.total,
         **edge.load,
     }
+    if runners is not None:
+        edge_view["batch_runners"] = runners.state()
     return HealthReport(status, code, edge_view, kafka, redis, services)
