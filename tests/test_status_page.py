@@ -38,6 +38,7 @@ import uvicorn
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Tracer
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -95,7 +96,11 @@ def _state(driver: WebDriver, element_id: str) -> str:
 def _wait(driver: WebDriver, what: str, condition: Callable[[WebDriver], object]) -> None:
     """Wait (bounded) until ``condition`` holds; the failure names ``what`` and shows the page's text."""
     try:
-        WebDriverWait(driver, WAIT_S, poll_frequency=0.25).until(condition)
+        # The page redraws its charts every interval: an element found just before a redraw goes stale; the
+        # next poll finds the new one.
+        WebDriverWait(driver, WAIT_S, poll_frequency=0.25, ignored_exceptions=[StaleElementReferenceException]).until(
+            condition
+        )
     except Exception as exc:  # re-raised with the page's text: a failure must say what it saw
         body = driver.find_element(By.TAG_NAME, "body").text
         raise AssertionError(f"{what} not seen within {WAIT_S} s; the page says:\n{body}") from exc
