@@ -98,29 +98,34 @@ async def test_a_permanent_failure_stops_the_runners_loop_and_says_why() -> None
     assert r.state()["error"] == r.failure and r.state()["running"] is False
 
 
-async def test_retriable_and_unknown_failures_are_retried_with_a_doubling_backoff_then_forgotten(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    waits: list[float] = []
-    real_sleep = asyncio.sleep
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """What the runners' loop asks ``asyncio.sleep`` for (each wait returns at once, after one loop turn)."""
+    asked: list[float] = []
 
     async def sleep(seconds: float) -> None:
-        waits.append(seconds)
-        await real_sleep(0)
+        asked.append(seconds)
+        await _yield(0)
 
     monkeypatch.setattr(batch_runner.asyncio, "sleep", sleep)
+    return asked
+
+
+async def test_retriable_and_unknown_failures_are_retried_with_a_doubling_backoff_then_forgotten(
+    waits: list[float],
+) -> None:
     failures = [kerr.KafkaConnectionError(), kerr.RequestTimedOutError(), RuntimeError("bug"), kerr.NodeNotReadyError()]
     consumer = _Consumer(*failures)
     consumer.gate.clear()  # the round after the failures waits until the streak is checked
     r = runners(consumer)
     task = asyncio.create_task(r._run())
     while consumer.rounds < len(failures) + 1:
-        await real_sleep(0.001)
+        await _yield(0.001)
     assert r.failed_rounds == 4 and r.failure is None
     assert "NodeNotReadyError" in str(r.last_error)
     consumer.gate.set()
     while r.failed_rounds:  # the next round succeeds: the streak is forgotten
-        await real_sleep(0.001)
+        await _yield(0.001)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -128,20 +133,12 @@ async def test_retriable_and_unknown_failures_are_retried_with_a_doubling_backof
     assert r.last_error is None and r.failure is None
 
 
-async def test_the_backoff_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    waits: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def sleep(seconds: float) -> None:
-        waits.append(seconds)
-        await real_sleep(0)
-
-    monkeypatch.setattr(batch_runner.asyncio, "sleep", sleep)
+async def test_the_backoff_is_capped(waits: list[float]) -> None:
     consumer = _Consumer(*[kerr.KafkaConnectionError() for _ in range(12)])
     r = runners(consumer)
     task = asyncio.create_task(r._run())
     while consumer.rounds < 13:
-        await real_sleep(0.001)
+        await _yield(0.001)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
