@@ -412,14 +412,15 @@ class BatchProcessor:
                 context=context,
                 kind=SpanKind.CONSUMER,
                 start_time=start_ns,
-                attributes={
-                    "messaging.system": "kafka",
-                    "messaging.operation.type": "receive",
-                    "messaging.destination.name": record.topic,
-                    "messaging.destination.partition.id": str(record.partition),
-                    "messaging.kafka.offset": record.offset,
-                    "aisemble.queue_ms": round(picked_ms - record.timestamp_ms, 3),
-                },
+                attributes=tracing.kafka_attributes(
+                    "receive",
+                    record.topic,
+                    {
+                        "messaging.destination.partition.id": str(record.partition),
+                        "messaging.kafka.offset": record.offset,
+                        "aisemble.queue_ms": round(picked_ms - record.timestamp_ms, 3),
+                    },
+                ),
             )
             span.end(end_time=picked_ns)
 
@@ -736,13 +737,9 @@ class BatchProcessor:
                 context=context,
                 kind=SpanKind.PRODUCER,
                 links=links,
-                attributes={
-                    "messaging.system": "kafka",
-                    "messaging.operation.type": "send",
-                    "messaging.destination.name": d.topic,
-                    "aisemble.request_id": d.reply.id,
-                    "aisemble.ok": d.reply.ok,
-                },
+                attributes=tracing.kafka_attributes(
+                    "send", d.topic, {"aisemble.request_id": d.reply.id, "aisemble.ok": d.reply.ok}
+                ),
             )
             d.headers = tracing.inject(trace.set_span_in_context(span, context))
             spans[id(d)] = span

@@ -66,6 +66,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, StatusCode
+from opentelemetry.util.types import AttributeValue
 from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -615,13 +616,8 @@ def _reply_attributes(reply: ReplyEvent) -> dict[str, str | bool | int]:
     return attributes
 
 
-def _send_attributes(topic: str, request_id: str) -> dict[str, str]:
-    return {
-        "messaging.system": "kafka",
-        "messaging.operation.type": "send",
-        "messaging.destination.name": topic,
-        "messaging.kafka.message.key": request_id,
-    }
+def _send_attributes(topic: str, request_id: str) -> dict[str, AttributeValue]:
+    return tracing.kafka_attributes("send", topic, {"messaging.kafka.message.key": request_id})
 
 
 def _final(reply: ReplyEvent, started: float) -> ReplyEvent:

@@ -344,12 +344,9 @@ class ReplyListener:
         context = tracing.extract(headers)
         if context is None:
             return route_reply_record(value, self._router)
-        attributes = {
-            "messaging.system": "kafka",
-            "messaging.operation.type": "receive",
-            "messaging.destination.name": self._topic,
-            "aisemble.request_id": (key or b"").decode("utf-8", "replace"),
-        }
+        attributes = tracing.kafka_attributes(
+            "receive", self._topic, {"aisemble.request_id": (key or b"").decode("utf-8", "replace")}
+        )
         with tracing.tracer().start_as_current_span(
             f"receive {self._topic}", context=context, kind=SpanKind.CONSUMER, attributes=attributes
         ) as span:

@@ -41,6 +41,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter, Setter
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.util.types import AttributeValue
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,19 @@ def _remove_log_fields() -> None:
         handler.setFormatter(formatter)  # type: ignore[arg-type]
         handler.removeFilter(log_filter)
     _state.formatters = None
+
+
+def kafka_attributes(
+    operation: str, topic: str, extra: Mapping[str, AttributeValue] | None = None
+) -> dict[str, AttributeValue]:
+    """A Kafka span's attributes in OpenTelemetry's messaging conventions (``operation``: ``send`` or
+    ``receive``), plus ``extra``."""
+    return {
+        "messaging.system": "kafka",
+        "messaging.operation.type": operation,
+        "messaging.destination.name": topic,
+        **(extra or {}),
+    }
 
 
 def links(contexts: Iterable[trace.SpanContext | None]) -> list[trace.Link]:

@@ -343,6 +343,16 @@ async def test_a_rest_call_is_one_trace_from_the_callers_traceparent_to_the_edge
     assert call.attributes["aisemble.service"] == "data" and call.attributes["aisemble.task"] == "analyze"
     assert call.attributes["aisemble.status"] == 200 and call.attributes["aisemble.cached"] is False
     assert receive.attributes["aisemble.correlated"] is True
+    # the Kafka spans in OpenTelemetry's messaging conventions (streams.tracing.kafka_attributes)
+    for span, operation, topic in ((send, "send", requests), (queue, "receive", requests), (reply, "send", replies),
+                                   (receive, "receive", replies)):  # fmt: skip
+        assert span.attributes is not None
+        assert span.attributes["messaging.system"] == "kafka", span.name
+        assert (span.attributes["messaging.operation.type"], span.attributes["messaging.destination.name"]) == (
+            operation, topic)  # fmt: skip
+    assert send.attributes["messaging.kafka.message.key"] == response.headers["x-request-id"]  # type: ignore[index]
+    assert reply.attributes["aisemble.ok"] is True  # type: ignore[index]
+    assert queue.attributes["aisemble.queue_ms"] >= 0  # type: ignore[index,operator]
     assert queue.start_time is not None and queue.end_time is not None and queue.start_time <= queue.end_time
     # the batch: its own trace, one link per member, the model call its child; the reply links back to it
     batch = next(s for s in spans.get_finished_spans() if s.name == "batch data" and any(
