@@ -172,8 +172,8 @@ async def closed_loop(url: str, path: str, body: Body, clients: int, duration_s:
 
     The driver is light and the same for every design (issue #15): aiohttp, one session, each body encoded with
     orjson; its own CPU share (process CPU seconds / wall seconds) is reported as ``driver_cpu_cores``. It was
-    httpx, whose pure-Python HTTP cost the 2 shared cores about as much as the edge: at 64 clients on the same
-    pipeline, REST embed 97 items/s with httpx and 144 with this driver (2026-12-06)."""
+    httpx, a heavier pure-Python client on the same 2 cores (at 64 clients: REST embed 97 items/s in the last
+    httpx run, 133-153 in this driver's runs on a quieter machine, 2026-12-06)."""
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
     cached = 0
