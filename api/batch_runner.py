@@ -53,6 +53,7 @@ from collections.abc import Callable, Mapping
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from api.batch_lines import (
@@ -472,7 +473,9 @@ class BatchRunners(ConsumerRebalanceListener):  # type: ignore[misc]
             except Exception as exc:  # policy: classified; permanent stops the loop, the rest is retried
                 self.failed_rounds += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                if classify(exc) is Verdict.PERMANENT:
+                # Only a Kafka error can be permanent here: classify's ValueError/TypeError are a send's bad
+                # record, which this loop never sends; raised here they are a bug, retried like any unknown.
+                if isinstance(exc, KafkaError) and classify(exc) is Verdict.PERMANENT:
                     self.failure = self.last_error
                     log.error("batch runners stopped: %s cannot succeed when retried (fix the deployment: "
                               "ACLs on the group %s and the topic %s)", self.failure,

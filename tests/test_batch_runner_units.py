@@ -114,7 +114,7 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 async def test_retriable_and_unknown_failures_are_retried_with_a_doubling_backoff_then_forgotten(
     waits: list[float],
 ) -> None:
-    failures = [kerr.KafkaConnectionError(), kerr.RequestTimedOutError(), RuntimeError("bug"), kerr.NodeNotReadyError()]
+    failures = [kerr.KafkaConnectionError(), kerr.RequestTimedOutError(), ValueError("bug"), kerr.NodeNotReadyError()]
     consumer = _Consumer(*failures)
     consumer.gate.clear()  # the round after the failures waits until the streak is checked
     r = runners(consumer)
